@@ -1,0 +1,1 @@
+"""Context-parallel ("ring") attention for long-context training."""

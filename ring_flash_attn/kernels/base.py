@@ -1,0 +1,82 @@
+"""The local-attention contract every kernel backend implements.
+
+Layouts (the flash-attn ones): q ``[batch, seqlen_q, heads, head_dim]``,
+k/v ``[batch, seqlen_k, heads_k, head_dim]`` with ``heads % heads_k == 0``
+(GQA/MQA: K/V heads are never repeated by the caller), LSE
+``[batch, heads, seqlen_q]`` in float32 (float64 for float64 inputs), natural log.
+
+``forward(q, k, v, *, scale, causal, window, q_offset, k_offset, softcap) -> (out, lse)``
+    ``out`` has q's dtype. A row that sees no key gets ``out = 0`` and
+    ``lse = -inf``.
+``backward(dout, q, k, v, out, lse, *, scale, causal, window, q_offset, k_offset, softcap) -> (dq, dk, dv)``
+    ``out`` and ``lse`` are the GLOBAL ones (after the whole ring), never the
+    block's: with them, the block's gradients are exact partial sums.
+    Gradients have their input's dtype.
+
+Mask arguments are described in :mod:`ring_flash_attn.kernels.mask`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from .mask import Band
+
+
+@dataclass(frozen=True)
+class Features:
+    """What one attention call needs from a backend."""
+
+    device_type: str
+    dtype: torch.dtype
+    head_dim: int
+    band: bool = False  # a mask other than none / top-left causal on equal lengths
+    softcap: bool = False
+
+
+class KernelBackend:
+    """Base class: a named pair of forward/backward functions with a capability check."""
+
+    name: str = ""
+
+    def unsupported_reason(self, features: Features) -> Optional[str]:
+        """None if the backend can serve ``features``, else why not (for error messages)."""
+        raise NotImplementedError
+
+    def forward(self, q, k, v, *, scale: float, causal: bool = False, window=(-1, -1),
+                q_offset: int = 0, k_offset: int = 0, softcap: float = 0.0):
+        raise NotImplementedError
+
+    def backward(self, dout, q, k, v, out, lse, *, scale: float, causal: bool = False, window=(-1, -1),
+                 q_offset: int = 0, k_offset: int = 0, softcap: float = 0.0):
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<kernel backend {self.name!r}>"
+
+
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def band_of(causal: bool, window, q_offset: int, k_offset: int) -> Band:
+    return Band.from_kernel_args(causal, tuple(window), q_offset, k_offset)
+
+
+def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """[B, S, Hk, D] -> [B, S, Hk * groups, D], each K/V head repeated for its query heads."""
+    return x if groups == 1 else x.repeat_interleave(groups, dim=2)
+
+
+def sum_kv_groups(dx: torch.Tensor, groups: int) -> torch.Tensor:
+    """Inverse of :func:`repeat_kv` for gradients: sum each K/V head's query-head group."""
+    if groups == 1:
+        return dx
+    b, s, h, d = dx.shape
+    return dx.view(b, s, h // groups, groups, d).sum(dim=3)
+
+
+BackendFactory = Callable[[], KernelBackend]

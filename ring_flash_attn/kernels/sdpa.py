@@ -1,0 +1,149 @@
+"""PyTorch's own fused attention ops that return the LSE.
+
+* CPU: ``_scaled_dot_product_flash_attention_for_cpu`` (float32/64, bf16, fp16;
+  any band mask through ``attn_mask``).
+* CUDA: cuDNN (``_scaled_dot_product_cudnn_attention``) or FlashAttention-2
+  (``_scaled_dot_product_flash_attention``) for bf16/fp16 without a band; the
+  memory-efficient op with an additive bias for bands and float32.
+* XPU (torch >= 2.10): ``_scaled_dot_product_flash_attention`` (SYCL-TLA) for
+  bf16/fp16 without a band; nothing else (the ``sycl`` backend covers the rest).
+
+The ops take ``[B, H, S, D]``; we pass transposed views of the flash layout.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .base import Features, KernelBackend, band_of, repeat_kv, sum_kv_groups
+
+aten = torch.ops.aten
+
+_HALF = (torch.float16, torch.bfloat16)
+_EFFICIENT_LSE_ALIGN = 32  # the efficient op pads its LSE rows to a multiple of 32
+
+
+def _bhsd(x):
+    return x.transpose(1, 2)
+
+
+def _bias(band, sq, sk, device, dtype):
+    """Additive mask (0 / -inf) for ops that take one."""
+    visible = band.dense(sq, sk, device=device)
+    return torch.zeros(sq, sk, device=device, dtype=dtype).masked_fill_(~visible, float("-inf"))
+
+
+def _cuda_fused_op() -> str:
+    """cuDNN is the faster op on Hopper (shared/anchors: 604 vs 343 TFLOP/s fwd at 16k); allow an override."""
+    choice = os.environ.get("RING_FLASH_ATTN_SDPA_OP", "")
+    if choice in ("cudnn", "flash"):
+        return choice
+    if torch.backends.cudnn.is_available() and torch.cuda.get_device_capability()[0] >= 9:
+        return "cudnn"
+    return "flash"
+
+
+class SdpaBackend(KernelBackend):
+    name = "sdpa"
+
+    def unsupported_reason(self, f: Features):
+        if f.softcap:
+            return "PyTorch's fused attention ops have no logit soft-capping"
+        if f.device_type == "cpu":
+            if f.dtype not in (torch.float32, torch.float64, *_HALF):
+                return f"the CPU flash op does not take {f.dtype}"
+            return None
+        if f.device_type == "cuda":
+            if f.dtype not in (torch.float32, *_HALF):
+                return f"the CUDA fused ops do not take {f.dtype}"
+            if f.head_dim % 8 or f.head_dim > 256:
+                return f"the CUDA fused ops need head_dim a multiple of 8 and <= 256, got {f.head_dim}"
+            return None
+        if f.device_type == "xpu":
+            if not hasattr(aten, "_scaled_dot_product_flash_attention"):
+                return "this torch has no XPU flash attention op (needs torch >= 2.10)"
+            if f.dtype not in _HALF:
+                return f"the XPU flash op takes only float16/bfloat16, got {f.dtype}"
+            if f.band:
+                return "the XPU flash op has no mask other than top-left causal"
+            return None
+        return f"no fused attention op for device type {f.device_type!r}"
+
+    # -- forward ---------------------------------------------------------------------------
+    def forward(self, q, k, v, *, scale, causal=False, window=(-1, -1), q_offset=0, k_offset=0, softcap=0.0):
+        if softcap:
+            raise NotImplementedError("softcap: the sdpa backend cannot apply logit soft-capping")
+        band = band_of(causal, window, q_offset, k_offset)
+        sq, sk = q.shape[1], k.shape[1]
+        is_causal = band.is_top_left_causal(sq, sk)
+        plain = band.unbounded or is_causal
+        if q.device.type == "cpu":
+            mask = None if plain else _bias(band, sq, sk, q.device, q.dtype)
+            out, lse = aten._scaled_dot_product_flash_attention_for_cpu(
+                _bhsd(q), _bhsd(k), _bhsd(v), 0.0, is_causal, attn_mask=mask, scale=scale)
+            out = _bhsd(out)
+        else:
+            groups = q.shape[2] // k.shape[2]
+            qh, kh, vh = _bhsd(q), _bhsd(repeat_kv(k, groups)), _bhsd(repeat_kv(v, groups))
+            if plain and q.dtype in _HALF and q.device.type == "cuda" and _cuda_fused_op() == "cudnn":
+                out, lse = aten._scaled_dot_product_cudnn_attention(
+                    qh, kh, vh, None, True, 0.0, is_causal, False, scale=scale)[:2]
+                lse = lse.reshape(lse.shape[0], lse.shape[1], sq)
+            elif plain and q.dtype in _HALF:
+                out, lse = aten._scaled_dot_product_flash_attention(qh, kh, vh, 0.0, is_causal, False, scale=scale)[:2]
+            else:
+                bias = None if plain else _bias(band, sq, sk, q.device, q.dtype)
+                out, lse = aten._scaled_dot_product_efficient_attention(
+                    qh, kh, vh, bias, True, 0.0, is_causal and bias is None, scale=scale)[:2]
+                lse = lse[..., :sq]
+            out = _bhsd(out)
+        if not plain:
+            # The fused ops leave rows that see no key at lse = 0 (CPU) or undefined; the contract says -inf.
+            empty = band.empty_rows(sq, sk, device=q.device)
+            if bool(empty.any()):
+                lse = lse.masked_fill(empty, float("-inf"))
+                out = out.masked_fill(empty.view(1, sq, 1, 1), 0.0)
+        return out, lse.float() if q.dtype != torch.float64 else lse
+
+    # -- backward --------------------------------------------------------------------------
+    def backward(self, dout, q, k, v, out, lse, *, scale, causal=False, window=(-1, -1), q_offset=0, k_offset=0,
+                 softcap=0.0):
+        if softcap:
+            raise NotImplementedError("softcap: the sdpa backend cannot apply logit soft-capping")
+        band = band_of(causal, window, q_offset, k_offset)
+        sq, sk = q.shape[1], k.shape[1]
+        is_causal = band.is_top_left_causal(sq, sk)
+        plain = band.unbounded or is_causal
+        lse = lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+        # A row that saw no key has lse = -inf; any finite value gives it zero probabilities instead of NaN.
+        lse = lse.masked_fill(lse == float("-inf"), 0.0)
+        if q.device.type == "cpu":
+            mask = None if plain else _bias(band, sq, sk, q.device, q.dtype)
+            dq, dk, dv = aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                _bhsd(dout), _bhsd(q), _bhsd(k), _bhsd(v), _bhsd(out), lse, 0.0, is_causal,
+                attn_mask=mask, scale=scale)
+            return _bhsd(dq), _bhsd(dk), _bhsd(dv)
+
+        groups = q.shape[2] // k.shape[2]
+        qh, kh, vh = _bhsd(q), _bhsd(repeat_kv(k, groups)), _bhsd(repeat_kv(v, groups))
+        douth, outh = _bhsd(dout), _bhsd(out)
+        empty = torch.empty(0, device=q.device)
+        seed = torch.zeros((), dtype=torch.int64, device=q.device)
+        if plain and q.dtype in _HALF and q.device.type == "cuda" and _cuda_fused_op() == "cudnn":
+            dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(
+                douth, qh, kh, vh, outh, lse.unsqueeze(-1), seed, seed, None, empty, empty, sq, sk, 0.0, is_causal,
+                scale=scale)
+        elif plain and q.dtype in _HALF:
+            dq, dk, dv = aten._scaled_dot_product_flash_attention_backward(
+                douth, qh, kh, vh, outh, lse, empty, empty, sq, sk, 0.0, is_causal, seed, seed, scale=scale)
+        else:
+            bias = None if plain else _bias(band, sq, sk, q.device, q.dtype)
+            padded = -(-sq // _EFFICIENT_LSE_ALIGN) * _EFFICIENT_LSE_ALIGN
+            lse_padded = torch.nn.functional.pad(lse, (0, padded - sq))
+            dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
+                douth, qh, kh, vh, bias, outh, lse_padded, seed, seed, 0.0, [True, True, True, False],
+                is_causal and bias is None, scale=scale)
+        dq, dk, dv = _bhsd(dq), _bhsd(dk), _bhsd(dv)
+        return dq, sum_kv_groups(dk, groups), sum_kv_groups(dv, groups)
