@@ -23,6 +23,7 @@ from typing import Callable, Optional
 
 import torch
 
+from ..merge import merge_into
 from .mask import Band
 
 
@@ -53,6 +54,18 @@ class KernelBackend:
     def backward(self, dout, q, k, v, out, lse, *, scale: float, causal: bool = False, window=(-1, -1),
                  q_offset: int = 0, k_offset: int = 0, softcap: float = 0.0):
         raise NotImplementedError
+
+    def forward_accumulate(self, q, k, v, out_acc, lse_acc, *, scale: float, causal: bool = False,
+                           window=(-1, -1), q_offset: int = 0, k_offset: int = 0, softcap: float = 0.0) -> None:
+        """Fold this block into the running ``(out_acc, lse_acc)`` (float32 ``[B,S,H,D]`` / ``[B,H,S]``), in place.
+
+        The ring engine calls only this. The default runs :meth:`forward` and
+        merges; a ring-aware kernel overrides it to fold the block in without a
+        separate merge pass.
+        """
+        out, lse = self.forward(q, k, v, scale=scale, causal=causal, window=window, q_offset=q_offset,
+                                k_offset=k_offset, softcap=softcap)
+        merge_into(out_acc, lse_acc, out, lse)
 
     def __repr__(self) -> str:
         return f"<kernel backend {self.name!r}>"
