@@ -71,6 +71,12 @@ def select_backend(features: Features, name: Optional[str] = None) -> KernelBack
 
 register_backend(ReferenceBackend())
 register_backend(SdpaBackend())
+try:
+    from .triton_attention import TritonBackend
+except ImportError:  # Triton is an optional extra ("pip install ring-attention-xpu[triton]")
+    TritonBackend = None
+if TritonBackend is not None:
+    register_backend(TritonBackend())
 
 __all__ = ["Features", "KernelBackend", "available_backends", "get_backend", "register_backend", "select_backend",
            "PREFERENCE", "ENV_VAR"]
