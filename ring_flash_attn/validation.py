@@ -1,0 +1,50 @@
+"""Argument checks that run before any communication.
+
+Every check depends only on values every rank knows (shapes, dtypes,
+arguments, group size), so bad input raises the same error on every rank and
+no rank is left waiting in a collective. Messages name the argument, what was
+expected and what was given.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"{name}: expected 4 dimensions [batch, seqlen, heads, head_dim], got shape {tuple(t.shape)}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name}: expected dtype float16, bfloat16, float32 or float64, got {t.dtype}")
+    if k.shape != v.shape:
+        raise ValueError(f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    if (q.shape[0], q.shape[1], q.shape[3]) != (k.shape[0], k.shape[1], k.shape[3]):
+        raise ValueError(f"k: expected [batch, seqlen, heads_k, head_dim] = [{q.shape[0]}, {q.shape[1]}, *, {q.shape[3]}] "
+                         f"to match q {tuple(q.shape)}, got {tuple(k.shape)}")
+    if k.shape[2] == 0 or q.shape[2] % k.shape[2]:
+        raise ValueError(f"k: the number of K/V heads must divide the number of query heads ({q.shape[2]}), "
+                         f"got {k.shape[2]}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"k, v: expected q's dtype {q.dtype}, got k {k.dtype} and v {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"k, v: expected q's device {q.device}, got k on {k.device} and v on {v.device}")
+
+
+def check_unsupported(dropout_p: float, alibi_slopes) -> None:
+    """Arguments of the flash-attn API this library does not implement: refuse them rather than ignore them."""
+    if dropout_p:
+        raise NotImplementedError(f"dropout_p: attention dropout is not supported, got dropout_p={dropout_p}; pass 0.0")
+    if alibi_slopes is not None:
+        raise NotImplementedError("alibi_slopes: ALiBi is not supported by ring attention yet; pass None")
+
+
+def check_softcap(softcap: float) -> float:
+    softcap = float(softcap or 0.0)
+    if softcap < 0:
+        raise ValueError(f"softcap: expected a value >= 0 (0 = off), got {softcap}")
+    return softcap
