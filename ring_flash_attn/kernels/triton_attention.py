@@ -140,7 +140,7 @@ def _fwd_kernel(Q, K, V, Out, Lse,
         m_i = m_new
 
     seen = l_i > 0.0
-    inv_l = tl.where(seen, 1.0 / l_i, 0.0)
+    inv_l = tl.where(seen, 1.0 / tl.where(seen, l_i, 1.0), 0.0)
     lse_blk = tl.where(seen, (m_i + tl.log2(tl.where(seen, l_i, 1.0))) / 1.4426950408889634, float("-inf"))
     row_ok = rows < seqlen_q
     o_ptr = Out + b * s_ob + h * s_oh + rows[:, None] * s_os + dims[None, :]
@@ -155,7 +155,7 @@ def _fwd_kernel(Q, K, V, Out, Lse,
         e_blk = tl.exp2((lse_blk - top_safe) * 1.4426950408889634)
         total = e_run + e_blk
         any_seen = total > 0.0
-        inv_total = tl.where(any_seen, 1.0 / total, 0.0)
+        inv_total = tl.where(any_seen, 1.0 / tl.where(any_seen, total, 1.0), 0.0)
         out_run = tl.load(o_ptr, mask=tile_ok, other=0.0)
         out_new = out_run * (e_run * inv_total)[:, None] + acc * (e_blk * inv_total * inv_l)[:, None]
         tl.store(o_ptr, out_new, mask=tile_ok)

@@ -40,7 +40,7 @@ def _merge_kernel(out_acc, lse_acc, out_blk, lse_blk,
     eb = tl.exp2((lb - top_safe) * 1.4426950408889634)
     total = ea + eb
     seen = total > 0.0
-    inv = tl.where(seen, 1.0 / total, 0.0)
+    inv = tl.where(seen, 1.0 / tl.where(seen, total, 1.0), 0.0)
     lse_new = tl.where(seen, top_safe + tl.log2(tl.where(seen, total, 1.0)) * 0.6931471805599453, float("-inf"))
 
     oa_ptr = out_acc + b * s_oa_b + h * s_oa_h + rows[:, None] * s_oa_s + cols[None, :]
