@@ -8,3 +8,7 @@ import torch
 # defined (at import), so it must be set before any test module imports the package.
 if not (torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())):
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped without one (run with the device tool)")
