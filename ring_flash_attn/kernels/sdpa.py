@@ -35,6 +35,19 @@ def _bias(band, sq, sk, device, dtype):
     return torch.zeros(sq, sk, device=device, dtype=dtype).masked_fill_(~visible, float("-inf"))
 
 
+def _aligned_bias(band, sq, sk, batch, heads, device, dtype):
+    """The additive mask as the CUDA memory-efficient op wants it: 4-D, its rows 16-element aligned.
+
+    The op reads the bias through its strides and rejects rows whose stride is not
+    a multiple of 16 elements; like PyTorch's own sdpa, we pad the allocation and
+    pass a view.
+    """
+    padded = -(-sk // 16) * 16
+    storage = torch.zeros(sq, padded, device=device, dtype=dtype)
+    storage[:, :sk].masked_fill_(~band.dense(sq, sk, device=device), float("-inf"))
+    return storage[:, :sk].expand(batch, heads, sq, sk)
+
+
 def _cuda_fused_op() -> str:
     """cuDNN is the faster op on Hopper (shared/anchors: 604 vs 343 TFLOP/s fwd at 16k); allow an override."""
     choice = os.environ.get("RING_FLASH_ATTN_SDPA_OP", "")
@@ -94,7 +107,7 @@ class SdpaBackend(KernelBackend):
             elif plain and q.dtype in _HALF:
                 out, lse = aten._scaled_dot_product_flash_attention(qh, kh, vh, 0.0, is_causal, False, scale=scale)[:2]
             else:
-                bias = None if plain else _bias(band, sq, sk, q.device, q.dtype)
+                bias = None if plain else _aligned_bias(band, sq, sk, q.shape[0], q.shape[2], q.device, q.dtype)
                 out, lse = aten._scaled_dot_product_efficient_attention(
                     qh, kh, vh, bias, True, 0.0, is_causal and bias is None, scale=scale)[:2]
                 lse = lse[..., :sq]
@@ -139,7 +152,7 @@ class SdpaBackend(KernelBackend):
             dq, dk, dv = aten._scaled_dot_product_flash_attention_backward(
                 douth, qh, kh, vh, outh, lse, empty, empty, sq, sk, 0.0, is_causal, seed, seed, scale=scale)
         else:
-            bias = None if plain else _bias(band, sq, sk, q.device, q.dtype)
+            bias = None if plain else _aligned_bias(band, sq, sk, q.shape[0], q.shape[2], q.device, q.dtype)
             padded = -(-sq // _EFFICIENT_LSE_ALIGN) * _EFFICIENT_LSE_ALIGN
             lse_padded = torch.nn.functional.pad(lse, (0, padded - sq))
             dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
