@@ -145,7 +145,6 @@ def make_ideal(tasks, q, kv_by_src, scale, device):
         out, lse = aten._scaled_dot_product_cudnn_attention(qh, kh, vh, None, True, 0.0, causal, False,
                                                             scale=scale)[:2]
         saved.append((out, lse, torch.randn_like(out)))
-    empty = torch.empty(0, device=device)
     seed = torch.zeros((), dtype=torch.int64, device=device)
 
     def fwd():
@@ -156,7 +155,7 @@ def make_ideal(tasks, q, kv_by_src, scale, device):
         fwd()
         for (qh, kh, vh, causal), (out, lse, dout) in zip(calls, saved):
             aten._scaled_dot_product_cudnn_attention_backward(
-                dout, qh, kh, vh, out, lse, seed, seed, None, empty, empty, qh.shape[2], kh.shape[2], 0.0, causal,
+                dout, qh, kh, vh, out, lse, seed, seed, None, None, None, qh.shape[2], kh.shape[2], 0.0, causal,
                 scale=scale)
     return fwd, fwd_bwd
 
@@ -246,8 +245,15 @@ def run(args):
                 own_inputs = q.numel() * q.element_size() + kv_by_rank[RANK].numel() * q.element_size()
                 for name, backend in variants.items():
                     fwd, fwd_bwd = make_engine(backend, layout, causal, q, dout, kv_by_rank, scale)
-                    row[f"{name}_fwd_ms"] = timer.median_ms(fwd, args.warmup, args.reps)
-                    row[f"{name}_fwd_bwd_ms"] = timer.median_ms(fwd_bwd, args.warmup, args.reps)
+                    try:
+                        row[f"{name}_fwd_ms"] = timer.median_ms(fwd, args.warmup, args.reps)
+                        row[f"{name}_fwd_bwd_ms"] = timer.median_ms(fwd_bwd, args.warmup, args.reps)
+                    except RuntimeError as exc:  # one variant failing must not lose the others' figures
+                        row[f"{name}_error"] = str(exc).splitlines()[0][:300]
+                        row[f"{name}_fwd_ms"] = row[f"{name}_fwd_bwd_ms"] = (math.inf,) * 3
+                        row[f"{name}_fwd_eff"] = row[f"{name}_fwd_bwd_eff"] = 0.0
+                        print(f"{name}: {row[f'{name}_error']}", flush=True)
+                        continue
                     peak_fwd, peak_fwd_bwd = timer.peak_bytes(fwd), timer.peak_bytes(fwd_bwd)
                     if peak_fwd is not None:
                         row[f"{name}_fwd_mem_ratio"] = (own_inputs + peak_fwd) / min_fwd

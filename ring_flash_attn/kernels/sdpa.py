@@ -99,14 +99,17 @@ class SdpaBackend(KernelBackend):
             out = _bhsd(out)
         else:
             groups = q.shape[2] // k.shape[2]
-            qh, kh, vh = _bhsd(q), _bhsd(repeat_kv(k, groups)), _bhsd(repeat_kv(v, groups))
+            qh = _bhsd(q)
             if plain and q.dtype in _HALF and q.device.type == "cuda" and _cuda_fused_op() == "cudnn":
+                # cuDNN and FA2 take fewer K/V heads as they are (GQA): no repeated copy of K/V.
                 out, lse = aten._scaled_dot_product_cudnn_attention(
-                    qh, kh, vh, None, True, 0.0, is_causal, False, scale=scale)[:2]
+                    qh, _bhsd(k), _bhsd(v), None, True, 0.0, is_causal, False, scale=scale)[:2]
                 lse = lse.reshape(lse.shape[0], lse.shape[1], sq)
             elif plain and q.dtype in _HALF:
-                out, lse = aten._scaled_dot_product_flash_attention(qh, kh, vh, 0.0, is_causal, False, scale=scale)[:2]
+                out, lse = aten._scaled_dot_product_flash_attention(
+                    qh, _bhsd(k), _bhsd(v), 0.0, is_causal, False, scale=scale)[:2]
             else:
+                kh, vh = _bhsd(repeat_kv(k, groups)), _bhsd(repeat_kv(v, groups))
                 bias = None if plain else _aligned_bias(band, sq, sk, q.shape[0], q.shape[2], q.device, q.dtype)
                 out, lse = aten._scaled_dot_product_efficient_attention(
                     qh, kh, vh, bias, True, 0.0, is_causal and bias is None, scale=scale)[:2]
@@ -140,18 +143,19 @@ class SdpaBackend(KernelBackend):
             return _bhsd(dq), _bhsd(dk), _bhsd(dv)
 
         groups = q.shape[2] // k.shape[2]
-        qh, kh, vh = _bhsd(q), _bhsd(repeat_kv(k, groups)), _bhsd(repeat_kv(v, groups))
-        douth, outh = _bhsd(dout), _bhsd(out)
-        empty = torch.empty(0, device=q.device)
+        qh, douth, outh = _bhsd(q), _bhsd(dout), _bhsd(out)
         seed = torch.zeros((), dtype=torch.int64, device=q.device)
+        # cum_seq_q/k = None: not variable-length (an empty tensor would select the varlen kernels).
         if plain and q.dtype in _HALF and q.device.type == "cuda" and _cuda_fused_op() == "cudnn":
             dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(
-                douth, qh, kh, vh, outh, lse.unsqueeze(-1), seed, seed, None, empty, empty, sq, sk, 0.0, is_causal,
-                scale=scale)
+                douth, qh, _bhsd(k), _bhsd(v), outh, lse.unsqueeze(-1), seed, seed, None, None, None, sq, sk, 0.0,
+                is_causal, scale=scale)
         elif plain and q.dtype in _HALF:
             dq, dk, dv = aten._scaled_dot_product_flash_attention_backward(
-                douth, qh, kh, vh, outh, lse, empty, empty, sq, sk, 0.0, is_causal, seed, seed, scale=scale)
+                douth, qh, _bhsd(k), _bhsd(v), outh, lse, None, None, sq, sk, 0.0, is_causal, seed, seed,
+                scale=scale)
         else:
+            kh, vh = _bhsd(repeat_kv(k, groups)), _bhsd(repeat_kv(v, groups))
             bias = None if plain else _aligned_bias(band, sq, sk, q.shape[0], q.shape[2], q.device, q.dtype)
             padded = -(-sq // _EFFICIENT_LSE_ALIGN) * _EFFICIENT_LSE_ALIGN
             lse_padded = torch.nn.functional.pad(lse, (0, padded - sq))
@@ -159,4 +163,6 @@ class SdpaBackend(KernelBackend):
                 douth, qh, kh, vh, bias, outh, lse_padded, seed, seed, 0.0, [True, True, True, False],
                 is_causal and bias is None, scale=scale)
         dq, dk, dv = _bhsd(dq), _bhsd(dk), _bhsd(dv)
-        return dq, sum_kv_groups(dk, groups), sum_kv_groups(dv, groups)
+        if dk.shape[2] != k.shape[2]:  # gradients of repeated K/V heads: sum each group
+            dk, dv = sum_kv_groups(dk, groups), sum_kv_groups(dv, groups)
+        return dq, dk, dv
