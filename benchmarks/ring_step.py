@@ -7,9 +7,11 @@ forward+backward:
 
 * ``ideal``      the per-step kernel calls the schedule needs (the planner's tasks),
                  back to back, through the best library kernel with no merge and no
-                 ring: cuDNN on CUDA (K/V heads repeated beforehand, outside the
-                 timing: the kernel has no GQA), PyTorch's flash op on the CPU.
-                 Efficiency = t(ideal) / t(variant), same process, same inputs.
+                 ring: cuDNN on CUDA, PyTorch's flash op on the CPU. Timed two ways,
+                 K/V as a ring delivers them (cuDNN takes GQA natively) and K/V heads
+                 repeated beforehand outside the timing; the ideal is the faster.
+                 Efficiency = t(ideal) / t(variant), same process, same inputs,
+                 timed in interleaved rounds.
 * ``sdpa-eager`` the engine with the sdpa backend and the eager LSE merge: the baseline.
 * ``sdpa-fused`` the engine with the sdpa backend and the one-pass Triton merge (default).
 * ``triton``     the engine with the Triton kernels (merge folded into the forward).
@@ -75,25 +77,34 @@ class Timer:
         if self.cuda:
             torch.cuda.synchronize()
 
-    def median_ms(self, fn, warmup: int, reps: int) -> tuple:
-        """Median and spread (min, max) of ``fn``'s time in ms, device events on CUDA."""
-        for _ in range(warmup):
+    def _once_ms(self, fn) -> float:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
             fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+
+    def interleaved_ms(self, fns: dict, warmup: int, rounds: int, reps: int) -> dict:
+        """Median and spread (min, max) in ms of each of ``fns``, timed in turns.
+
+        Each round times every function ``reps`` times, so clock drift between
+        the ideal and the variants (seen as +-5 % between separate loops) hits
+        all of them alike.
+        """
+        for fn in fns.values():
+            for _ in range(warmup):
+                fn()
         self.sync()
-        times = []
-        for _ in range(reps):
-            if self.cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times), min(times), max(times)
+        times = {name: [] for name in fns}
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                times[name] += [self._once_ms(fn) for _ in range(reps)]
+        return {name: (statistics.median(t), min(t), max(t)) for name, t in times.items()}
 
     def peak_bytes(self, fn) -> int | None:
         """Bytes allocated at the peak of ``fn`` beyond what was allocated before it."""
@@ -111,23 +122,23 @@ class Timer:
 # the ideal: the schedule's kernel calls, back to back, best library kernel, no merge
 
 
-def make_ideal(tasks, q, kv_by_src, scale, device):
-    """(forward, forward+backward) closures over the schedule's kernel calls with no merge.
+def make_ideal(tasks, q, kv_by_src, scale, device, repeated: bool):
+    """(forward, forward+backward) closures over the schedule's kernel calls with no merge and no ring.
 
-    ``tasks[step]`` are the planner's arguments for that step."""
+    ``tasks[step]`` are the planner's arguments for that step. ``repeated``: K/V heads
+    repeated for GQA beforehand, outside the timing; else the kernel takes K/V as
+    a ring delivers them (cuDNN takes GQA natively; the CPU op does not).
+    """
     world_size = len(kv_by_src)
-    srcs = [(RANK - step) % world_size for step in range(world_size)]
     groups = q.shape[2] // kv_by_src[0].shape[3]
-    # Task lists per step in the order the engine runs them; K/V repeated once, outside the timing.
     calls = []
-    for step, src in enumerate(srcs):
-        kv_rep = torch.stack([repeat_kv(kv_by_src[src][i], groups) for i in (0, 1)])
+    for step in range(world_size):
+        kv = kv_by_src[(RANK - step) % world_size]
+        if repeated or device.type != "cuda":
+            kv = torch.stack([repeat_kv(kv[i], groups) for i in (0, 1)])
         for task in plan_step(*tasks[step]):
-            args = task.kernel_mask_args()
-            causal = args["causal"]
-            qh = q[:, task.q].transpose(1, 2)
-            kh, vh = kv_rep[0][:, task.k].transpose(1, 2), kv_rep[1][:, task.k].transpose(1, 2)
-            calls.append((qh, kh, vh, causal))
+            calls.append((q[:, task.q].transpose(1, 2), kv[0][:, task.k].transpose(1, 2),
+                          kv[1][:, task.k].transpose(1, 2), task.kernel_mask_args()["causal"]))
     if device.type != "cuda":
         def fwd_cpu():
             for qh, kh, vh, causal in calls:
@@ -233,27 +244,36 @@ def run(args):
                          for step in range(world_size)]
                 row = dict(schedule=schedule, causal=causal, world_size=world_size, seqlen_local=seqlen,
                            calls=sum(len(plan_step(*t)) for t in tasks))
-                ideal_fwd, ideal_fwd_bwd = make_ideal(tasks, q, kv_by_rank, scale, device)
-                row["ideal_fwd_ms"] = timer.median_ms(ideal_fwd, args.warmup, args.reps)
-                row["ideal_fwd_bwd_ms"] = timer.median_ms(ideal_fwd_bwd, args.warmup, args.reps)
-                del ideal_fwd, ideal_fwd_bwd
-                row["sdpa-nomerge_fwd_ms"] = timer.median_ms(
-                    make_backend_calls(variants["sdpa-fused"], tasks, q, kv_by_rank, scale), args.warmup, args.reps)
+                native, repeated = (make_ideal(tasks, q, kv_by_rank, scale, device, rep) for rep in (False, True))
+                engines = {name: make_engine(backend, layout, causal, q, dout, kv_by_rank, scale)
+                           for name, backend in variants.items()}
+                for name, (fwd, fwd_bwd) in list(engines.items()):
+                    try:
+                        fwd_bwd()
+                    except RuntimeError as exc:  # one variant failing must not lose the others' figures
+                        row[f"{name}_error"] = str(exc).splitlines()[0][:300]
+                        print(f"{name}: {row[f'{name}_error']}", flush=True)
+                        del engines[name]
+                fwd_fns = {"ideal-native": native[0], "ideal-repeated": repeated[0],
+                           "sdpa-nomerge": make_backend_calls(variants["sdpa-fused"], tasks, q, kv_by_rank, scale),
+                           **{name: fns[0] for name, fns in engines.items()}}
+                fwd_bwd_fns = {"ideal-native": native[1], "ideal-repeated": repeated[1],
+                               **{name: fns[1] for name, fns in engines.items()}}
+                for mode, fns in (("fwd", fwd_fns), ("fwd_bwd", fwd_bwd_fns)):
+                    for name, t in timer.interleaved_ms(fns, args.warmup, args.rounds, args.reps).items():
+                        row[f"{name}_{mode}_ms"] = t
+                    # The ideal: the library kernel called the faster of its two ways, per schedule.
+                    row[f"ideal_{mode}_ms"] = min(row[f"ideal-native_{mode}_ms"], row[f"ideal-repeated_{mode}_ms"])
+                del native, repeated
                 min_fwd, min_fwd_bwd = minimum_bytes(b, seqlen, h, hk, d, q.element_size())
                 # Inputs alive during the run: q, dout and this rank's K/V (the other ranks' blocks
                 # stand in for the network and are not part of the schedule's memory).
                 own_inputs = q.numel() * q.element_size() + kv_by_rank[RANK].numel() * q.element_size()
-                for name, backend in variants.items():
-                    fwd, fwd_bwd = make_engine(backend, layout, causal, q, dout, kv_by_rank, scale)
-                    try:
-                        row[f"{name}_fwd_ms"] = timer.median_ms(fwd, args.warmup, args.reps)
-                        row[f"{name}_fwd_bwd_ms"] = timer.median_ms(fwd_bwd, args.warmup, args.reps)
-                    except RuntimeError as exc:  # one variant failing must not lose the others' figures
-                        row[f"{name}_error"] = str(exc).splitlines()[0][:300]
-                        row[f"{name}_fwd_ms"] = row[f"{name}_fwd_bwd_ms"] = (math.inf,) * 3
+                for name in variants:
+                    if name not in engines:
                         row[f"{name}_fwd_eff"] = row[f"{name}_fwd_bwd_eff"] = 0.0
-                        print(f"{name}: {row[f'{name}_error']}", flush=True)
                         continue
+                    fwd, fwd_bwd = engines[name]
                     peak_fwd, peak_fwd_bwd = timer.peak_bytes(fwd), timer.peak_bytes(fwd_bwd)
                     if peak_fwd is not None:
                         row[f"{name}_fwd_mem_ratio"] = (own_inputs + peak_fwd) / min_fwd
@@ -277,7 +297,8 @@ def _line(row, variants):
         mem = row.get(f"{name}_fwd_bwd_mem_ratio")
         parts.append(f"{name} {row[f'{name}_fwd_eff']:.3f}/{row[f'{name}_fwd_bwd_eff']:.3f}"
                      + (f" mem {row[f'{name}_fwd_mem_ratio']:.2f}/{mem:.2f}" if mem else ""))
-    parts.append(f"sdpa-nomerge {row['sdpa-nomerge_fwd_eff']:.3f}")
+    parts.append(f"sdpa-nomerge {row['sdpa-nomerge_fwd_eff']:.3f} | ideal native/repeated fwd "
+                 f"{row['ideal-native_fwd_ms'][0]:.3f}/{row['ideal-repeated_fwd_ms'][0]:.3f} ms")
     return " ".join(parts)
 
 
@@ -350,7 +371,8 @@ def main(argv=None):
     parser.add_argument("--heads-k", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=3, help="turns in which every candidate is timed")
+    parser.add_argument("--reps", type=int, default=3, help="timings per candidate per round")
     parser.add_argument("--out-dir", default="benchmarks/results")
     args = parser.parse_args(argv)
     if any(p < 2 for p in args.world_sizes):

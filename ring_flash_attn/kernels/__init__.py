@@ -28,28 +28,28 @@ PREFERENCE: Dict[str, tuple] = {
     "xpu": ("sdpa", "reference"),
 }
 
-# Calls that PyTorch's fastest fused ops cannot serve: a band mask (the sdpa backend falls back to the
-# memory-efficient op with a dense [Sq, Sk] bias) or float32 on CUDA (no cuDNN/FA2 path). There the
-# Triton kernels go first; the figures behind this rule are in MEASURED below.
-SLOW_PATH_PREFERENCE: Dict[str, tuple] = {
+# Calls with a band mask (anything but none / top-left causal on a square block): PyTorch's fast fused
+# ops cannot take them, so the sdpa backend would fall back to the memory-efficient op with a dense
+# [Sq, Sk] bias. There the Triton kernels go first. Measured on one H100 80GB HBM3, torch 2.11.0+cu130,
+# triton 3.6.0, bf16, 32/8 heads, head dim 128, 4096 x 4096 block, causal band offset by half a block
+# (benchmarks/step_parts.py): forward 0.79 ms triton vs 2.55 ms sdpa, backward 3.98 vs 6.21 ms; and in
+# half precision the efficient op's backward is wrong given the ring's global LSE (see sdpa.py), so
+# sdpa declines those calls anyway.
+# Not here: float32 on CUDA stays with sdpa (efficient op 6.2 ms vs triton 67 ms forward, 19.6 vs 103 ms
+# backward: Triton's exact float32 products run without tensor cores); plain bands stay with sdpa
+# (cuDNN 0.47 ms vs triton 0.75 ms forward, 1.36 vs 4.19 ms backward at 4096; the separate merge costs
+# 0.12 ms, see benchmarks/RESULTS.md).
+# On XPU (unmeasured: no Intel GPU here) PyTorch's flash op takes no band at all.
+BAND_PREFERENCE: Dict[str, tuple] = {
     "cuda": ("triton", "sdpa", "reference"),
     "xpu": ("triton", "sdpa", "reference"),
 }
 
-MEASURED = """
-H100 80GB HBM3, torch 2.11.0+cu130, triton 3.6.0 (benchmarks/step_parts.py, benchmarks/RESULTS.md):
-filled in from the device run.
-"""
-
-
-def _slow_path(features: Features) -> bool:
-    return features.band or (features.device_type == "cuda" and features.dtype == torch.float32)
-
 
 def preference(features: Features) -> tuple:
     """Backend names in the order automatic selection tries them for ``features``."""
-    if _slow_path(features) and features.device_type in SLOW_PATH_PREFERENCE:
-        return SLOW_PATH_PREFERENCE[features.device_type]
+    if features.band and features.device_type in BAND_PREFERENCE:
+        return BAND_PREFERENCE[features.device_type]
     return PREFERENCE.get(features.device_type, ("reference",))
 
 
@@ -103,4 +103,4 @@ if TritonBackend is not None:
     register_backend(TritonBackend())
 
 __all__ = ["Features", "KernelBackend", "available_backends", "get_backend", "register_backend", "select_backend",
-           "preference", "PREFERENCE", "SLOW_PATH_PREFERENCE", "ENV_VAR"]
+           "preference", "PREFERENCE", "BAND_PREFERENCE", "ENV_VAR"]

@@ -3,8 +3,10 @@
 * CPU: ``_scaled_dot_product_flash_attention_for_cpu`` (float32/64, bf16, fp16;
   any band mask through ``attn_mask``).
 * CUDA: cuDNN (``_scaled_dot_product_cudnn_attention``) or FlashAttention-2
-  (``_scaled_dot_product_flash_attention``) for bf16/fp16 without a band; the
-  memory-efficient op with an additive bias for bands and float32.
+  (``_scaled_dot_product_flash_attention``) for bf16/fp16 without a band, GQA
+  native; the memory-efficient op (K/V heads repeated) for float32, with an
+  additive bias for bands. Half-precision bands are declined (see
+  ``unsupported_reason``).
 * XPU (torch >= 2.10): ``_scaled_dot_product_flash_attention`` (SYCL-TLA) for
   bf16/fp16 without a band; nothing else (the ``sycl`` backend covers the rest).
 
@@ -73,6 +75,12 @@ class SdpaBackend(KernelBackend):
                 return f"the CUDA fused ops do not take {f.dtype}"
             if f.head_dim % 8 or f.head_dim > 256:
                 return f"the CUDA fused ops need head_dim a multiple of 8 and <= 256, got {f.head_dim}"
+            if f.band and f.dtype in _HALF:
+                # Measured on H100, torch 2.11 (benchmarks/efficient_bias_probe.py, tests/gpu): given an LSE it
+                # did not compute itself (the ring's global one), the memory-efficient op's half-precision
+                # backward returns wrong dQ/dK (rel. err 0.13 to inf); float32 is right.
+                return ("a band mask in half precision needs the memory-efficient op, whose half-precision "
+                        "backward is wrong given the ring's global LSE (torch 2.11); use the triton backend")
             return None
         if f.device_type == "xpu":
             if not hasattr(aten, "_scaled_dot_product_flash_attention"):

@@ -331,17 +331,28 @@ def _contig_last(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+# Forward tiles for half precision, head_dim <= 128, tuned on the device at first use per shape and
+# mask kind. Out/Lse are restored after each trial: with ACCUMULATE they are read and updated in place.
+_fwd_tuned = triton.autotune(
+    [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+     for m, n, w, st in ((128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 4))],
+    key=["seqlen_q", "seqlen_k", "head_dim"], restore_value=["Out", "Lse"])(_fwd_kernel)
+
+
 def _launch_forward(q, k, v, out, lse, scale, band, accumulate):
     b, sq, h, d = q.shape
     sk, hk = k.shape[1], k.shape[2]
+    args = (q, k, v, out, lse,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            lse.stride(0), lse.stride(1),
+            sq, sk, h, h // hk, d, scale * LOG2E)
+    consts = dict(**band, ACCUMULATE=accumulate, BLOCK_D=max(16, triton.next_power_of_2(d)), **_dot_args(q.dtype))
+    if not _interpreted() and q.dtype != torch.float32 and d <= 128:
+        _fwd_tuned[lambda meta: (triton.cdiv(sq, meta["BLOCK_M"]), b * h)](*args, **consts)
+        return
     tiles = _tiles(d, q.dtype, _interpreted(), "fwd")
-    grid = (triton.cdiv(sq, tiles["BLOCK_M"]), b * h)
-    _fwd_kernel[grid](q, k, v, out, lse,
-                      q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                      v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-                      lse.stride(0), lse.stride(1),
-                      sq, sk, h, h // hk, d, scale * LOG2E, **band, ACCUMULATE=accumulate,
-                      BLOCK_D=max(16, triton.next_power_of_2(d)), **_dot_args(q.dtype), **tiles)
+    _fwd_kernel[(triton.cdiv(sq, tiles["BLOCK_M"]), b * h)](*args, **consts, **tiles)
 
 
 class TritonBackend(KernelBackend):

@@ -9,6 +9,8 @@ LSE is -inf keep ``out = 0`` and ``lse = -inf``.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -52,6 +54,15 @@ def _merge_kernel(out_acc, lse_acc, out_blk, lse_blk,
     tl.store(lse_acc + b * s_la_b + h * s_la_h + rows, lse_new.to(lse_acc.dtype.element_ty), mask=row_ok)
 
 
+# Rows per program and warps, tuned on the device at first use per (seqlen, head_dim): the merge is
+# memory-bound and the best shape depends on how many rows are in flight. The accumulators are
+# restored after each trial, since the kernel updates them in place.
+_merge_tuned = triton.autotune(
+    [triton.Config({"BLOCK_S": rows}, num_warps=warps) for rows, warps in ((16, 4), (32, 4), (64, 4), (32, 8),
+                                                                          (64, 8), (128, 8))],
+    key=["seqlen", "head_dim"], restore_value=["out_acc", "lse_acc"])(_merge_kernel)
+
+
 def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
@@ -70,13 +81,12 @@ def triton_merge_into(out_acc: torch.Tensor, lse_acc: torch.Tensor, out_block: t
     b, s, h, d = out_acc.shape
     if s == 0:
         return
+    args = (out_acc, lse_acc, out_block, lse_block, s, h, d,
+            out_acc.stride(0), out_acc.stride(1), out_acc.stride(2), lse_acc.stride(0), lse_acc.stride(1),
+            out_block.stride(0), out_block.stride(1), out_block.stride(2), lse_block.stride(0), lse_block.stride(1))
     block_d = triton.next_power_of_2(d)
-    # About 8K elements per program: enough bytes in flight per SM without spilling.
-    block_s = max(1, min(triton.next_power_of_2(s), 8192 // block_d))
-    grid = (triton.cdiv(s, block_s), b * h)
-    _merge_kernel[grid](out_acc, lse_acc, out_block, lse_block, s, h, d,
-                        out_acc.stride(0), out_acc.stride(1), out_acc.stride(2),
-                        lse_acc.stride(0), lse_acc.stride(1),
-                        out_block.stride(0), out_block.stride(1), out_block.stride(2),
-                        lse_block.stride(0), lse_block.stride(1),
-                        BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":  # the interpreter cannot time configurations
+        block_s = max(1, min(triton.next_power_of_2(s), 8192 // block_d))
+        _merge_kernel[(triton.cdiv(s, block_s), b * h)](*args, BLOCK_S=block_s, BLOCK_D=block_d)
+        return
+    _merge_tuned[lambda meta: (triton.cdiv(s, meta["BLOCK_S"]), b * h)](*args, BLOCK_D=block_d)

@@ -8,7 +8,7 @@ compiled kernels. Tolerances: tests/tolerances.py.
 import pytest
 import torch
 
-from ring_flash_attn.kernels import available_backends, get_backend
+from ring_flash_attn.kernels import Features, available_backends, get_backend, select_backend
 from ring_flash_attn.merge import merge_into, merge_into_eager
 from tests.tolerances import FORWARD, GRADIENT, rel_err
 
@@ -27,7 +27,8 @@ CASES = []
 for op in ("cudnn", "flash"):
     for dtype in (BF16, FP16):
         CASES += [("sdpa", op, dtype, 128, 8, 2, 512, 768, PLAIN), ("sdpa", op, dtype, 64, 8, 8, 640, 640, CAUSAL)]
-CASES += [("sdpa", None, dt, 128, 8, 2, 500, 700, m) for dt in (BF16, FP32) for m in (CAUSAL_OFFSET, WINDOW, EMPTY_ROWS)]
+# Half-precision bands: sdpa declines them (test_sdpa_declines_half_precision_bands), triton serves them.
+CASES += [("sdpa", None, FP32, 128, 8, 2, 500, 700, m) for m in (CAUSAL_OFFSET, WINDOW, EMPTY_ROWS)]
 CASES += [("sdpa", None, FP32, 64, 4, 4, 300, 300, PLAIN)]
 CASES += [("triton", None, dt, d, 8, 2, 500, 700, m) for dt in (BF16, FP16, FP32) for d in (64, 128)
           for m in (PLAIN, CAUSAL_OFFSET, WINDOW, EMPTY_ROWS)]
@@ -91,3 +92,12 @@ def test_triton_forward_accumulate_and_fused_merge(dtype):
     merged_out, merged_lse = out_acc.clone(), lse_acc.clone()
     merge_into(merged_out, merged_lse, ref_out.to(dtype), ref_lse.float())  # the Triton merge on CUDA
     assert rel_err(merged_out, want_out) <= FORWARD[dtype] and rel_err(merged_lse, want_lse) <= FORWARD[FP32]
+
+
+def test_sdpa_declines_half_precision_bands_and_triton_takes_them():
+    """The memory-efficient op's half-precision backward is wrong given an outside LSE (torch 2.11, H100)."""
+    band = Features("cuda", BF16, 128, band=True)
+    assert "memory-efficient" in get_backend("sdpa").unsupported_reason(band)
+    assert select_backend(band).name == "triton"
+    assert select_backend(Features("cuda", BF16, 128)).name == "sdpa"
+    assert select_backend(Features("cuda", FP32, 128)).name == "sdpa"
