@@ -77,20 +77,25 @@ class Timer:
         if self.cuda:
             torch.cuda.synchronize()
 
-    def _once_ms(self, fn) -> float:
+    def _once_ms(self, fn) -> tuple:
+        """(device time, host time to enqueue) of one call, in ms: when the two are close, the
+        device waited for the host (launch-bound) rather than the other way round."""
         if self.cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
+            t0 = time.perf_counter()
             fn()
+            host = (time.perf_counter() - t0) * 1e3
             end.record()
             end.synchronize()
-            return start.elapsed_time(end)
+            return start.elapsed_time(end), host
         t0 = time.perf_counter()
         fn()
-        return (time.perf_counter() - t0) * 1e3
+        wall = (time.perf_counter() - t0) * 1e3
+        return wall, wall
 
-    def interleaved_ms(self, fns: dict, warmup: int, rounds: int, reps: int) -> dict:
-        """Median and spread (min, max) in ms of each of ``fns``, timed in turns.
+    def interleaved_ms(self, fns: dict, warmup: int, rounds: int, reps: int) -> tuple:
+        """Per function of ``fns``: (median, min, max) device ms, and median host ms, timed in turns.
 
         Each round times every function ``reps`` times, so clock drift between
         the ideal and the variants (seen as +-5 % between separate loops) hits
@@ -104,7 +109,10 @@ class Timer:
         for _ in range(rounds):
             for name, fn in fns.items():
                 times[name] += [self._once_ms(fn) for _ in range(reps)]
-        return {name: (statistics.median(t), min(t), max(t)) for name, t in times.items()}
+        device = {name: (statistics.median(t[0] for t in ts), min(t[0] for t in ts), max(t[0] for t in ts))
+                  for name, ts in times.items()}
+        host = {name: statistics.median(t[1] for t in ts) for name, ts in times.items()}
+        return device, host
 
     def peak_bytes(self, fn) -> int | None:
         """Bytes allocated at the peak of ``fn`` beyond what was allocated before it."""
@@ -260,8 +268,10 @@ def run(args):
                 fwd_bwd_fns = {"ideal-native": native[1], "ideal-repeated": repeated[1],
                                **{name: fns[1] for name, fns in engines.items()}}
                 for mode, fns in (("fwd", fwd_fns), ("fwd_bwd", fwd_bwd_fns)):
-                    for name, t in timer.interleaved_ms(fns, args.warmup, args.rounds, args.reps).items():
-                        row[f"{name}_{mode}_ms"] = t
+                    device_ms, host_ms = timer.interleaved_ms(fns, args.warmup, args.rounds, args.reps)
+                    for name in fns:
+                        row[f"{name}_{mode}_ms"] = device_ms[name]
+                        row[f"{name}_{mode}_host_ms"] = host_ms[name]
                     # The ideal: the library kernel called the faster of its two ways, per schedule.
                     row[f"ideal_{mode}_ms"] = min(row[f"ideal-native_{mode}_ms"], row[f"ideal-repeated_{mode}_ms"])
                 del native, repeated
@@ -298,7 +308,9 @@ def _line(row, variants):
         parts.append(f"{name} {row[f'{name}_fwd_eff']:.3f}/{row[f'{name}_fwd_bwd_eff']:.3f}"
                      + (f" mem {row[f'{name}_fwd_mem_ratio']:.2f}/{mem:.2f}" if mem else ""))
     parts.append(f"sdpa-nomerge {row['sdpa-nomerge_fwd_eff']:.3f} | ideal native/repeated fwd "
-                 f"{row['ideal-native_fwd_ms'][0]:.3f}/{row['ideal-repeated_fwd_ms'][0]:.3f} ms")
+                 f"{row['ideal-native_fwd_ms'][0]:.3f}/{row['ideal-repeated_fwd_ms'][0]:.3f} ms | fwd host/device ms "
+                 + " ".join(f"{n} {row[f'{n}_fwd_host_ms']:.2f}/{row[f'{n}_fwd_ms'][0]:.2f}"
+                            for n in ("ideal-native", *variants) if f"{n}_fwd_host_ms" in row))
     return " ".join(parts)
 
 

@@ -5,6 +5,7 @@ would have sent; the engine and kernels are the same, so out, LSE and dQ must
 be identical (dK/dV are not: the loopback's dK/dV exchange is a stand-in).
 """
 
+import io
 import os
 
 import pytest
@@ -39,11 +40,15 @@ def _run_rank(rank, world_size, variant, causal, seed, comm=None):
 
 
 def _gloo_rank(rank, world_size, schedules, seed):
-    return [_run_rank(rank, world_size, variant, causal, seed) for variant, causal in schedules]
+    # As bytes: tensors sent through a multiprocessing queue live in the sender's shared memory,
+    # which is gone once this rank exits.
+    buffer = io.BytesIO()
+    torch.save([_run_rank(rank, world_size, variant, causal, seed) for variant, causal in schedules], buffer)
+    return buffer.getvalue()
 
 
 def test_loopback_equals_gloo_ring_bitwise():
-    gloo = run_world(WORLD_SIZE, _gloo_rank, SCHEDULES, SEED)
+    gloo = [torch.load(io.BytesIO(data)) for data in run_world(WORLD_SIZE, _gloo_rank, SCHEDULES, SEED)]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the gloo workers
     try:
