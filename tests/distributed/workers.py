@@ -53,3 +53,83 @@ def ring_errors(rank, world_size, cases):
         want = (local(ref[0]), local(ref[1], dim=2), local(ref[2]), local(ref[3]), local(ref[4]))
         results.append({name: rel_err(g_, w_) for name, g_, w_ in zip(("out", "lse", "dq", "dk", "dv"), got, want)})
     return results
+
+
+def _bad_inputs(rank, world_size):
+    """(name, callable) pairs that must each raise before any communication."""
+    import ring_flash_attn as rfa
+    from ring_flash_attn.kernels import register_backend
+    from ring_flash_attn.kernels.base import KernelBackend
+
+    class HeadDim64Only(KernelBackend):
+        name = "test_head_dim_64_only"
+
+        def unsupported_reason(self, f):
+            return None if f.head_dim == 64 else f"head_dim must be 64, got {f.head_dim}"
+
+    register_backend(HeadDim64Only())
+
+    def t(*shape, dtype=torch.float32):
+        return torch.randn(*shape, dtype=dtype)
+
+    q, k = t(1, 8, 4, 16), t(1, 8, 2, 16)
+    outsider = torch.distributed.new_group([0, 1])  # every rank must take part in creating it
+    cases = [
+        ("k seqlen mismatch", lambda: rfa.ring_flash_attn_func(q, t(1, 6, 2, 16), t(1, 6, 2, 16))),
+        ("v shape mismatch", lambda: rfa.ring_flash_attn_func(q, k, t(1, 8, 1, 16))),
+        ("head_dim mismatch", lambda: rfa.ring_flash_attn_func(q, t(1, 8, 2, 8), t(1, 8, 2, 8))),
+        ("heads_k does not divide", lambda: rfa.ring_flash_attn_func(t(1, 8, 4, 16), t(1, 8, 3, 16), t(1, 8, 3, 16))),
+        ("dtype mismatch", lambda: rfa.ring_flash_attn_func(q, k.double(), k.double())),
+        ("integer dtype", lambda: rfa.ring_flash_attn_func(q.int(), k.int(), k.int())),
+        ("3-d input", lambda: rfa.ring_flash_attn_func(q[0], k[0], k[0])),
+        ("zigzag odd local length", lambda: rfa.zigzag_ring_flash_attn_func(t(1, 7, 4, 16), t(1, 7, 2, 16),
+                                                                          t(1, 7, 2, 16), causal=True)),
+        ("zigzag non-causal", lambda: rfa.zigzag_ring_flash_attn_func(q, k, k, causal=False)),
+        ("head dim the backend cannot take", lambda: rfa.ring_flash_attn_func(q, k, k, backend=HeadDim64Only.name)),
+        ("softcap on a backend without it", lambda: rfa.ring_flash_attn_func(q, k, k, softcap=5.0, backend="sdpa")),
+        ("unknown backend", lambda: rfa.ring_flash_attn_func(q, k, k, backend="nope")),
+        ("bad window", lambda: rfa.ring_flash_attn_func(q, k, k, window_size=(-2, 0))),
+        ("dropout", lambda: rfa.ring_flash_attn_func(q, k, k, dropout_p=0.1)),
+        ("alibi", lambda: rfa.ring_flash_attn_func(q, k, k, alibi_slopes=torch.ones(4))),
+        ("bad kv packing", lambda: rfa.ring_flash_attn_kvpacked_func(q, t(1, 8, 3, 2, 16))),
+    ]
+    if rank == 2:
+        cases.append(("group without this rank", lambda: rfa.ring_flash_attn_func(q, k, k, group=outsider)))
+    return cases, outsider
+
+
+def bad_input_errors(rank, world_size):
+    """Run every bad input; report (name, exception type, message). Then prove the ring still works (no rank is
+    stuck in a collective) with one good call whose result is checked against the oracle."""
+    cases, _ = _bad_inputs(rank, world_size)
+    report = []
+    for name, call in cases:
+        try:
+            call()
+        except (ValueError, TypeError, NotImplementedError, RuntimeError) as exc:
+            report.append((name, type(exc).__name__, str(exc)))
+        else:
+            report.append((name, None, "no error raised"))
+    errs = ring_errors(rank, world_size, [dict(variant="zigzag", causal=True, backend="sdpa", dtype="float64",
+                                               heads_k=2, batch=1, seqlen=24, heads=4, head_dim=8, seed=1234)])
+    return report, errs[0]
+
+
+def module_round_trip(rank, world_size, variant, seed):
+    """Full batch -> RingAttention.shard -> module -> RingAttention.gather; errors of the gathered output and of
+    the full-sequence input gradients (through the differentiable gather) against the oracle."""
+    from ring_flash_attn import RingAttention
+
+    case = dict(batch=2, seqlen=8 * world_size, heads=4, heads_k=2, head_dim=8, seed=seed)
+    q, k, v, dout = make_inputs(case)
+    ref = oracle(q, k, v, dout, causal=True, window=(-1, -1), scale=8 ** -0.5)
+    attn = RingAttention(variant=variant, causal=True)
+    qf, kf, vf = (t.clone().requires_grad_() for t in (q, k, v))
+    out_full = attn.gather(attn(attn.shard(qf), attn.shard(kf), attn.shard(vf)))
+    # Every rank holds the full output; each rank's loss covers its own slice so the sum over ranks is the total.
+    (attn.shard(out_full) * attn.shard(dout)).sum().backward()
+    grads = [g.clone() for g in (qf.grad, kf.grad, vf.grad)]
+    for g in grads:
+        torch.distributed.all_reduce(g)
+    return {"out": rel_err(out_full, ref[0]), "dq": rel_err(grads[0], ref[2]), "dk": rel_err(grads[1], ref[3]),
+            "dv": rel_err(grads[2], ref[4])}
