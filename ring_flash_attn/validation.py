@@ -48,3 +48,21 @@ def check_softcap(softcap: float) -> float:
     if softcap < 0:
         raise ValueError(f"softcap: expected a value >= 0 (0 = off), got {softcap}")
     return softcap
+
+
+def check_cu_seqlens(cu_seqlens, total_tokens: int, name: str = "cu_seqlens") -> tuple:
+    """Validate flash-attn style cumulative sequence lengths; return the sequence lengths."""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1:
+        raise ValueError(f"{name}: expected a 1-D int32 tensor, got "
+                         f"{type(cu_seqlens).__name__ if not isinstance(cu_seqlens, torch.Tensor) else tuple(cu_seqlens.shape)}")
+    if cu_seqlens.dtype != torch.int32:
+        raise TypeError(f"{name}: expected dtype torch.int32, got {cu_seqlens.dtype}")
+    values = cu_seqlens.tolist()
+    if len(values) < 2 or values[0] != 0:
+        raise ValueError(f"{name}: expected to start at 0 and hold at least one sequence, got {values[:8]}")
+    lengths = tuple(b - a for a, b in zip(values, values[1:]))
+    if any(n <= 0 for n in lengths):
+        raise ValueError(f"{name}: expected strictly increasing values, got {values[:16]}")
+    if values[-1] != total_tokens:
+        raise ValueError(f"{name}: expected to end at the number of tokens {total_tokens}, got {values[-1]}")
+    return lengths

@@ -74,6 +74,8 @@ def plan_step(layout: Layout, rank: int, src: int, world_size: int, seqlen_local
     tasks = []
     for q_run in layout.runs(rank, world_size, seqlen_local):
         for k_run in layout.runs(src, world_size, seqlen_local):
+            if q_run.segment != k_run.segment:
+                continue
             if q_run.stride != k_run.stride:
                 raise ValueError("layouts with different strides on different ranks are not supported")
             index_band = strided_band(band, q_run.global_start, k_run.global_start, q_run.stride)

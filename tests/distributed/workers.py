@@ -31,23 +31,56 @@ def make_inputs(case):
     return q, k, v, dout
 
 
+def packed_oracle(q, k, v, dout, seqlens, **kw):
+    """The oracle for packed sequences [1, total, H, D]: each sequence attends only to itself."""
+    parts = [oracle(*(t[:, a:b] for t in (q, k, v, dout)), **kw) for a, b in zip(_cumsum(seqlens), _cumsum(seqlens)[1:])]
+    return tuple(torch.cat([p[i] for p in parts], dim=2 if i == 1 else 1) for i in range(5))
+
+
+def _cumsum(lengths):
+    out = [0]
+    for n in lengths:
+        out.append(out[-1] + n)
+    return out
+
+
 def ring_errors(rank, world_size, cases):
-    """For each case: this rank's relative errors of out, lse, dq, dk, dv against the float64 oracle."""
+    """For each case: this rank's relative errors of out, lse, dq, dk, dv against the float64 oracle.
+
+    A case with ``seqlens`` (global lengths of packed sequences) runs the varlen path with this rank's
+    ``cu_seqlens`` (each sequence split over the ranks by the variant's layout)."""
+    from ring_flash_attn.ring.layouts import PackedLayout
+
     results = []
     for case in cases:
-        q, k, v, dout = make_inputs(case)
         window = tuple(case.get("window", (-1, -1)))
-        scale = case["head_dim"] ** -0.5
-        ref = oracle(q, k, v, dout, causal=case["causal"], window=window, scale=scale, softcap=case.get("softcap", 0.0))
-        layout = get_layout(case["variant"])
+        kw = dict(causal=case["causal"], window=window, scale=case["head_dim"] ** -0.5, softcap=case.get("softcap", 0.0))
+        seqlens = case.get("seqlens")
+        if seqlens:
+            case = dict(case, seqlen=sum(seqlens))
+        q, k, v, dout = make_inputs(case)
+        if seqlens:
+            ref = packed_oracle(q, k, v, dout, seqlens, **kw)
+            local_lengths = tuple(n // world_size for n in seqlens)
+            layout = PackedLayout(get_layout(case["variant"]), local_lengths)
+        else:
+            ref = oracle(q, k, v, dout, **kw)
+            layout = get_layout(case["variant"])
         dtype = DTYPES[case["dtype"]]
 
         def local(x, dim=1):
             return layout.shard(x, rank, world_size, dim)
 
         ql, kl, vl = (local(t).to(dtype).requires_grad_() for t in (q, k, v))
-        out, lse = ring_attention(ql, kl, vl, variant=case["variant"], causal=case["causal"], window_size=window,
-                                  softcap=case.get("softcap", 0.0), backend=case["backend"])
+        if seqlens:
+            cu = torch.tensor(_cumsum(local_lengths), dtype=torch.int32)
+            out, lse = ring_attention(ql[0], kl[0], vl[0], variant=case["variant"], causal=case["causal"],
+                                      window_size=window, softcap=case.get("softcap", 0.0), backend=case["backend"],
+                                      cu_seqlens=cu)
+            out, lse = out.unsqueeze(0), lse.unsqueeze(0)
+        else:
+            out, lse = ring_attention(ql, kl, vl, variant=case["variant"], causal=case["causal"], window_size=window,
+                                      softcap=case.get("softcap", 0.0), backend=case["backend"])
         out.backward(local(dout).to(dtype))
         got = (out, lse, ql.grad, kl.grad, vl.grad)
         want = (local(ref[0]), local(ref[1], dim=2), local(ref[2]), local(ref[3]), local(ref[4]))
