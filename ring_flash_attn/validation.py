@@ -66,3 +66,29 @@ def check_cu_seqlens(cu_seqlens, total_tokens: int, name: str = "cu_seqlens") ->
     if values[-1] != total_tokens:
         raise ValueError(f"{name}: expected to end at the number of tokens {total_tokens}, got {values[-1]}")
     return lengths
+
+
+def check_heads_k_stride(heads_k_stride, heads_k: int) -> int:
+    if isinstance(heads_k_stride, bool) or not isinstance(heads_k_stride, int) or heads_k_stride < 1 \
+            or heads_k % heads_k_stride:
+        raise ValueError(f"heads_k_stride: expected a positive divisor of the K/V heads ({heads_k}), "
+                         f"got {heads_k_stride!r}")
+    return heads_k_stride
+
+
+def group_rank_and_size(group) -> tuple:
+    """This rank's index in ``group`` and the group's size; a clear error if this rank is not a member."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError("group: this rank is not a member of the given process group")
+    return rank, dist.get_world_size(group)
+
+
+def check_max_seqlen(max_seqlen, cu_seqlens) -> None:
+    """``max_seqlen`` is not needed (lengths come from ``cu_seqlens``), but a wrong one signals a caller bug."""
+    if isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.dim() == 1 and cu_seqlens.numel() > 1:
+        longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        if int(max_seqlen) < longest:
+            raise ValueError(f"max_seqlen: expected at least the longest local sequence ({longest}), got {max_seqlen}")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 from typing import Dict, Optional
 
-import torch
 
 from .base import Features, KernelBackend
 from .reference import ReferenceBackend

@@ -30,6 +30,16 @@ EXPECTED = {
     "dropout": (NotImplementedError, r"^dropout_p"),
     "alibi": (NotImplementedError, r"^alibi_slopes"),
     "bad kv packing": (ValueError, r"^kv: expected \[batch, seqlen, 2"),
+    "cu_seqlens not int32": (TypeError, r"^cu_seqlens: expected dtype torch.int32"),
+    "cu_seqlens not from 0": (ValueError, r"^cu_seqlens: expected to start at 0"),
+    "cu_seqlens not increasing": (ValueError, r"^cu_seqlens: expected strictly increasing"),
+    "cu_seqlens not ending at total": (ValueError, r"^cu_seqlens: expected to end at the number of tokens 8, got 6"),
+    "cu_seqlens not splittable": (ValueError, r"^cu_seqlens: sequence 0 \(local length 3\) .*zigzag.*even"),
+    "max_seqlen too small": (ValueError, r"^max_seqlen: expected at least the longest local sequence \(8\), got 4"),
+    "varlen 4-d input": (ValueError, r"^q: with cu_seqlens expected \[total_tokens, heads, head_dim\]"),
+    "heads_k_stride does not divide": (ValueError, r"^heads_k_stride: expected a positive divisor of the K/V heads \(2\), got 3"),
+    "llama3 cu_seqlens not splittable": (ValueError, r"^cu_seqlens: the packed length 22 must split evenly over 3"),
+    "llama3 bad local_k_slice": (ValueError, r"^local_k_slice: expected a slice within the 24 gathered tokens"),
     "group without this rank": (ValueError, r"^group: this rank is not a member"),
 }
 

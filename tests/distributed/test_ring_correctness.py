@@ -9,7 +9,6 @@ import itertools
 import os
 
 import pytest
-import torch
 
 from tests.distributed.harness import run_world
 from tests.distributed.workers import DTYPES, ring_errors
