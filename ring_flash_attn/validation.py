@@ -40,7 +40,7 @@ def check_unsupported(dropout_p: float, alibi_slopes) -> None:
     if dropout_p:
         raise NotImplementedError(f"dropout_p: attention dropout is not supported, got dropout_p={dropout_p}; pass 0.0")
     if alibi_slopes is not None:
-        raise NotImplementedError("alibi_slopes: ALiBi is not supported by ring attention yet; pass None")
+        raise NotImplementedError("alibi_slopes: no kernel backend here implements ALiBi (reference, sdpa); pass None")
 
 
 def check_softcap(softcap: float) -> float:
