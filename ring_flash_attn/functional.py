@@ -24,7 +24,7 @@ from .comm.ring import RingComm
 from .kernels import Features, select_backend
 from .kernels.mask import Band, check_window
 from .ring.allgather import allgather_attention, allgather_tasks
-from .ring.engine import RingAttentionFunction, RingPlan
+from .ring.engine import ContextParallelAttention, RingPlan
 from .ring.layouts import Layout, PackedLayout, get_layout
 from .ring.planner import needs_band_mask
 from .validation import (check_cu_seqlens, check_heads_k_stride, check_max_seqlen, check_qkv, check_softcap, check_unsupported,
@@ -80,7 +80,7 @@ def ring_attention(q, k, v, *, variant: str = "ring", causal: bool = False, soft
     kernel = select_backend(features, backend)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     plan = RingPlan(layout=layout, band=band, scale=scale, softcap=softcap, backend=kernel, comm=comm)
-    return RingAttentionFunction.apply(q, k, v, plan)
+    return ContextParallelAttention.apply(q, k, v, plan)
 
 
 def _allgather(q, k, v, layout, *, causal, window, softmax_scale, softcap, group, backend, heads_k_stride):

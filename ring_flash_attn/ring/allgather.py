@@ -26,6 +26,7 @@ import torch.distributed as dist
 from ..kernels import Features, select_backend
 from ..kernels.base import KernelBackend
 from ..merge import new_accumulators
+from .engine import ContextParallelAttention
 from .planner import BlockTask, plan_step
 
 
@@ -41,6 +42,12 @@ class AllGatherPlan:
 
     def kernel_kwargs(self, task) -> dict:
         return dict(scale=self.scale, softcap=self.softcap, **task.kernel_mask_args())
+
+    def forward(self, q, k, v):
+        return allgather_forward(q, k, v, self)
+
+    def backward(self, dout, q, k, v, out, lse):
+        return allgather_backward(dout, q, k, v, out, lse, self)
 
 
 class _Gathered:
@@ -145,20 +152,4 @@ def allgather_attention(q, k, v, tasks, *, softmax_scale, softcap, group, backen
                             backend)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     plan = AllGatherPlan(tuple(tasks), scale, softcap, kernel, group, world_size, heads_k_stride)
-    return AllGatherAttentionFunction.apply(q, k, v, plan)
-
-
-class AllGatherAttentionFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, plan: AllGatherPlan):
-        out, lse = allgather_forward(q, k, v, plan)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.plan = plan
-        ctx.mark_non_differentiable(lse)
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, dout, _dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = allgather_backward(dout.contiguous(), q, k, v, out, lse, ctx.plan)
-        return dq, dk, dv, None
+    return ContextParallelAttention.apply(q, k, v, plan)

@@ -49,6 +49,12 @@ class RingPlan:
     def kernel_kwargs(self, task) -> dict:
         return dict(scale=self.scale, softcap=self.softcap, **task.kernel_mask_args())
 
+    def forward(self, q, k, v):
+        return ring_forward(q, k, v, self)
+
+    def backward(self, dout, q, k, v, out, lse):
+        return ring_backward(dout, q, k, v, out, lse, self)
+
 
 def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RingPlan):
     """Returns ``out`` (q's dtype, [B, S, H, D]) and ``lse`` (float32 [B, H, S])."""
@@ -109,12 +115,16 @@ def ring_backward(dout, q, k, v, out, lse, plan: RingPlan):
     return dq_acc.to(q.dtype), dkv[0][0].to(k.dtype), dkv[0][1].to(v.dtype)
 
 
-class RingAttentionFunction(torch.autograd.Function):
-    """Autograd over the ring: the backward is the ring backward above, not per-block autograd."""
+class ContextParallelAttention(torch.autograd.Function):
+    """Autograd for any exchange plan (ring or all-gather): the plan's own backward, not per-block autograd.
+
+    A plan has ``forward(q, k, v) -> (out, lse)`` and
+    ``backward(dout, q, k, v, out, lse) -> (dq, dk, dv)``.
+    """
 
     @staticmethod
-    def forward(ctx, q, k, v, plan: RingPlan):
-        out, lse = ring_forward(q, k, v, plan)
+    def forward(ctx, q, k, v, plan):
+        out, lse = plan.forward(q, k, v)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan = plan
         ctx.mark_non_differentiable(lse)
@@ -123,5 +133,5 @@ class RingAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = ring_backward(dout.contiguous(), q, k, v, out, lse, ctx.plan)
+        dq, dk, dv = ctx.plan.backward(dout.contiguous(), q, k, v, out, lse)
         return dq, dk, dv, None
