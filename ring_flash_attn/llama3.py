@@ -21,7 +21,7 @@ from .functional import ring_attention
 from .kernels.mask import Band, check_window
 from .ring.allgather import allgather_attention
 from .ring.planner import BlockTask
-from .validation import (check_cu_seqlens, check_heads_k_stride, check_max_seqlen, check_qkv, check_softcap, check_unsupported,
+from .validation import (check_cu_seqlens, check_packed_alibi_slopes, check_heads_k_stride, check_max_seqlen, check_qkv, check_softcap, check_unsupported,
                          group_rank_and_size)
 
 
@@ -67,7 +67,8 @@ def _llama3_tasks(cu_q, cu_k, local_k_slice, q_start: int, band: Band):
         block = Band(band.lo, band.hi, (q_start + qa) - k_lo)
         if block.is_empty(qb - qa, kb - ka):
             continue
-        tasks.append(BlockTask(qa, qb, k_lo, k_hi, None if block.is_full(qb - qa, kb - ka) else block))
+        tasks.append(BlockTask(qa, qb, k_lo, k_hi, None if block.is_full(qb - qa, kb - ka) else block,
+                               (block.offset, 1)))
     return tasks
 
 
@@ -77,8 +78,9 @@ def llama3_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqle
                                   return_attn_probs=False, group=None, *, softcap=0.0, backend=None):
     """All-gather attention for this rank's contiguous piece of a packed batch; arguments from
     :func:`llama3_flash_attn_prepare_cu_seqlens`. q ``[tokens_local, heads, head_dim]``; lse ``[heads, tokens_local]``."""
-    check_unsupported(dropout_p, alibi_slopes)
+    check_unsupported(dropout_p)
     _check_varlen_qkv(q, k, v)
+    alibi_slopes = check_packed_alibi_slopes(alibi_slopes, q)
     window, softcap = check_window(window_size), check_softcap(softcap)
     check_heads_k_stride(heads_k_stride, k.shape[1])
     rank, world_size = group_rank_and_size(group)
@@ -94,7 +96,7 @@ def llama3_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqle
                           Band.from_kernel_args(causal, window))
     out, lse = allgather_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), tasks, softmax_scale=softmax_scale,
                                    softcap=softcap, group=group, backend=backend, heads_k_stride=heads_k_stride,
-                                   world_size=world_size)
+                                   world_size=world_size, alibi_slopes=alibi_slopes)
     out, lse = out.squeeze(0), lse.squeeze(0)
     return (out, lse, None) if return_attn_probs else out
 
@@ -104,11 +106,12 @@ def zigzag_llama3_flash_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, heads_
                                          deterministic=False, return_attn_probs=False, group=None, *, softcap=0.0,
                                          backend=None):
     """Load-balanced all-gather attention: inputs laid out as for :func:`zigzag_ring_flash_attn_varlen_func`."""
-    check_unsupported(dropout_p, alibi_slopes)
+    check_unsupported(dropout_p)
     check_max_seqlen(max_seqlen, cu_seqlens)
     out, lse = ring_attention(q, k, v, variant="zigzag", causal=causal, softmax_scale=softmax_scale,
                               window_size=window_size, softcap=softcap, group=group, backend=backend,
-                              cu_seqlens=cu_seqlens, exchange="allgather", heads_k_stride=heads_k_stride)
+                              cu_seqlens=cu_seqlens, exchange="allgather", heads_k_stride=heads_k_stride,
+                              alibi_slopes=alibi_slopes)
     return (out, lse, None) if return_attn_probs else out
 
 

@@ -35,12 +35,25 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"k, v: expected q's device {q.device}, got k on {k.device} and v on {v.device}")
 
 
-def check_unsupported(dropout_p: float, alibi_slopes) -> None:
+def check_unsupported(dropout_p: float) -> None:
     """Arguments of the flash-attn API this library does not implement: refuse them rather than ignore them."""
     if dropout_p:
         raise NotImplementedError(f"dropout_p: attention dropout is not supported, got dropout_p={dropout_p}; pass 0.0")
-    if alibi_slopes is not None:
-        raise NotImplementedError("alibi_slopes: no kernel backend here implements ALiBi (reference, sdpa); pass None")
+
+
+def check_alibi_slopes(alibi_slopes, q: torch.Tensor, heads_dim: int = 2):
+    """flash-attn's ALiBi slopes: float32 ``[heads]`` or ``[batch, heads]`` on q's device (None: off)."""
+    if alibi_slopes is None:
+        return None
+    heads, batch = q.shape[heads_dim], q.shape[0]
+    if not isinstance(alibi_slopes, torch.Tensor) or tuple(alibi_slopes.shape) not in ((heads,), (batch, heads)):
+        shape = tuple(alibi_slopes.shape) if isinstance(alibi_slopes, torch.Tensor) else type(alibi_slopes).__name__
+        raise ValueError(f"alibi_slopes: expected shape ({heads},) or ({batch}, {heads}), got {shape}")
+    if alibi_slopes.dtype != torch.float32:
+        raise TypeError(f"alibi_slopes: expected dtype torch.float32, got {alibi_slopes.dtype}")
+    if alibi_slopes.device != q.device:
+        raise ValueError(f"alibi_slopes: expected q's device {q.device}, got {alibi_slopes.device}")
+    return alibi_slopes
 
 
 def check_softcap(softcap: float) -> float:
@@ -92,3 +105,10 @@ def check_max_seqlen(max_seqlen, cu_seqlens) -> None:
         longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
         if int(max_seqlen) < longest:
             raise ValueError(f"max_seqlen: expected at least the longest local sequence ({longest}), got {max_seqlen}")
+
+
+def check_packed_alibi_slopes(alibi_slopes, q: torch.Tensor):
+    """ALiBi slopes for packed sequences (q ``[tokens, heads, dim]``): one slope per head, or None."""
+    if alibi_slopes is not None and (not isinstance(alibi_slopes, torch.Tensor) or alibi_slopes.dim() != 1):
+        raise ValueError("alibi_slopes: with packed sequences expected one slope per head, shape (heads,)")
+    return check_alibi_slopes(alibi_slopes, q, heads_dim=1)

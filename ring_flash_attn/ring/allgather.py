@@ -18,7 +18,7 @@ used; only the exchange differs. Tensors are packed sequences
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -26,8 +26,8 @@ import torch.distributed as dist
 from ..kernels import Features, select_backend
 from ..kernels.base import KernelBackend
 from ..merge import new_accumulators
-from .engine import ContextParallelAttention
-from .planner import BlockTask, plan_step
+from .engine import ContextParallelAttention, kernel_kwargs
+from .planner import BlockTask, needs_band_mask, plan_step
 
 
 @dataclass(frozen=True)
@@ -39,9 +39,11 @@ class AllGatherPlan:
     group: Any
     world_size: int
     heads_k_stride: int
+    alibi_slopes: Optional[torch.Tensor] = None
 
-    def kernel_kwargs(self, task) -> dict:
-        return dict(scale=self.scale, softcap=self.softcap, **task.kernel_mask_args())
+    def kernel_kwargs(self, task, q_heads: slice) -> dict:
+        slopes = None if self.alibi_slopes is None else self.alibi_slopes[..., q_heads]
+        return kernel_kwargs(task, self.scale, self.softcap, slopes)
 
     def forward(self, q, k, v):
         return allgather_forward(q, k, v, self)
@@ -91,7 +93,7 @@ def allgather_forward(q, k, v, plan: AllGatherPlan):
         for task in plan.tasks:
             plan.backend.forward_accumulate(
                 q[:, task.q, q_heads], k_all[task.k].unsqueeze(0), v_all[task.k].unsqueeze(0),
-                out_acc[:, task.q, q_heads], lse_acc[:, q_heads, task.q], **plan.kernel_kwargs(task))
+                out_acc[:, task.q, q_heads], lse_acc[:, q_heads, task.q], **plan.kernel_kwargs(task, q_heads))
     return out_acc.to(q.dtype), lse_acc
 
 
@@ -113,7 +115,7 @@ def allgather_backward(dout, q, k, v, out, lse, plan: AllGatherPlan):
             dq, dk_blk, dv_blk = plan.backend.backward(
                 dout[:, task.q, q_heads], q[:, task.q, q_heads], k_all[task.k].unsqueeze(0),
                 v_all[task.k].unsqueeze(0), out[:, task.q, q_heads], lse[:, q_heads, task.q],
-                **plan.kernel_kwargs(task))
+                **plan.kernel_kwargs(task, q_heads))
             dq_acc[:, task.q, q_heads] += dq
             dk_all[task.k] += dk_blk[0]
             dv_all[task.k] += dv_blk[0]
@@ -138,18 +140,21 @@ def _finish_scatter(in_flight, dk, dv) -> None:
     dv[0, :, kv_heads] = dv_mine
 
 
-def allgather_tasks(layout, rank: int, world_size: int, seqlen_local: int, band) -> Tuple[BlockTask, ...]:
+def allgather_tasks(layout, rank: int, world_size: int, seqlen_local: int, band,
+                    keep_positions: bool = False) -> Tuple[BlockTask, ...]:
     """The ring planner's tasks for every source rank, with key ranges moved into the gathered K/V."""
-    return tuple(BlockTask(t.q_start, t.q_stop, src * seqlen_local + t.k_start, src * seqlen_local + t.k_stop, t.band)
-                 for src in range(world_size) for t in plan_step(layout, rank, src, world_size, seqlen_local, band))
+    return tuple(BlockTask(t.q_start, t.q_stop, src * seqlen_local + t.k_start, src * seqlen_local + t.k_stop, t.band,
+                           t.positions)
+                 for src in range(world_size)
+                 for t in plan_step(layout, rank, src, world_size, seqlen_local, band, keep_positions))
 
 
-def allgather_attention(q, k, v, tasks, *, softmax_scale, softcap, group, backend, heads_k_stride, world_size):
+def allgather_attention(q, k, v, tasks, *, softmax_scale, softcap, group, backend, heads_k_stride, world_size,
+                        alibi_slopes=None):
     """Choose the kernel for ``tasks`` and run the all-gather exchange on packed ``[1, T, H, D]`` tensors."""
-    needs_band = any(t.band is not None and not t.band.is_top_left_causal(t.q_stop - t.q_start, t.k_stop - t.k_start)
-                     for t in tasks)
-    kernel = select_backend(Features(q.device.type, q.dtype, q.shape[-1], band=needs_band, softcap=softcap > 0),
-                            backend)
+    features = Features(q.device.type, q.dtype, q.shape[-1], band=needs_band_mask(tasks), softcap=softcap > 0,
+                        alibi=alibi_slopes is not None)
+    kernel = select_backend(features, backend)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    plan = AllGatherPlan(tuple(tasks), scale, softcap, kernel, group, world_size, heads_k_stride)
+    plan = AllGatherPlan(tuple(tasks), scale, softcap, kernel, group, world_size, heads_k_stride, alibi_slopes)
     return ContextParallelAttention.apply(q, k, v, plan)

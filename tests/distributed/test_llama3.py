@@ -21,13 +21,17 @@ CASES = [
     dict(layout="llama3", causal=False, seqlens=(47, 1), heads_k=1, heads_k_stride=1, dtype="float64",
          window=(4, 6)),
     dict(layout="llama3", causal=True, seqlens=(20, 3, 49), heads_k=2, heads_k_stride=1, dtype="bfloat16"),
+    dict(layout="llama3", causal=False, seqlens=(40, 2, 30), heads_k=2, heads_k_stride=1, dtype="float64",
+         alibi=True, backend=None),
     # load-balanced (zigzag) layout over the same all-gather exchange
     dict(layout="zigzag", causal=True, seqlens=(48, 24), heads_k=2, heads_k_stride=1, dtype="float64"),
     dict(layout="zigzag", causal=True, seqlens=(24, 72), heads_k=4, heads_k_stride=4, dtype="float64",
          window=(9, -1)),
     dict(layout="zigzag", causal=True, seqlens=(48, 48), heads_k=2, heads_k_stride=2, dtype="bfloat16"),
+    dict(layout="zigzag", causal=True, seqlens=(24, 48), heads_k=2, heads_k_stride=1, dtype="float64", alibi=True,
+         backend=None),
 ]
-CASES = [dict(BASE, seed=SEED + n, **c) for n, c in enumerate(CASES)]
+CASES = [dict(dict(BASE, seed=SEED + n), **c) for n, c in enumerate(CASES)]
 WORLD_SIZES = (1, 2, 3, 4)
 
 

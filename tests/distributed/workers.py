@@ -12,13 +12,22 @@ from tests.tolerances import rel_err
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def oracle(q, k, v, dout, *, causal, window, scale, softcap=0.0):
+def oracle(q, k, v, dout, *, causal, window, scale, softcap=0.0, alibi_slopes=None):
     """Full attention in float64 on one process: out, lse, dq, dk, dv."""
     ref = get_backend("reference")
     kw = dict(scale=scale, causal=causal, window=window, softcap=softcap)
+    if alibi_slopes is not None:
+        kw.update(alibi_slopes=alibi_slopes.double(), alibi_delta=0, alibi_stride=1)
     out, lse = ref.forward(q, k, v, **kw)
     dq, dk, dv = ref.backward(dout, q, k, v, out, lse, **kw)
     return out, lse, dq, dk, dv
+
+
+def alibi_slopes_for(case):
+    """Fresh ALiBi slopes for a case that asks for them (None otherwise)."""
+    if not case.get("alibi"):
+        return None
+    return torch.rand(case["heads"], generator=torch.Generator().manual_seed(case["seed"] + 7)) * 0.5 + 0.05
 
 
 def make_inputs(case):
@@ -54,7 +63,9 @@ def ring_errors(rank, world_size, cases):
     results = []
     for case in cases:
         window = tuple(case.get("window", (-1, -1)))
-        kw = dict(causal=case["causal"], window=window, scale=case["head_dim"] ** -0.5, softcap=case.get("softcap", 0.0))
+        slopes = alibi_slopes_for(case)
+        kw = dict(causal=case["causal"], window=window, scale=case["head_dim"] ** -0.5, softcap=case.get("softcap", 0.0),
+                  alibi_slopes=slopes)
         seqlens = case.get("seqlens")
         if seqlens:
             case = dict(case, seqlen=sum(seqlens))
@@ -76,11 +87,11 @@ def ring_errors(rank, world_size, cases):
             cu = torch.tensor(_cumsum(local_lengths), dtype=torch.int32)
             out, lse = ring_attention(ql[0], kl[0], vl[0], variant=case["variant"], causal=case["causal"],
                                       window_size=window, softcap=case.get("softcap", 0.0), backend=case["backend"],
-                                      cu_seqlens=cu)
+                                      cu_seqlens=cu, alibi_slopes=slopes)
             out, lse = out.unsqueeze(0), lse.unsqueeze(0)
         else:
             out, lse = ring_attention(ql, kl, vl, variant=case["variant"], causal=case["causal"], window_size=window,
-                                      softcap=case.get("softcap", 0.0), backend=case["backend"])
+                                      softcap=case.get("softcap", 0.0), backend=case["backend"], alibi_slopes=slopes)
         out.backward(local(dout).to(dtype))
         got = (out, lse, ql.grad, kl.grad, vl.grad)
         want = (local(ref[0]), local(ref[1], dim=2), local(ref[2]), local(ref[3]), local(ref[4]))
@@ -123,7 +134,9 @@ def _bad_inputs(rank, world_size):
         ("unknown backend", lambda: rfa.ring_flash_attn_func(q, k, k, backend="nope")),
         ("bad window", lambda: rfa.ring_flash_attn_func(q, k, k, window_size=(-2, 0))),
         ("dropout", lambda: rfa.ring_flash_attn_func(q, k, k, dropout_p=0.1)),
-        ("alibi", lambda: rfa.ring_flash_attn_func(q, k, k, alibi_slopes=torch.ones(4))),
+        ("alibi on a backend without it", lambda: rfa.ring_flash_attn_func(q, k, k, alibi_slopes=torch.ones(4),
+                                                                           backend="sdpa")),
+        ("alibi wrong shape", lambda: rfa.ring_flash_attn_func(q, k, k, alibi_slopes=torch.ones(3))),
         ("bad kv packing", lambda: rfa.ring_flash_attn_kvpacked_func(q, t(1, 8, 3, 2, 16))),
     ]
     tokens = lambda n: (t(n, 4, 16), t(n, 2, 16), t(n, 2, 16))  # noqa: E731
@@ -195,7 +208,8 @@ def llama3_errors(rank, world_size, cases):
     results = []
     for case in cases:
         seqlens, window = case["seqlens"], tuple(case.get("window", (-1, -1)))
-        kw = dict(causal=case["causal"], window=window, scale=case["head_dim"] ** -0.5)
+        slopes = alibi_slopes_for(case)
+        kw = dict(causal=case["causal"], window=window, scale=case["head_dim"] ** -0.5, alibi_slopes=slopes)
         q, k, v, dout = make_inputs(dict(case, seqlen=sum(seqlens)))
         ref = packed_oracle(q, k, v, dout, seqlens, **kw)
         dtype = DTYPES[case["dtype"]]
@@ -207,14 +221,14 @@ def llama3_errors(rank, world_size, cases):
             args = rfa.llama3_flash_attn_prepare_cu_seqlens(cu, case["causal"], rank, world_size)
             call = lambda ql, kl, vl: rfa.llama3_flash_attn_varlen_func(  # noqa: E731
                 ql, kl, vl, *args[:4], case["heads_k_stride"], args[4], causal=case["causal"], window_size=window,
-                return_attn_probs=True, backend=case["backend"])
+                alibi_slopes=slopes, return_attn_probs=True, backend=case["backend"])
         else:
             layout = PackedLayout(get_layout("zigzag"), tuple(n // world_size for n in seqlens))
             local = lambda x, dim=1: layout.shard(x, rank, world_size, dim)  # noqa: E731
             cu = torch.tensor(_cumsum([n // world_size for n in seqlens]), dtype=torch.int32)
             call = lambda ql, kl, vl: rfa.zigzag_llama3_flash_attn_varlen_func(  # noqa: E731
                 ql, kl, vl, cu, max(seqlens), case["heads_k_stride"], causal=True, window_size=window,
-                return_attn_probs=True, backend=case["backend"])
+                alibi_slopes=slopes, return_attn_probs=True, backend=case["backend"])
         ql, kl, vl = (local(t)[0].to(dtype).requires_grad_() for t in (q, k, v))
         out, lse, _ = call(ql, kl, vl)
         out.backward(local(dout)[0].to(dtype))
