@@ -1,7 +1,7 @@
 """Local attention kernels: one contract (:mod:`.base`), several backends.
 
-Automatic choice walks :data:`PREFERENCE` for the device type and takes the
-first backend that can serve the call; ``backend=`` or the environment variable
+Automatic choice walks :data:`PREFERENCE` (:data:`BAND_PREFERENCE` for calls with a
+band mask) for the device type and takes the first backend that can serve the call; ``backend=`` or the environment variable
 ``RING_FLASH_ATTN_BACKEND`` forces one, and an explicit choice that cannot
 serve the call raises NotImplementedError naming the backend and the reason,
 never a silent fallback.
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 from typing import Dict, Optional
-
 
 from .base import Features, KernelBackend
 from .reference import ReferenceBackend

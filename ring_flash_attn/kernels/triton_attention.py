@@ -363,6 +363,8 @@ class TritonBackend(KernelBackend):
     def unsupported_reason(self, f: Features):
         if f.softcap:
             return "the Triton kernels have no logit soft-capping"
+        if f.alibi:
+            return "the Triton kernels have no ALiBi"
         if f.dtype not in _DTYPES:
             return f"the Triton kernels take float16, bfloat16 or float32, got {f.dtype}"
         if f.head_dim > 256:
