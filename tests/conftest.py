@@ -9,6 +9,3 @@ import torch
 if not (torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a CUDA device; skipped without one (run with the device tool)")
