@@ -300,16 +300,17 @@ def _band_args(causal, window, q_offset, k_offset):
 
 def _dot_args(dtype) -> dict:
     # float32 inputs get full-precision products: TF32 (Triton's default) would lose the float32 contract.
-    # Triton's interpreter (3.7) multiplies bfloat16 tiles as raw bits, so interpreted runs upcast them.
+    # Triton's interpreter (seen with 3.7.1) returns garbage for bfloat16 dots, so interpreted runs upcast them.
     return dict(DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
                 DOT_UPCAST=_interpreted() and dtype == torch.bfloat16)
 
 
 def _tiles(head_dim: int, dtype, interpreted: bool, kind: str) -> dict:
-    """Tile sizes and launch shape per kernel.
+    """Fixed tile sizes and launch shape: the backward, and forwards the autotuner does not cover.
 
     Interpreted (CPU CI): small tiles, so masks and partial tiles are exercised on tiny inputs.
-    GPU: the shapes that suit Hopper for d <= 128; float32 tiles are halved to fit shared memory.
+    GPU: 64x64 backward tiles for half precision, d <= 128; float32 or wider heads get smaller
+    tiles to fit shared memory.
     """
     if interpreted:
         return dict(BLOCK_M=16, BLOCK_N=16)
@@ -331,8 +332,9 @@ def _contig_last(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-# Forward tiles for half precision, head_dim <= 128, tuned on the device at first use per shape and
-# mask kind. Out/Lse are restored after each trial: with ACCUMULATE they are read and updated in place.
+# Forward tiles for half precision, head_dim <= 128, tuned on the device at first use per
+# (seqlen_q, seqlen_k, head_dim, dtypes). Out/Lse are restored after each trial: with ACCUMULATE
+# they are read and updated in place.
 _fwd_tuned = triton.autotune(
     [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
      for m, n, w, st in ((128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 4))],
