@@ -105,6 +105,11 @@ class SdpaBackend(KernelBackend):
             raise NotImplementedError("softcap: the sdpa backend cannot apply logit soft-capping")
         band = band_of(causal, window, q_offset, k_offset)
         sq, sk = q.shape[1], k.shape[1]
+        if band.causal_shift(sq, sk) == 1 and sq > 1:
+            # Row i sees keys j < i: causal attention of q[1:] over k[:-1]; row 0 sees nothing.
+            out, lse = self.forward(q[:, 1:], k[:, :-1], v[:, :-1], scale=scale, causal=True)
+            return (torch.cat([torch.zeros_like(q[:, :1]), out], dim=1),
+                    torch.nn.functional.pad(lse, (1, 0), value=float("-inf")))
         is_causal = band.is_top_left_causal(sq, sk)
         plain = band.unbounded or is_causal
         if q.device.type == "cpu":
@@ -145,6 +150,11 @@ class SdpaBackend(KernelBackend):
             raise NotImplementedError("softcap: the sdpa backend cannot apply logit soft-capping")
         band = band_of(causal, window, q_offset, k_offset)
         sq, sk = q.shape[1], k.shape[1]
+        if band.causal_shift(sq, sk) == 1 and sq > 1:
+            dq, dk, dv = self.backward(dout[:, 1:], q[:, 1:], k[:, :-1], v[:, :-1], out[:, 1:], lse[:, :, 1:],
+                                       scale=scale, causal=True)
+            return (torch.cat([torch.zeros_like(q[:, :1]), dq], dim=1),
+                    torch.cat([dk, torch.zeros_like(k[:, :1])], dim=1), torch.cat([dv, torch.zeros_like(v[:, :1])], dim=1))
         is_causal = band.is_top_left_causal(sq, sk)
         plain = band.unbounded or is_causal
         lse = lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
