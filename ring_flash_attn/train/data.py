@@ -16,6 +16,7 @@ position in a checkpoint is just the step.
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import json
@@ -23,7 +24,7 @@ import os
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Tuple
+from typing import Iterable, Iterator, List, Tuple
 
 import torch
 
@@ -33,16 +34,24 @@ EOS = 256
 VOCAB_SIZE = 257
 
 
-def _stdlib_documents(max_bytes: int) -> Iterator[bytes]:
-    """This interpreter's standard-library ``.py`` files, in sorted path order (the same on every rank)."""
+@functools.lru_cache(maxsize=1)
+def _stdlib_paths() -> Tuple[Path, ...]:
+    """This interpreter's standard-library ``.py`` files in sorted path order (the same on every rank).
+
+    Cached: walking the stdlib takes most of a second, and a process that builds several runs needs it once.
+    """
     root = Path(sysconfig.get_paths()["stdlib"])
-    paths = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.relative_to(root).parts)
+    paths = tuple(sorted(p for p in root.rglob("*.py") if "site-packages" not in p.relative_to(root).parts))
     if not paths:
         raise ConfigError(f"data.source stdlib: found no .py files under {root}")
-    yield from _read_until(paths, max_bytes)
+    return paths
 
 
-def _read_until(paths: List[Path], max_bytes: int) -> Iterator[bytes]:
+def _stdlib_documents(max_bytes: int) -> Iterator[bytes]:
+    yield from _read_until(_stdlib_paths(), max_bytes)
+
+
+def _read_until(paths: Iterable[Path], max_bytes: int) -> Iterator[bytes]:
     total = 0
     for path in paths:
         if total >= max_bytes:
@@ -177,8 +186,3 @@ class BatchPlan:
     def global_indices(self, step: int, micro_step: int) -> List[int]:
         """Every replica's samples at one micro-step, replica after replica (what one rank sees in --check)."""
         return [i for dp_rank in range(self.dp_size) for i in self.indices(step, micro_step, dp_rank)]
-
-
-def describe(dataset: PackedDataset, config: DataConfig) -> Tuple[str, int]:
-    source = "python stdlib sources" if config.source == "stdlib" else f"{config.format} files at {config.path}"
-    return source, dataset.num_sequences

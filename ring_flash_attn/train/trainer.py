@@ -181,9 +181,10 @@ def _step(run: Run, model, optimizer, step: int) -> Tuple[float, float]:
         return optimizer_step(model, optimizer, local_micro_batches(run, step), run.tokens_per_step,
                               learning_rate(run.config, step), run.config, run.device, distributed=True)
     except RuntimeError as exc:  # gloo/nccl/xccl errors: a peer died, or a collective outlived the timeout
-        raise StepFailed(f"step {step + 1}: a collective failed on rank {run.rank} (peers that stop answering "
-                         f"fail the run after parallel.timeout_s = {run.config.parallel.timeout_s:g} s): "
-                         f"{exc}") from exc
+        cp_peers = dist.get_process_group_ranks(run.mesh.cp_group)
+        raise StepFailed(f"step {step + 1}: a collective failed on rank {run.rank} (its context-parallel ring: ranks "
+                         f"{cp_peers}; peers that stop answering fail the run after parallel.timeout_s = "
+                         f"{run.config.parallel.timeout_s:g} s): {exc}") from exc
 
 
 def train(run: Run) -> List[dict]:
