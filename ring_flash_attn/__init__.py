@@ -22,6 +22,13 @@ from .functional import (
     zigzag_ring_flash_attn_varlen_kvpacked_func,
     zigzag_ring_flash_attn_varlen_qkvpacked_func,
 )
+from .llama3 import (
+    llama3_flash_attn_prepare_cu_seqlens,
+    llama3_flash_attn_varlen_func,
+    llama3_flash_attn_varlen_kvpacked_func,
+    llama3_flash_attn_varlen_qkvpacked_func,
+    zigzag_llama3_flash_attn_varlen_func,
+)
 from .module import RingAttention, gather_sequence, shard_sequence, unshard_sequence
 
 __version__ = "0.1.0"
@@ -43,6 +50,11 @@ __all__ = [
     "stripe_flash_attn_func",
     "stripe_flash_attn_kvpacked_func",
     "stripe_flash_attn_qkvpacked_func",
+    "llama3_flash_attn_prepare_cu_seqlens",
+    "llama3_flash_attn_varlen_func",
+    "llama3_flash_attn_varlen_kvpacked_func",
+    "llama3_flash_attn_varlen_qkvpacked_func",
+    "zigzag_llama3_flash_attn_varlen_func",
     "RingAttention",
     "gather_sequence",
     "shard_sequence",

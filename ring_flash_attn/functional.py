@@ -23,57 +23,103 @@ import torch.distributed as dist
 from .comm.ring import RingComm
 from .kernels import Features, select_backend
 from .kernels.mask import Band, check_window
-from .ring.engine import RingAttentionFunction, RingPlan
+from .ring.allgather import allgather_attention, allgather_tasks
+from .ring.engine import ContextParallelAttention, RingPlan
 from .ring.layouts import Layout, PackedLayout, get_layout
-from .ring.planner import needs_band_mask
-from .validation import check_cu_seqlens, check_qkv, check_softcap, check_unsupported
+from .ring.planner import needs_band_mask, plan_step
+from .validation import (check_alibi_slopes, check_cu_seqlens, check_packed_alibi_slopes, check_heads_k_stride, check_max_seqlen, check_qkv, check_softcap, check_unsupported,
+                         group_rank_and_size)
 
 
 def ring_attention(q, k, v, *, variant: str = "ring", causal: bool = False, softmax_scale: Optional[float] = None,
                    window_size=(-1, -1), softcap: float = 0.0, group: Optional[dist.ProcessGroup] = None,
-                   backend: Optional[str] = None, cu_seqlens: Optional[torch.Tensor] = None, comm=None):
-    """Ring attention of this rank's ``q`` over every rank's ``k``/``v``; returns ``(out, lse)``.
+                   backend: Optional[str] = None, cu_seqlens: Optional[torch.Tensor] = None,
+                   exchange: str = "ring", heads_k_stride: Optional[int] = None,
+                   alibi_slopes: Optional[torch.Tensor] = None, comm=None):
+    """Context-parallel attention of this rank's ``q`` over every rank's ``k``/``v``; returns ``(out, lse)``.
+
+    ``variant`` is the layout (``ring``, ``zigzag``, ``stripe``). ``exchange``
+    is how K/V reach every rank: ``"ring"`` (passed around the ring, flat
+    memory) or ``"allgather"`` (llama3 style: all-gathered ``heads_k_stride`` K/V
+    heads at a time, dK/dV reduce-scattered).
 
     With ``cu_seqlens`` (this rank's cumulative lengths of packed sequences,
     int32), q/k/v are ``[total_tokens_local, heads, head_dim]``, each sequence
     is laid out over the ranks by ``variant`` on its own, no attention crosses a
     sequence boundary, and ``lse`` is ``[heads, total_tokens_local]``.
 
+    ``alibi_slopes`` (float32 ``[heads]`` or ``[batch, heads]``) adds
+    ``-slope * |distance|`` by true token distance (backends that implement it:
+    ``reference``).
+
     All validation happens here, before any communication. ``comm`` replaces the
-    process-group communicator (e.g. with a loopback one for single-device runs).
+    process-group communicator of the ring exchange (e.g. with a loopback one
+    for single-device runs).
     """
+    if exchange not in ("ring", "allgather"):
+        raise ValueError(f"exchange: expected 'ring' or 'allgather', got {exchange!r}")
     if cu_seqlens is not None:
         for name, t in (("q", q), ("k", k), ("v", v)):
             if not isinstance(t, torch.Tensor) or t.dim() != 3:
                 shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                 raise ValueError(f"{name}: with cu_seqlens expected [total_tokens, heads, head_dim], got {shape}")
         seqlens = check_cu_seqlens(cu_seqlens, q.shape[0])
+        check_packed_alibi_slopes(alibi_slopes, q)
         out, lse = ring_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), variant=PackedLayout(
             get_layout(variant), seqlens), causal=causal, softmax_scale=softmax_scale, window_size=window_size,
-            softcap=softcap, group=group, backend=backend, comm=comm)
+            softcap=softcap, group=group, backend=backend, exchange=exchange, heads_k_stride=heads_k_stride,
+            alibi_slopes=alibi_slopes, comm=comm)
         return out.squeeze(0), lse.squeeze(0)
     check_qkv(q, k, v)
+    alibi_slopes = check_alibi_slopes(alibi_slopes, q)
     window = check_window(window_size)
     softcap = check_softcap(softcap)
     layout = variant if isinstance(variant, Layout) else get_layout(variant)
+    if exchange == "allgather":
+        return _allgather(q, k, v, layout, causal=causal, window=window, softmax_scale=softmax_scale, softcap=softcap,
+                          group=group, backend=backend, heads_k_stride=heads_k_stride, alibi_slopes=alibi_slopes)
     if comm is None:
         comm = RingComm(group)
     layout.check(q.shape[1], comm.world_size, causal)
     band = Band.from_kernel_args(causal, window)
-    features = Features(q.device.type, q.dtype, q.shape[-1],
-                        band=needs_band_mask(layout, comm.rank, comm.world_size, q.shape[1], band),
-                        softcap=softcap > 0)
+    tasks = [t for src in range(comm.world_size)
+             for t in plan_step(layout, comm.rank, src, comm.world_size, q.shape[1], band, alibi_slopes is not None)]
+    features = Features(q.device.type, q.dtype, q.shape[-1], band=needs_band_mask(tasks), softcap=softcap > 0,
+                        alibi=alibi_slopes is not None)
     kernel = select_backend(features, backend)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    plan = RingPlan(layout=layout, band=band, scale=scale, softcap=softcap, backend=kernel, comm=comm)
-    return RingAttentionFunction.apply(q, k, v, plan)
+    plan = RingPlan(layout=layout, band=band, scale=scale, softcap=softcap, backend=kernel, comm=comm,
+                    alibi_slopes=alibi_slopes)
+    return ContextParallelAttention.apply(q, k, v, plan)
+
+
+def _allgather(q, k, v, layout, *, causal, window, softmax_scale, softcap, group, backend, heads_k_stride,
+               alibi_slopes):
+    """The all-gather exchange: the batch is packed into one row of sequences, so tasks can index the gathered K/V."""
+    rank, world_size = group_rank_and_size(group)
+    heads_k_stride = check_heads_k_stride(k.shape[2] if heads_k_stride is None else heads_k_stride, k.shape[2])
+    batch, seqlen = q.shape[:2]
+    layout.check(seqlen, world_size, causal)
+    packed = layout if batch == 1 and isinstance(layout, PackedLayout) else PackedLayout(layout, (seqlen,) * batch)
+    flat = [t.reshape(1, batch * seqlen, *t.shape[2:]) for t in (q, k, v)]
+    if alibi_slopes is not None and alibi_slopes.dim() == 2 and batch > 1:
+        raise NotImplementedError("alibi_slopes: per-batch slopes ([batch, heads]) with exchange='allgather' "
+                                  "(which packs the batch into one row); pass one slope per head")
+    tasks = allgather_tasks(packed, rank, world_size, batch * seqlen, Band.from_kernel_args(causal, window),
+                            keep_positions=alibi_slopes is not None)
+    out, lse = allgather_attention(*flat, tasks, softmax_scale=softmax_scale, softcap=softcap, group=group,
+                                   backend=backend, heads_k_stride=heads_k_stride, world_size=world_size,
+                                   alibi_slopes=alibi_slopes)
+    heads = q.shape[2]
+    return out.view(q.shape), lse.view(heads, batch, seqlen).transpose(0, 1)
 
 
 def _compat_call(q, k, v, variant, dropout_p, softmax_scale, causal, window_size, alibi_slopes, return_attn_probs,
                  group, softcap, backend):
-    check_unsupported(dropout_p, alibi_slopes)
+    check_unsupported(dropout_p)
     out, lse = ring_attention(q, k, v, variant=variant, causal=causal, softmax_scale=softmax_scale,
-                              window_size=window_size, softcap=softcap, group=group, backend=backend)
+                              window_size=window_size, softcap=softcap, group=group, backend=backend,
+                              alibi_slopes=alibi_slopes)
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -127,25 +173,17 @@ ring_flash_attn_func, ring_flash_attn_kvpacked_func, ring_flash_attn_qkvpacked_f
 stripe_flash_attn_func, stripe_flash_attn_kvpacked_func, stripe_flash_attn_qkvpacked_func = _make_api("stripe")
 
 
-def _check_max_seqlen(max_seqlen, cu_seqlens) -> None:
-    """``max_seqlen`` is not needed (lengths come from ``cu_seqlens``) but a wrong one signals a caller bug."""
-    if isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.dim() == 1 and cu_seqlens.numel() > 1:
-        longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-        if int(max_seqlen) < longest:
-            raise ValueError(f"max_seqlen: expected at least the longest local sequence ({longest}), got {max_seqlen}")
-
-
 def _make_varlen_api(variant: str):
     """The varlen triple of one variant: packed sequences ``[total_tokens_local, heads, head_dim]`` with this
     rank's ``cu_seqlens`` (each sequence split over the ranks by the variant's layout)."""
 
     def call(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
              return_attn_probs, group, softcap, backend):
-        check_unsupported(dropout_p, alibi_slopes)
-        _check_max_seqlen(max_seqlen, cu_seqlens)
+        check_unsupported(dropout_p)
+        check_max_seqlen(max_seqlen, cu_seqlens)
         out, lse = ring_attention(q, k, v, variant=variant, causal=causal, softmax_scale=softmax_scale,
                                   window_size=window_size, softcap=softcap, group=group, backend=backend,
-                                  cu_seqlens=cu_seqlens)
+                                  cu_seqlens=cu_seqlens, alibi_slopes=alibi_slopes)
         return (out, lse, None) if return_attn_probs else out
 
     def varlen_func(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,

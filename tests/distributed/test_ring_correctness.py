@@ -9,7 +9,6 @@ import itertools
 import os
 
 import pytest
-import torch
 
 from tests.distributed.harness import run_world
 from tests.distributed.workers import DTYPES, ring_errors
@@ -47,6 +46,11 @@ def _cases():
         dict(variant="zigzag", causal=True, seqlens=(24, 144, 48)),
         dict(variant="zigzag", causal=True, seqlens=(48, 24), window=(7, -1)),
         dict(variant="stripe", causal=True, seqlens=(72, 24)),
+        # ALiBi by true token distance; backend=None checks the automatic choice falls back to one that has it.
+        dict(variant="ring", causal=False, alibi=True, backend=None),
+        dict(variant="zigzag", causal=True, alibi=True, backend=None),
+        dict(variant="stripe", causal=True, alibi=True, window=(9, -1), backend=None),
+        dict(variant="zigzag", causal=True, alibi=True, seqlens=(48, 24), backend=None),
     ]
     for n, spec in enumerate(extra):
         for backend, dtype, heads_k in (("sdpa", "float64", 2), ("sdpa", "bfloat16", 1)):
@@ -61,11 +65,14 @@ CASES = _cases()
 
 
 def _case_id(case):
-    tags = [case["variant"], "causal" if case["causal"] else "full", case["backend"], case["dtype"], f"hk{case['heads_k']}"]
+    tags = [case["variant"], "causal" if case["causal"] else "full", str(case["backend"] or "auto"), case["dtype"],
+            f"hk{case['heads_k']}"]
     if "window" in case:
         tags.append("win%d,%d" % tuple(case["window"]))
     if case.get("softcap"):
         tags.append(f"softcap{case['softcap']}")
+    if case.get("alibi"):
+        tags.append("alibi")
     if "seqlens" in case:
         tags.append("varlen" + "+".join(map(str, case["seqlens"])))
     return "-".join(tags)
