@@ -37,6 +37,12 @@ except ImportError:
                                  "sequences only; pass attention_mask=None")
             if not getattr(module, "is_causal", True):
                 raise ValueError(f"{type(module).__name__}: ring attention here needs a causal attention module")
+            device_type = query.device.type
+            if torch.is_autocast_enabled(device_type):
+                # Under autocast RoPE's float32 cos/sin promote q and k to float32 while v stays in the autocast
+                # dtype; cast all three the way autocast casts scaled_dot_product_attention's inputs.
+                dtype = torch.get_autocast_dtype(device_type)
+                query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
             window = kwargs.get("sliding_window")
             out, _ = ring_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                                     variant=variant, causal=True, softmax_scale=scaling,

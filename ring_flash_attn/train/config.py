@@ -18,6 +18,8 @@ from typing import Any, Dict, List, Optional, Union, get_args, get_origin, get_t
 
 import yaml
 
+from ..ring.layouts import get_layout
+
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names the key, what was expected and what was given."""
@@ -267,8 +269,6 @@ def validate(config: RunConfig) -> None:
     if model.num_attention_heads % model.num_key_value_heads:
         raise ConfigError(f"config key model.num_key_value_heads: must divide model.num_attention_heads "
                           f"({model.num_attention_heads}), got {model.num_key_value_heads}")
-    from ..ring.layouts import get_layout
-
     try:
         get_layout(config.parallel.variant)
     except ValueError as exc:
@@ -277,8 +277,6 @@ def validate(config: RunConfig) -> None:
 
 def validate_for_world(config: RunConfig, world_size: int) -> int:
     """Checks that need the world size; returns the data-parallel degree."""
-    from ..ring.layouts import get_layout
-
     cp = config.parallel.cp
     if world_size % cp:
         raise ConfigError(f"config key parallel.cp: the world size {world_size} must be a multiple of the "

@@ -89,8 +89,10 @@ def _join_elastic_attempt(launch, device_type: str, config: RunConfig) -> None:
     if attempt is None or launch.launcher != "torchrun" or dist.is_initialized():
         return
     timeout = timedelta(seconds=config.parallel.timeout_s)
+    # The agent hosts the store unless torchrun says otherwise; then rank 0 does, as env:// would.
+    hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" and launch.rank == 0
     agent_store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), launch.world_size,
-                                is_master=False, timeout=timeout)
+                                is_master=hosts_store, timeout=timeout)
     dist.init_process_group(choose_backend(device_type, config.parallel.dist_backend),
                             store=dist.PrefixStore(f"ring_flash_attn/attempt_{attempt}", agent_store),
                             rank=launch.rank, world_size=launch.world_size, timeout=timeout)

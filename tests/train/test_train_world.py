@@ -50,3 +50,13 @@ def test_check_mode_compares_context_parallel_with_full_attention(world):
     assert pairs[2][0] < pairs[0][0]  # the three steps trained something
     for result in results:  # a tolerance below float32 rounding must fail, on every rank
         assert result["check"]["failed"].startswith("--check failed: context-parallel losses differ")
+
+
+def test_check_mode_on_data_parallel_with_accumulation_and_on_bf16(world):
+    """dp=2 x grad_accum=2 exercises the loss normalisation across replicas and micro-steps; bf16 autocast
+    exercises the dtype handling of the attention hook (RoPE promotes q and k to float32 under autocast)."""
+    _, results = world
+    for parallel, full in results[0]["other_meshes"]["data_parallel"]:
+        assert abs(parallel - full) <= 1e-4 * abs(full)
+    for parallel, full in results[0]["other_meshes"]["bf16"]:
+        assert abs(parallel - full) <= 2e-2 * abs(full)

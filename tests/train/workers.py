@@ -64,7 +64,16 @@ def check_pass_and_fail(rank: int, world_size: int, config_path: Path, base: Pat
     return {"pairs": pairs, "failed": failed}
 
 
+def check_other_meshes(rank: int, world_size: int, config_path: Path, base: Path) -> dict:
+    """--check on pure data parallelism with gradient accumulation, and on bfloat16 autocast with cp=2."""
+    data_parallel = trainer.check(trainer.setup(_config(config_path, base / "check_dp", ("parallel.cp", "1"),
+                                                        ("train.grad_accum", "2"))))
+    bf16 = trainer.check(trainer.setup(_config(config_path, base / "check_bf16", ("train.precision", "bf16"))))
+    return {"data_parallel": data_parallel, "bf16": bf16}
+
+
 def all_scenarios(rank: int, world_size: int, config_path: Path, base: Path) -> dict:
     """Every scenario in one world: starting CPU ranks costs more than the scenarios themselves."""
     return {"resume": resume_refuse_corrupt(rank, world_size, config_path, base),
-            "check": check_pass_and_fail(rank, world_size, config_path, base)}
+            "check": check_pass_and_fail(rank, world_size, config_path, base),
+            "other_meshes": check_other_meshes(rank, world_size, config_path, base)}
