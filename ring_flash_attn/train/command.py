@@ -97,7 +97,12 @@ def main_train(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"{_rank_prefix()}error: {exc}", file=sys.stderr, flush=True)
         return EXIT_CONFIG_ERROR
-    except (CheckpointError, StepFailed, CheckFailed) as exc:
+    except (CheckpointError, CheckFailed) as exc:
+        print(f"{_rank_prefix()}error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_FAILED
+    except StepFailed as exc:
+        # gloo raises plain RuntimeErrors, so a dead peer and a bug inside the step look alike: keep the traceback.
+        traceback.print_exc()
         print(f"{_rank_prefix()}error: {exc}", file=sys.stderr, flush=True)
         return EXIT_FAILED
     except Exception as exc:  # anything else: still one clear line per rank, with the traceback for a bug report

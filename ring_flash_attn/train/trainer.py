@@ -23,7 +23,7 @@ from torch import nn
 from ..comm import choose_backend, default_device_type, detect_launch, init_distributed
 from . import checkpoint
 from ._hf_compat import register_ring_attention, shard_batch
-from .config import DEFAULT_CHECK_RTOL, RunConfig, validate_for_world
+from .config import DEFAULT_CHECK_RTOL, ConfigError, RunConfig, validate_for_world
 from .data import Batch, BatchPlan, PackedDataset
 from .faults import FaultInjector
 from .metrics import METRICS_FILE, PLOT_FILE, MetricsLog, Progress, StepTimer, peak_memory_bytes, plot_loss
@@ -91,10 +91,10 @@ def _join_elastic_attempt(launch, device_type: str, config: RunConfig) -> None:
     timeout = timedelta(seconds=config.parallel.timeout_s)
     # The agent hosts the store unless torchrun says otherwise; then rank 0 does, as env:// would.
     hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" and launch.rank == 0
-    agent_store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), launch.world_size,
-                                is_master=hosts_store, timeout=timeout)
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), launch.world_size,
+                          is_master=hosts_store, timeout=timeout)
     dist.init_process_group(choose_backend(device_type, config.parallel.dist_backend),
-                            store=dist.PrefixStore(f"ring_flash_attn/attempt_{attempt}", agent_store),
+                            store=dist.PrefixStore(f"ring_flash_attn/attempt_{attempt}", store),
                             rank=launch.rank, world_size=launch.world_size, timeout=timeout)
 
 
@@ -103,7 +103,7 @@ def _check_same_data(dataset: PackedDataset) -> None:
     fingerprints = [None] * dist.get_world_size()
     dist.all_gather_object(fingerprints, dataset.fingerprint)
     if len(set(fingerprints)) > 1:
-        raise ValueError(f"data: ranks packed different corpora (fingerprints by rank: {fingerprints}); give every "
+        raise ConfigError(f"data: ranks packed different corpora (fingerprints by rank: {fingerprints}); give every "
                          f"node the same files (data.path) or the same Python installation (data.source stdlib)")
 
 
@@ -182,11 +182,11 @@ def _step(run: Run, model, optimizer, step: int) -> Tuple[float, float]:
     try:
         return optimizer_step(model, optimizer, local_micro_batches(run, step), run.tokens_per_step,
                               learning_rate(run.config, step), run.config, run.device, distributed=True)
-    except RuntimeError as exc:  # gloo/nccl/xccl errors: a peer died, or a collective outlived the timeout
-        cp_peers = dist.get_process_group_ranks(run.mesh.cp_group)
-        raise StepFailed(f"step {step + 1}: a collective failed on rank {run.rank} (its context-parallel ring: ranks "
-                         f"{cp_peers}; peers that stop answering fail the run after parallel.timeout_s = "
-                         f"{run.config.parallel.timeout_s:g} s): {exc}") from exc
+    except RuntimeError as exc:  # what gloo/nccl/xccl raise when a peer died or a collective outlived the timeout
+        ring = dist.get_process_group_ranks(run.mesh.cp_group)
+        raise StepFailed(f"step {step + 1} failed on rank {run.rank}: {exc} (this rank's context-parallel ring: "
+                         f"ranks {ring}; a peer that stops answering fails the run after parallel.timeout_s = "
+                         f"{run.config.parallel.timeout_s:g} s)") from exc
 
 
 def train(run: Run) -> List[dict]:

@@ -41,8 +41,9 @@ def test_silent_rank_fails_the_run_within_the_timeout_naming_the_step(tmp_path):
                       env={FAULT: "hang@3:1"})
     assert result.returncode != 0, _tail(result)
     assert time.monotonic() - started < 90, "the run outlived the timeout by far"
-    assert "[rank 0] error: step 3: a collective failed on rank 0 (its context-parallel ring: ranks [0, 1]" \
-           in result.stderr, _tail(result)
+    assert "[rank 0] error: step 3 failed on rank 0: " in result.stderr, _tail(result)
+    assert "(this rank's context-parallel ring: ranks [0, 1]; a peer that stops answering fails the run after " \
+           "parallel.timeout_s = 4 s)" in result.stderr, _tail(result)
 
 
 def test_corrupt_checkpoint_exits_non_zero_on_every_rank(uninterrupted, tmp_path):
