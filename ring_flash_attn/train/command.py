@@ -84,6 +84,7 @@ def _rank_prefix() -> str:
 def main_train(args: argparse.Namespace) -> int:
     """Run ``ring-attn train`` from parsed ``args``; returns the process exit code."""
     from .checkpoint import CheckpointError
+    from .preemption import TrainingInterrupted
     from .trainer import CheckFailed, StepFailed, run_from_config
 
     try:
@@ -97,6 +98,9 @@ def main_train(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"{_rank_prefix()}error: {exc}", file=sys.stderr, flush=True)
         return EXIT_CONFIG_ERROR
+    except TrainingInterrupted as exc:
+        print(f"{_rank_prefix()}{exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
     except (CheckpointError, CheckFailed) as exc:
         print(f"{_rank_prefix()}error: {exc}", file=sys.stderr, flush=True)
         return EXIT_FAILED

@@ -1,7 +1,8 @@
 """Fault injection for testing recovery: ``RING_FLASH_ATTN_TRAIN_FAULT="<action>@<step>:<rank>"``.
 
 ``kill@5:1``  rank 1 SIGKILLs itself as step 5 starts (a crashed node);
-``hang@3:0``  rank 0 stops answering at step 3 (a stuck node): the others must fail within the timeout.
+``hang@3:0``  rank 0 stops answering at step 3 (a stuck node): the others must fail within the timeout;
+``term@4:1``  rank 1 gets SIGTERM at step 4 (a preempted job): every rank must stop after step 4 with a checkpoint.
 
 It fires only in the first attempt of an elastic job (``TORCHELASTIC_RESTART_COUNT`` unset or 0), so the
 restarted run can show that it recovers. Unset, it does nothing.
@@ -16,7 +17,7 @@ import time
 from typing import Optional, Tuple
 
 ENV_VAR = "RING_FLASH_ATTN_TRAIN_FAULT"
-_SPEC = re.compile(r"^(kill|hang)@(\d+):(\d+)$")
+_SPEC = re.compile(r"^(kill|hang|term)@(\d+):(\d+)$")
 
 
 def parse(spec: Optional[str]) -> Optional[Tuple[str, int, int]]:
@@ -24,7 +25,7 @@ def parse(spec: Optional[str]) -> Optional[Tuple[str, int, int]]:
         return None
     match = _SPEC.match(spec)
     if not match:
-        raise ValueError(f"{ENV_VAR}: expected '<kill|hang>@<step>:<rank>', got {spec!r}")
+        raise ValueError(f"{ENV_VAR}: expected '<kill|hang|term>@<step>:<rank>', got {spec!r}")
     return match.group(1), int(match.group(2)), int(match.group(3))
 
 
@@ -41,5 +42,8 @@ class FaultInjector:
         print(f"{ENV_VAR}: injecting '{action}' at step {step}", flush=True)
         if action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
+        if action == "term":
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
         while True:  # hang: alive but silent, like a stuck device or a network partition
             time.sleep(3600)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -29,6 +30,7 @@ from .faults import FaultInjector
 from .metrics import METRICS_FILE, PLOT_FILE, MetricsLog, Progress, StepTimer, peak_memory_bytes, plot_loss
 from .model import build_model, token_loss_sum
 from .parallel import Mesh, all_reduce_gradients, broadcast_parameters, build_mesh
+from .preemption import StopRequest, TrainingInterrupted
 
 # The attention full-sequence runs use in --check: PyTorch's fused attention over the whole sequence.
 FULL_ATTENTION = "sdpa"
@@ -177,16 +179,21 @@ def _build_replicated_model(run: Run) -> nn.Module:
     return model
 
 
-def _step(run: Run, model, optimizer, step: int) -> Tuple[float, float]:
-    """Optimizer step ``step`` (0-based) with communication failures turned into an error naming the step."""
+def _collective(run: Run, step: int, fn, *args):
+    """``fn(*args)`` (which communicates) with communication failures turned into an error naming the step."""
     try:
-        return optimizer_step(model, optimizer, local_micro_batches(run, step), run.tokens_per_step,
-                              learning_rate(run.config, step), run.config, run.device, distributed=True)
+        return fn(*args)
     except RuntimeError as exc:  # what gloo/nccl/xccl raise when a peer died or a collective outlived the timeout
         ring = dist.get_process_group_ranks(run.mesh.cp_group)
         raise StepFailed(f"step {step + 1} failed on rank {run.rank}: {exc} (this rank's context-parallel ring: "
                          f"ranks {ring}; a peer that stops answering fails the run after parallel.timeout_s = "
                          f"{run.config.parallel.timeout_s:g} s)") from exc
+
+
+def _step(run: Run, model, optimizer, step: int) -> Tuple[float, float]:
+    """Optimizer step ``step`` (0-based)."""
+    return _collective(run, step, optimizer_step, model, optimizer, local_micro_batches(run, step),
+                       run.tokens_per_step, learning_rate(run.config, step), run.config, run.device, True)
 
 
 def train(run: Run) -> List[dict]:
@@ -215,32 +222,41 @@ def train(run: Run) -> List[dict]:
     faults = FaultInjector(run.rank)
     timer = StepTimer(run.device)
     records, last_saved = [], start_step if found is not None else None
+    final_step, stopped_by = config.train.steps, None
     started = time.perf_counter()
     try:
-        for step in range(start_step, config.train.steps):
-            faults.at_step(step + 1)
-            timer.start()
-            loss, grad_norm = _step(run, model, optimizer, step)
-            seconds = timer.stop()
-            record = {"step": step + 1, "loss": loss, "grad_norm": grad_norm, "lr": learning_rate(config, step),
-                      "tokens": run.tokens_per_step, "tokens_per_s": run.tokens_per_step / seconds,
-                      "step_time_s": seconds, "peak_memory_bytes": peak_memory_bytes(run.device)}
-            records.append(record)
-            if metrics is not None:
-                metrics.write(record)
-            progress.update(record)
-            every = config.checkpoint.every
-            if every and (step + 1) % every == 0:
-                checkpoint.save(root, _train_state(run, step + 1), model, optimizer, run.device,
-                                config.checkpoint.keep)
-                last_saved = step + 1
+        with StopRequest(grace_s=config.parallel.timeout_s) as stop:
+            for step in range(start_step, config.train.steps):
+                faults.at_step(step + 1)
+                timer.start()
+                loss, grad_norm = _step(run, model, optimizer, step)
+                seconds = timer.stop()
+                record = {"step": step + 1, "loss": loss, "grad_norm": grad_norm, "lr": learning_rate(config, step),
+                          "tokens": run.tokens_per_step, "tokens_per_s": run.tokens_per_step / seconds,
+                          "step_time_s": seconds, "peak_memory_bytes": peak_memory_bytes(run.device)}
+                records.append(record)
+                if metrics is not None:
+                    metrics.write(record)
+                progress.update(record)
+                every = config.checkpoint.every
+                if every and (step + 1) % every == 0:
+                    checkpoint.save(root, _train_state(run, step + 1), model, optimizer, run.device,
+                                    config.checkpoint.keep)
+                    last_saved = step + 1
+                stopped_by = _collective(run, step, stop.agreed_signal, run.device)
+                if stopped_by is not None:
+                    final_step = step + 1
+                    break
     finally:
         progress.close()
         if metrics is not None:
             metrics.close()
-    if last_saved != config.train.steps:
-        checkpoint.save(root, _train_state(run, config.train.steps), model, optimizer, run.device,
-                        config.checkpoint.keep)
+    if last_saved != final_step:
+        checkpoint.save(root, _train_state(run, final_step), model, optimizer, run.device, config.checkpoint.keep)
+    if stopped_by is not None:
+        raise TrainingInterrupted(f"stopped by {signal.Signals(stopped_by).name} after step {final_step} of "
+                                  f"{config.train.steps}; checkpoint {checkpoint.checkpoint_name(final_step)} "
+                                  f"saved in {root}: continue with --resume", stopped_by)
     run.say(f"done: steps {start_step + 1}-{config.train.steps} in {time.perf_counter() - started:.1f} s; "
             f"log {log_dir / METRICS_FILE}; checkpoints in {root}")
     if run.rank == 0 and config.log.plot and records:

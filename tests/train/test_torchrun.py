@@ -34,6 +34,20 @@ def test_killed_rank_restarts_and_resumes_with_nothing_lost(uninterrupted, tmp_p
     assert losses(tmp_path / "run" / "metrics.jsonl") == losses(reference / "metrics.jsonl")
 
 
+def test_sigterm_on_one_rank_stops_every_rank_with_a_checkpoint_and_resume_finishes(uninterrupted, tmp_path):
+    config, reference = uninterrupted
+    args = ["--config", config, "--log.dir", tmp_path / "run", "--checkpoint.every", "0"]
+    stopped = torchrun(2, args, env={FAULT: "term@4:1"})  # as a scheduler preempting the job would
+    assert stopped.returncode != 0, _tail(stopped)
+    for rank in (0, 1):
+        assert f"[rank {rank}] stopped by SIGTERM after step 4 of 8; checkpoint step_00000004 saved" \
+               in stopped.stderr, _tail(stopped)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_00000004"]
+    resumed = torchrun(2, [*args, "--resume"])
+    assert resumed.returncode == 0, _tail(resumed)
+    assert losses(tmp_path / "run" / "metrics.jsonl") == losses(reference / "metrics.jsonl")
+
+
 def test_silent_rank_fails_the_run_within_the_timeout_naming_the_step(tmp_path):
     config = write_config(tmp_path)
     started = time.monotonic()
