@@ -5,7 +5,9 @@
 Any config key can be overridden as ``--<section>.<key> <value>`` (or
 ``--<section>.<key>=<value>``); the value is read as YAML. A few common ones
 have short flags (``--cp``, ``--steps``, ...). Every error exits non-zero on
-every rank with a one-line message (a traceback only for unexpected ones).
+every rank with a one-line message, after the traceback when the error came from
+inside a training step or was unexpected. A run stopped by SIGTERM / SIGINT
+exits with 128 + the signal number after saving a checkpoint.
 """
 
 from __future__ import annotations
