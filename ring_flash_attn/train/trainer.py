@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import signal
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -70,34 +68,12 @@ def setup(config: RunConfig) -> Run:
     dp_size = validate_for_world(config, launch.world_size)
     dataset = PackedDataset.from_config(config.data)
     device_type = default_device_type() if config.parallel.device == "auto" else config.parallel.device
-    _join_elastic_attempt(launch, device_type, config)
     _, device = init_distributed(device_type, config.parallel.dist_backend, config.parallel.timeout_s)
     mesh = build_mesh(device_type, dp_size, config.parallel.cp, config.parallel.timeout_s)
     _check_same_data(dataset)
     attn_implementation = register_ring_attention(mesh.cp_group, config.parallel.variant, config.parallel.attn_backend)
     plan = BatchPlan(dp_size, config.train.micro_batch_size, config.train.grad_accum)
     return Run(config, launch.rank, launch.world_size, device, mesh, dataset, plan, attn_implementation)
-
-
-def _join_elastic_attempt(launch, device_type: str, config: RunConfig) -> None:
-    """Under torchrun, join the default process group through a store namespaced by the restart attempt.
-
-    torchrun hands every attempt the same agent-hosted TCPStore, and ``env://`` initialisation (torch 2.13) does
-    not namespace its keys by attempt: after a restart, ranks read the dead attempt's gloo addresses and fail to
-    connect. A per-attempt ``PrefixStore`` keeps attempts apart. ``init_distributed`` then finds the group
-    initialised and only binds the device.
-    """
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-    if attempt is None or launch.launcher != "torchrun" or dist.is_initialized():
-        return
-    timeout = timedelta(seconds=config.parallel.timeout_s)
-    # The agent hosts the store unless torchrun says otherwise; then rank 0 does, as env:// would.
-    hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" and launch.rank == 0
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), launch.world_size,
-                          is_master=hosts_store, timeout=timeout)
-    dist.init_process_group(choose_backend(device_type, config.parallel.dist_backend),
-                            store=dist.PrefixStore(f"ring_flash_attn/attempt_{attempt}", store),
-                            rank=launch.rank, world_size=launch.world_size, timeout=timeout)
 
 
 def _check_same_data(dataset: PackedDataset) -> None:
