@@ -16,6 +16,7 @@ import torch
 from .base import Features, KernelBackend
 from .reference import ReferenceBackend
 from .sdpa import SdpaBackend
+from .sycl import SyclBackend
 
 ENV_VAR = "RING_FLASH_ATTN_BACKEND"
 
@@ -25,7 +26,11 @@ _REGISTRY: Dict[str, KernelBackend] = {}
 PREFERENCE: Dict[str, tuple] = {
     "cpu": ("sdpa", "reference"),
     "cuda": ("sdpa", "reference"),
-    "xpu": ("sdpa", "reference"),
+    # sycl after sdpa: PyTorch's XPU flash op (SYCL-TLA) serves plain fp16/bf16, and is
+    # presumably faster than our kernels, but nobody has measured either on an Intel GPU
+    # (none is reachable from this project). sycl serves what sdpa cannot there: float32,
+    # band masks and softcap.
+    "xpu": ("sdpa", "sycl", "reference"),
 }
 
 
@@ -71,6 +76,7 @@ def select_backend(features: Features, name: Optional[str] = None) -> KernelBack
 
 register_backend(ReferenceBackend())
 register_backend(SdpaBackend())
+register_backend(SyclBackend())  # placed in PREFERENCE["xpu"] above, not first
 
 __all__ = ["Features", "KernelBackend", "available_backends", "get_backend", "register_backend", "select_backend",
            "PREFERENCE", "ENV_VAR"]
