@@ -145,9 +145,11 @@ struct ForwardRow {
   float lse() const { return running_sum > 0.f ? running_max + math::log(running_sum) : kNegInf; }
 };
 
-// Fold keys [key0, key0 + n_keys) (rows of k_tile / v_tile, `stride` floats apart) into `row`.
-template <int D, int BLOCK_N, class Lanes, class Ptr, class TilePtr>
-inline void fold_key_tile(const Lanes& lanes, ForwardRow<D, Lanes::size>& row, Ptr q_row, TilePtr k_tile,
+// Fold keys [key0, key0 + n_keys) into `row`. `dot_of_key(j)` is q . k for key key0 + j
+// (computed here from a tile, or read from scores a matrix engine produced); v rows
+// are `stride` floats apart in v_tile.
+template <int D, int BLOCK_N, class Lanes, class DotOfKey, class TilePtr>
+inline void fold_key_tile(const Lanes& lanes, ForwardRow<D, Lanes::size>& row, const DotOfKey& dot_of_key,
                           TilePtr v_tile, int stride, int64_t row_index, int64_t key0, int n_keys,
                           const ScoreParams& params) {
   constexpr int SG = Lanes::size;
@@ -162,7 +164,7 @@ inline void fold_key_tile(const Lanes& lanes, ForwardRow<D, Lanes::size>& row, P
     const int j = t * SG + lane;
     float unused_tanh;
     prob[t] = (j < n_keys && params.band.visible(row_index, key0 + j))
-                  ? capped_score(dot<D>(q_row, k_tile + j * stride), params, unused_tanh)
+                  ? capped_score(dot_of_key(j), params, unused_tanh)
                   : kNegInf;
     tile_max = math::fmax(tile_max, prob[t]);
   }

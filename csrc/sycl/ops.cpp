@@ -14,6 +14,9 @@
 #ifndef RFA_INTEL_EXTENSIONS
 #define RFA_INTEL_EXTENSIONS 0
 #endif
+#ifndef RFA_JOINT_MATRIX
+#define RFA_JOINT_MATRIX 0
+#endif
 
 namespace {
 
@@ -147,6 +150,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         info["sub_group_size"] = rfa::sub_group_size();
         info["head_dims"] = pybind11::make_tuple(64, 128);
         info["intel_extensions"] = static_cast<bool>(RFA_INTEL_EXTENSIONS);
+        info["joint_matrix"] = static_cast<bool>(RFA_JOINT_MATRIX);
         return info;
       },
       "What this build of the kernels is for and runs on.");

@@ -72,7 +72,8 @@ void run_lane(const Problem& p, Results& r, const EmulatedLanes& lanes) {
     rfa::ForwardRow<D, kLanes> row;
     for (int64_t key0 = key_begin; key0 < key_end; key0 += kTile) {
       const int n_keys = static_cast<int>(std::min<int64_t>(kTile, key_end - key0));
-      rfa::fold_key_tile<D, kTile>(lanes, row, q + i * D, k + key0 * D, v + key0 * D, D, i, key0, n_keys, p.params);
+      const auto dot_of_key = [&](int j) { return rfa::dot<D>(q + i * D, k + (key0 + j) * D); };
+      rfa::fold_key_tile<D, kTile>(lanes, row, dot_of_key, v + key0 * D, D, i, key0, n_keys, p.params);
     }
     const float inv_sum = row.running_sum > 0.f ? 1.f / row.running_sum : 0.f;
     for (int e = 0; e < D / kLanes; ++e) r.out[i * D + lane + kLanes * e] = row.acc[e] * inv_sum;
