@@ -204,6 +204,33 @@ def test_autograd_including_lse_gradient(error_log):
         check_close(error_log, f"autograd {name}", x.grad, x64.grad, torch.float32)
 
 
+def test_seed_backward_api(error_log):
+    from ring_flash_attn.intel_flash_attn_sycl import intel_flash_attn_backward_sycl
+
+    q, k, v = make_inputs(torch.float16, 64, 30, 30, 2, 2)
+    dout = torch.randn_like(q)
+    ref_out, ref_lse = reference.forward(q.double(), k.double(), v.double(), scale=0.1, window=(5, 5))
+    grads = intel_flash_attn_backward_sycl(dout, q, k, v, ref_out.half(), ref_lse, softmax_scale=0.1,
+                                           window_size=(5, 5))
+    ref_grads = reference.backward(dout.double(), q.double(), k.double(), v.double(), ref_out.half().double(),
+                                   ref_lse, scale=0.1, window=(5, 5))
+    for name, grad, ref_grad in zip(("dq", "dk", "dv"), grads, ref_grads):
+        check_close(error_log, f"backward {name}", grad, ref_grad, torch.float16)
+
+
+@pytest.mark.parametrize("seqlen_q, seqlen_k", [(5, 0), (0, 7)])
+def test_empty_sequences(sycl, seqlen_q, seqlen_k):
+    q, k, v = make_inputs(torch.float32, 64, seqlen_q, seqlen_k, 2, 1)
+    out, lse = sycl.forward(q, k, v, scale=0.125, causal=True)
+    assert bool((out == 0).all()) and bool((lse == float("-inf")).all())
+    out_acc, lse_acc = new_accumulators(q)
+    sycl.forward_accumulate(q, k, v, out_acc, lse_acc, scale=0.125)
+    assert bool((out_acc == 0).all()) and bool((lse_acc == float("-inf")).all())
+    dq, dk, dv = sycl.backward(torch.randn_like(q), q, k, v, out, lse, scale=0.125, causal=True)
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+    assert bool((dq == 0).all()) and bool((dk == 0).all()) and bool((dv == 0).all())
+
+
 def test_torch_compile_traces_through_the_ops():
     from ring_flash_attn.intel_flash_attn_sycl import intel_flash_attn_forward_sycl
 
