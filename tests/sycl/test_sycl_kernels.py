@@ -166,6 +166,16 @@ def test_forward_accumulate_matches_forward_then_merge(sycl, error_log, dtype, h
     torch.testing.assert_close(lse_acc, default_lse, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_output_rounding_matches_torch(sycl, dtype):
+    """Equal scores over two keys give out = (v0 + v1) / 2, exact in float32: its rounding to
+    dtype (round to nearest even, with many ties) must be bit-identical to torch's."""
+    q, k, v = make_inputs(dtype, 128, 40, 2, 2, 2)
+    out, _ = sycl.forward(q.zero_(), k, v, scale=1.0)
+    expected = ((v[:, 0].float() + v[:, 1].float()) / 2).to(dtype).unsqueeze(1).expand_as(out)
+    assert torch.equal(out, expected)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_strided_views_of_packed_qkv(sycl, error_log, dtype):
     batch, seqlen, heads, head_dim = 2, 41, 2, 64
