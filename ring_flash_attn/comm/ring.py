@@ -1,0 +1,54 @@
+"""Point-to-point exchange around a ring of ranks.
+
+Each rank sends to its successor and receives from its predecessor in a
+process group; group-local ranks are mapped to global ranks for the P2P calls.
+Sends are posted before receives. The caller owns the buffers: it passes the
+tensor to send and the (preallocated) tensor to receive into, computes while the
+exchange is in flight, and calls ``wait()`` before touching the received tensor
+or reusing the sent one. Keeping the buffers alive until then is what makes the
+overlap safe: the collective backend may still read/write them on its own
+stream or thread.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+class PendingExchange:
+    """An exchange in flight; ``wait()`` returns once both directions are done."""
+
+    def __init__(self, works, tensors):
+        self._works = works
+        self._tensors = tensors  # held so the buffers outlive the transfer
+
+    def wait(self) -> None:
+        for work in self._works:
+            work.wait()
+        self._works, self._tensors = [], ()
+
+
+class RingComm:
+    """Send to ``rank + 1``, receive from ``rank - 1`` within ``group`` (None = the default group)."""
+
+    def __init__(self, group: Optional[dist.ProcessGroup] = None):
+        from ..validation import group_rank_and_size
+
+        self.group = group
+        self.rank, self.world_size = group_rank_and_size(group)
+        self.send_peer = self._global((self.rank + 1) % self.world_size)
+        self.recv_peer = self._global((self.rank - 1) % self.world_size)
+
+    def _global(self, group_rank: int) -> int:
+        if self.group is None or self.group is dist.group.WORLD:
+            return group_rank
+        return dist.get_global_rank(self.group, group_rank)
+
+    def exchange(self, send: torch.Tensor, recv: torch.Tensor) -> PendingExchange:
+        """Start sending ``send`` to the successor and receiving the predecessor's into ``recv``."""
+        ops = [dist.P2POp(dist.isend, send, self.send_peer, self.group),
+               dist.P2POp(dist.irecv, recv, self.recv_peer, self.group)]
+        return PendingExchange(dist.batch_isend_irecv(ops), (send, recv))

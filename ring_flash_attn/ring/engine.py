@@ -1,0 +1,148 @@
+"""The ring engine: forward and backward for any layout, over any ring communicator.
+
+Forward, at step t (rank r holds the K/V of rank r - t):
+  1. start passing the K/V buffer to r + 1 and receiving r - 1's into the other buffer;
+  2. fold every kernel call the planner lists into the float32 (out, LSE) accumulators;
+  3. wait, swap the two buffers.
+Backward, same ring, with the GLOBAL out/LSE saved by the forward:
+  1. start passing K/V as above;
+  2. compute the block's gradients; dQ accumulates locally (float32);
+  3. wait for the dK/dV partial sums of this K/V block from r - 1 (they travel
+     one step behind the K/V), add ours, send them on to r + 1;
+  after the last step the partial sums of our own K/V block arrive, complete.
+
+Only two K/V buffers and two dK/dV buffers exist per call; each is reused
+every step (ping-pong), which oneCCL needs to reuse its IPC handles and which
+keeps peak memory flat. The communicator's ``wait()`` orders the device work
+(the collective runs on its own stream/thread), and no buffer is written while
+a transfer may still read it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from ..kernels.base import KernelBackend
+from ..kernels.mask import Band
+from ..merge import new_accumulators
+from .layouts import Layout
+from .planner import plan_step
+
+
+@dataclass(frozen=True)
+class RingPlan:
+    """Everything one ring attention call needs besides its tensors."""
+
+    layout: Layout
+    band: Band  # position-space mask (causal, window)
+    scale: float
+    softcap: float
+    backend: KernelBackend
+    comm: Any  # RingComm or any object with rank, world_size and exchange(send, recv)
+    alibi_slopes: Optional[torch.Tensor] = None
+
+    def tasks(self, src: int, seqlen_local: int):
+        return plan_step(self.layout, self.comm.rank, src, self.comm.world_size, seqlen_local, self.band,
+                         keep_positions=self.alibi_slopes is not None)
+
+    def kernel_kwargs(self, task) -> dict:
+        return kernel_kwargs(task, self.scale, self.softcap, self.alibi_slopes)
+
+    def forward(self, q, k, v):
+        return ring_forward(q, k, v, self)
+
+    def backward(self, dout, q, k, v, out, lse):
+        return ring_backward(dout, q, k, v, out, lse, self)
+
+
+def kernel_kwargs(task, scale: float, softcap: float, alibi_slopes: Optional[torch.Tensor]) -> dict:
+    """The keyword arguments of one kernel call; ALiBi's only when it is on (backends without it never see them)."""
+    kwargs = dict(scale=scale, softcap=softcap, **task.kernel_mask_args())
+    if alibi_slopes is not None:
+        delta, stride = task.positions
+        kwargs.update(alibi_slopes=alibi_slopes, alibi_delta=delta, alibi_stride=stride)
+    return kwargs
+
+
+def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RingPlan):
+    """Returns ``out`` (q's dtype, [B, S, H, D]) and ``lse`` (float32 [B, H, S])."""
+    comm, seqlen = plan.comm, q.shape[1]
+    out_acc, lse_acc = new_accumulators(q)
+    kv = [torch.stack((k, v)), None]  # [2, B, S, Hk, D]; the second buffer is allocated at the first exchange
+    for step in range(comm.world_size):
+        pending = None
+        if step + 1 < comm.world_size:
+            if kv[1] is None:
+                kv[1] = torch.empty_like(kv[0])
+            pending = comm.exchange(kv[0], kv[1])
+        for task in plan.tasks((comm.rank - step) % comm.world_size, seqlen):
+            plan.backend.forward_accumulate(
+                q[:, task.q], kv[0][0][:, task.k], kv[0][1][:, task.k],
+                out_acc[:, task.q], lse_acc[:, :, task.q], **plan.kernel_kwargs(task))
+        if pending is not None:
+            pending.wait()
+            kv.reverse()
+    return out_acc.to(q.dtype), lse_acc
+
+
+def ring_backward(dout, q, k, v, out, lse, plan: RingPlan):
+    """Gradients of the ring attention for this rank's q, k, v (their dtypes)."""
+    comm, seqlen = plan.comm, q.shape[1]
+    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dq_acc = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
+    kv = [torch.stack((k, v)), None]
+    dkv = [torch.zeros((2, *k.shape), dtype=acc_dtype, device=k.device), None]
+    pending_dkv = None
+    for step in range(comm.world_size):
+        pending_kv = None
+        if step + 1 < comm.world_size:
+            if kv[1] is None:
+                kv[1] = torch.empty_like(kv[0])
+                dkv[1] = torch.empty_like(dkv[0])
+            pending_kv = comm.exchange(kv[0], kv[1])
+        block_grads = []
+        for task in plan.tasks((comm.rank - step) % comm.world_size, seqlen):
+            dq, dk, dv = plan.backend.backward(
+                dout[:, task.q], q[:, task.q], kv[0][0][:, task.k], kv[0][1][:, task.k],
+                out[:, task.q], lse[:, :, task.q], **plan.kernel_kwargs(task))
+            dq_acc[:, task.q] += dq
+            block_grads.append((task, dk, dv))
+        if pending_dkv is not None:
+            pending_dkv.wait()  # dkv[0] now holds the partial sums for the K/V block we just used
+        for task, dk, dv in block_grads:
+            dkv[0][0][:, task.k] += dk
+            dkv[0][1][:, task.k] += dv
+        if comm.world_size > 1:
+            pending_dkv = comm.exchange(dkv[0], dkv[1])
+            dkv.reverse()
+        if pending_kv is not None:
+            pending_kv.wait()
+            kv.reverse()
+    if pending_dkv is not None:
+        pending_dkv.wait()
+    return dq_acc.to(q.dtype), dkv[0][0].to(k.dtype), dkv[0][1].to(v.dtype)
+
+
+class ContextParallelAttention(torch.autograd.Function):
+    """Autograd for any exchange plan (ring or all-gather): the plan's own backward, not per-block autograd.
+
+    A plan has ``forward(q, k, v) -> (out, lse)`` and
+    ``backward(dout, q, k, v, out, lse) -> (dq, dk, dv)``.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, plan):
+        out, lse = plan.forward(q, k, v)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.plan = plan
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = ctx.plan.backward(dout.contiguous(), q, k, v, out, lse)
+        return dq, dk, dv, None
