@@ -8,7 +8,7 @@ the same ops for CPU tensors instead (tests/sycl/conftest.py hands it over with
 so ``torch.compile`` can trace the ops, and autograd for ``fwd``.
 
 The backend covers float32/float16/bfloat16 with head_dim 64 or 128, any band mask
-(causal with offsets, sliding windows), GQA and soft-capping. Its
+(causal with offsets, sliding windows), GQA and soft-capping; not ALiBi. Its
 ``forward_accumulate`` folds a block into the running float32 (out, lse) inside
 the kernel, with no separate merge pass.
 """
@@ -126,6 +126,8 @@ class SyclBackend(KernelBackend):
             return f"the SYCL kernels take float32, float16 or bfloat16, got {f.dtype}"
         if f.head_dim not in SUPPORTED_HEAD_DIMS:
             return f"the SYCL kernels support head_dim 64 and 128, got head_dim={f.head_dim}"
+        if f.alibi:
+            return "the SYCL kernels have no ALiBi"
         return None
 
     def forward(self, q, k, v, *, scale, causal=False, window=(-1, -1), q_offset=0, k_offset=0, softcap=0.0):

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # acpp_build, whatever pytest's import mode
-from acpp_build import build_cpu_extension  # noqa: E402
+from .acpp_build import build_cpu_extension
 
 
 @pytest.fixture(scope="session")
@@ -21,7 +17,7 @@ def sycl_cpu_build():
     return module
 
 
-# Largest |kernel - float64 reference| per (dtype, quantity), printed after the run.
+# Largest relative error against the float64 reference per (dtype, quantity), printed after the run.
 MAX_ERRORS: dict = {}
 
 
@@ -33,6 +29,6 @@ def error_log():
 def pytest_terminal_summary(terminalreporter):
     if not MAX_ERRORS:
         return
-    terminalreporter.section("SYCL kernels: largest absolute error against the float64 reference")
+    terminalreporter.section("SYCL kernels: largest relative error against the float64 reference")
     for (dtype, quantity), error in sorted(MAX_ERRORS.items()):
         terminalreporter.write_line(f"{dtype:>15} {quantity:<24} {error:.3e}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-import acpp_build
+from . import acpp_build
 
 
 def test_missing_toolchain_fails_under_ci(monkeypatch, tmp_path):
