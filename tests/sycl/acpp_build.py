@@ -53,6 +53,9 @@ def acpp_prefix() -> Path:
     acpp = Path(prefix) / "bin" / "acpp"
     if not acpp.exists():
         missing_toolchain(f"no AdaptiveCpp compiler at {acpp}")
+    if shutil.which("ninja") is None:
+        missing_toolchain("no ninja on PATH (torch.utils.cpp_extension builds with it): "
+                          "apt-get install ninja-build, or pip install ninja")
     return Path(prefix)
 
 
