@@ -15,6 +15,7 @@ from typing import Dict, Optional
 from .base import Features, KernelBackend
 from .reference import ReferenceBackend
 from .sdpa import SdpaBackend
+from .sycl import SyclBackend
 
 ENV_VAR = "RING_FLASH_ATTN_BACKEND"
 
@@ -24,7 +25,11 @@ _REGISTRY: Dict[str, KernelBackend] = {}
 PREFERENCE: Dict[str, tuple] = {
     "cpu": ("sdpa", "reference"),
     "cuda": ("sdpa", "reference"),
-    "xpu": ("sdpa", "reference"),
+    # sycl after sdpa: PyTorch's XPU flash op (SYCL-TLA) serves plain fp16/bf16, and is
+    # presumably faster than our kernels, but nobody has measured either on an Intel GPU
+    # (none is reachable from this project). sycl serves what sdpa cannot there: float32
+    # and softcap.
+    "xpu": ("sdpa", "sycl", "reference"),
 }
 
 # Calls with a band mask (anything but none / top-left causal on a square block): PyTorch's fast fused
@@ -38,10 +43,12 @@ PREFERENCE: Dict[str, tuple] = {
 # backward: Triton's exact float32 products run without tensor cores); plain bands stay with sdpa
 # (cuDNN 0.47 ms vs triton 0.75 ms forward, 1.36 vs 4.19 ms backward at 4096; the separate merge costs
 # 0.12 ms, see benchmarks/RESULTS.md).
-# On XPU (unmeasured: no Intel GPU here) PyTorch's flash op takes no band at all.
+# On XPU (unmeasured: no Intel GPU here) PyTorch's flash op takes no band at all. The SYCL kernels take
+# any band; they come after Triton, as on CUDA, and serve bands where Triton is not installed. Neither
+# has been timed against the other on an Intel GPU.
 BAND_PREFERENCE: Dict[str, tuple] = {
     "cuda": ("triton", "sdpa", "reference"),
-    "xpu": ("triton", "sdpa", "reference"),
+    "xpu": ("triton", "sycl", "sdpa", "reference"),
 }
 
 
@@ -94,6 +101,7 @@ def select_backend(features: Features, name: Optional[str] = None) -> KernelBack
 
 register_backend(ReferenceBackend())
 register_backend(SdpaBackend())
+register_backend(SyclBackend())  # placed in PREFERENCE / BAND_PREFERENCE["xpu"] above, never first
 try:
     from .triton_attention import TritonBackend
 except ImportError:  # Triton is an optional extra ("pip install ring-attention-xpu[triton]")
