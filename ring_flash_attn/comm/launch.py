@@ -87,14 +87,14 @@ def init_distributed(device_type: Optional[str] = None, backend: Optional[str] =
         os.environ.setdefault("MASTER_ADDR", DEFAULT_MASTER_ADDR)
         os.environ.setdefault("MASTER_PORT", DEFAULT_MASTER_PORT)
         timeout = timedelta(seconds=timeout_s)
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-        if info.launcher == "torchrun" and attempt is not None:
-            # torchrun hands every restart attempt the same store, and env:// (torch 2.13) does not
-            # namespace its keys by attempt: after a restart, ranks would read the dead attempt's gloo
-            # addresses and fail to connect. A per-attempt prefix keeps attempts apart.
+        attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+        if info.launcher == "torchrun" and attempt > 0:
+            # After a torchrun restart every attempt gets the same store, and env:// (torch 2.13) does not
+            # namespace its keys by attempt: ranks would read the dead attempt's gloo addresses and fail to
+            # connect. A per-attempt prefix keeps attempts apart. (The first attempt takes plain env://.)
             hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" and info.rank == 0
             store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), info.world_size,
-                                  is_master=hosts_store, timeout=timeout)
+                                  is_master=hosts_store, timeout=timeout, multi_tenant=True)
             dist.init_process_group(choose_backend(device_type, backend),
                                     store=dist.PrefixStore(f"ring_flash_attn/attempt_{attempt}", store),
                                     rank=info.rank, world_size=info.world_size, timeout=timeout)
