@@ -1,0 +1,293 @@
+"""Functions that run on every rank of a transformers test world (module level, so spawn can pickle them).
+
+Every model is tiny, random-initialised from a config (no download) and runs in float64. Two references run
+the same weights on one process: transformers' own ``"eager"`` attention, which computes its softmax in
+float32 whatever the model's dtype (so it agrees with float64 ring attention to ~1e-7 only), and
+``"eager_float64"``: the same dense attention on transformers' own eager masks with the softmax kept in
+float64 (registered below, test-only), against which the ring must agree to float64 rounding.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from tests.tolerances import rel_err
+
+SEQLEN = 32  # splits into 2P equal chunks for P in (1, 2, 4): zigzag's need
+BATCH = 2
+VOCAB = 64
+
+
+def tiny_config(kind: str, **overrides):
+    """A 2-layer config of ``kind``; GQA and sliding windows small enough to cross shard boundaries."""
+    import transformers
+
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=4 * SEQLEN, attention_dropout=0.0,
+                  pad_token_id=0, use_cache=False, **overrides)
+    if kind == "llama":
+        return transformers.LlamaConfig(num_key_value_heads=4, **common)
+    if kind == "mistral":  # GQA, every layer a sliding window of 5 tokens
+        return transformers.MistralConfig(num_key_value_heads=2, sliding_window=5, **common)
+    if kind == "gemma2":  # GQA, alternating sliding (6) / full layers, logit soft-capping, custom query scaling
+        return transformers.Gemma2Config(num_key_value_heads=1, head_dim=8, sliding_window=6,
+                                         attn_logit_softcapping=2.0, final_logit_softcapping=5.0,
+                                         query_pre_attn_scalar=10, **common)
+    raise ValueError(kind)
+
+
+EXACT_EAGER = "eager_float64"
+
+
+def eager_float64_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, softcap=None,
+                            **kwargs):
+    """transformers' eager attention (additive mask from its eager mask function, GQA by repeating K/V,
+    soft-capping) with the softmax in the inputs' dtype instead of float32."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scores = query @ key.transpose(2, 3) * (module.head_dim ** -0.5 if scaling is None else scaling)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    return (scores.softmax(dim=-1) @ value).transpose(1, 2).contiguous(), None
+
+
+def register_exact_eager() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    AttentionInterface.register(EXACT_EAGER, eager_float64_attention)
+    AttentionMaskInterface.register(EXACT_EAGER, ALL_MASK_ATTENTION_FUNCTIONS["eager"])
+
+
+def make_models(kind: str, seed: int, *implementations: str, **overrides):
+    """The same random weights once per attention implementation."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_config(tiny_config(kind, **overrides), attn_implementation="eager",
+                                            dtype=torch.float64)
+    models = []
+    for implementation in implementations:
+        model = copy.deepcopy(base)
+        model.set_attn_implementation(implementation)
+        models.append(model)
+    return models
+
+
+def reference_run(model, input_ids, labels, attention_mask=None):
+    """Logits, mean next-token loss and gradients of ``model`` on the full batch."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+    loss.backward()
+    return logits.detach(), loss.detach(), grads_of(model)
+
+
+def make_batch(seed: int, batch: int = BATCH, seqlen: int = SEQLEN):
+    """Random tokens and their next-token labels, already shifted (-100 for the last token)."""
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(1, VOCAB, (batch, seqlen), generator=g)
+    labels = torch.cat([input_ids[:, 1:], torch.full((batch, 1), -100)], dim=1)
+    return input_ids, labels
+
+
+def grads_of(model) -> dict:
+    return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def reduce_grads(model, average_over: int) -> dict:
+    grads = grads_of(model)
+    for g in grads.values():
+        dist.all_reduce(g)
+        g.div_(average_over)
+    return grads
+
+
+def worst_grad_error(grads: dict, reference: dict) -> float:
+    assert grads.keys() == reference.keys(), sorted(set(grads) ^ set(reference))
+    return max(rel_err(grads[name], reference[name]) for name in reference)
+
+
+def model_errors(rank, world_size, cases):
+    """For each (model kind, variant, seed): relative errors of logits, loss and every parameter's gradient,
+    ring vs each reference, through both loss styles: the loss of the gathered logits, and the sum of the
+    local losses over the global target count."""
+    from ring_flash_attn.integrations.hf import gather_logits, register_ring_attention, shard_batch
+
+    register_exact_eager()
+    results = []
+    for kind, variant, seed in cases:
+        name = register_ring_attention(variant=variant)
+        exact, eager, ring = make_models(kind, seed, EXACT_EAGER, "eager", name)
+        input_ids, labels = make_batch(seed + 1)
+        references = {"exact": reference_run(exact, input_ids, labels), "eager": reference_run(eager, input_ids, labels)}
+
+        local = shard_batch(input_ids, labels, variant=variant)
+        logits_local = ring(input_ids=local["input_ids"], position_ids=local["position_ids"]).logits
+        logits = gather_logits(logits_local, variant=variant)
+        loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+        loss.backward()
+        gathered_grads = reduce_grads(ring, average_over=world_size)
+
+        ring.zero_grad(set_to_none=True)
+        n_targets = int((labels != -100).sum())
+        logits_local = ring(input_ids=local["input_ids"], position_ids=local["position_ids"]).logits
+        local_loss_sum = F.cross_entropy(logits_local.flatten(0, 1), local["labels"].flatten(), reduction="sum")
+        (local_loss_sum / n_targets).backward()
+        summed = local_loss_sum.detach().clone()
+        dist.all_reduce(summed)
+        local_grads = reduce_grads(ring, average_over=1)
+
+        errors = {"n_params": len(gathered_grads)}
+        for ref_name, (ref_logits, ref_loss, ref_grads) in references.items():
+            errors[ref_name] = {
+                "logits": rel_err(logits, ref_logits),
+                "loss": rel_err(loss, ref_loss),
+                "grads": worst_grad_error(gathered_grads, ref_grads),
+                "local_loss": rel_err(summed / n_targets, ref_loss),
+                "local_grads": worst_grad_error(local_grads, ref_grads),
+            }
+        results.append(errors)
+    return results
+
+
+def right_padding_error(rank, world_size, variant, seed):
+    """Right-padded rows: the logits of the real tokens match eager with the same padding mask."""
+    from ring_flash_attn.integrations.hf import gather_logits, register_ring_attention, shard_batch
+
+    register_exact_eager()
+    name = register_ring_attention(variant=variant)
+    exact, ring = make_models("mistral", seed, EXACT_EAGER, name)
+    input_ids, _ = make_batch(seed + 1)
+    lengths = torch.tensor([SEQLEN - 7, SEQLEN - 1])
+    mask = (torch.arange(SEQLEN) < lengths.unsqueeze(1)).long()
+    with torch.no_grad():
+        ref = exact(input_ids=input_ids, attention_mask=mask).logits
+        local = shard_batch(input_ids, attention_mask=mask, variant=variant)
+        got = gather_logits(ring(input_ids=local["input_ids"], position_ids=local["position_ids"],
+                                 attention_mask=local["attention_mask"]).logits, variant=variant)
+    real = mask.bool()
+    return rel_err(got[real], ref[real])
+
+
+def _raises(fn):
+    """(exception type name, message) of what ``fn`` raises; ("none", "") if it returns."""
+    try:
+        fn()
+    except Exception as exc:  # the test compares type and message across ranks
+        return type(exc).__name__, str(exc)
+    return "none", ""
+
+
+def bad_input_errors(rank, world_size, seed):
+    """Each bad input on its own; returns {case: (type, message)} of what this rank raised. A case whose bad
+    part is on one rank only still has to raise on every rank. The world's last call is a good one: it
+    proves no rank was left inside a collective by an earlier refusal."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from ring_flash_attn.kernels import register_backend
+    from ring_flash_attn.kernels.reference import ReferenceBackend
+    from ring_flash_attn.integrations.hf import register_ring_attention, shard_batch
+
+    class HeadDim8Backend(ReferenceBackend):
+        """A kernel backend that, like many device kernels, serves only some head dims."""
+
+        name = "test_head_dim_8"
+
+        def unsupported_reason(self, features):
+            return None if features.head_dim == 8 else f"head_dim must be 8, got {features.head_dim}"
+
+    register_backend(HeadDim8Backend())
+    name = register_ring_attention(variant="zigzag")
+    ring, = make_models("llama", seed, name)
+    input_ids, labels = make_batch(seed + 1)
+    local = shard_batch(input_ids, labels, variant="zigzag")
+    ids, pos = local["input_ids"], local["position_ids"]
+    outcomes = {}
+
+    left_pad = torch.ones_like(ids)
+    if rank == world_size - 1:
+        left_pad[0, 0] = 0  # one padding token on the last rank, before real tokens of other ranks
+    outcomes["left_padding"] = _raises(lambda: ring(input_ids=ids, position_ids=pos, attention_mask=left_pad))
+
+    packed = pos.clone()
+    if rank == world_size - 1:
+        packed[1, -3:] = torch.arange(3)  # a second sequence starts inside the last rank's slice
+    outcomes["packed_position_ids"] = _raises(lambda: ring(input_ids=ids, position_ids=packed))
+
+    # the model then uses arange(local length) on every rank, which is not where zigzag puts the tokens
+    outcomes["forgotten_position_ids"] = _raises(lambda: ring(input_ids=ids))
+
+    custom_mask = torch.ones(BATCH, 1, ids.shape[1], ids.shape[1], dtype=torch.bool)
+    outcomes["custom_4d_mask"] = _raises(lambda: ring(input_ids=ids, position_ids=pos, attention_mask=custom_mask))
+
+    attention = ring.model.layers[0].self_attn
+    q = torch.randn(BATCH, 4, ids.shape[1], 8, dtype=torch.float64)
+    kv = torch.randn(BATCH, 4, ids.shape[1] + 4, 8, dtype=torch.float64)
+    outcomes["cross_attention"] = _raises(
+        lambda: ALL_ATTENTION_FUNCTIONS[name](attention, q, kv, kv, None, position_ids=pos))
+
+    outcomes["seqlen_not_split"] = _raises(lambda: shard_batch(input_ids[:, :SEQLEN - 2], variant="zigzag"))
+
+    register_ring_attention(variant="zigzag", backend="test_head_dim_8")  # the llama layers have head_dim 8
+    outcomes["head_dim_8_served"] = _raises(lambda: ring(input_ids=ids, position_ids=pos))
+    wide, = make_models("llama", seed, name, head_dim=16)
+    outcomes["head_dim_16_refused"] = _raises(lambda: wide(input_ids=ids, position_ids=pos))
+
+    register_ring_attention(variant="zigzag")
+    outcomes["non_causal_zigzag"] = _raises(
+        lambda: ALL_ATTENTION_FUNCTIONS[name](attention, q, q, q, None, position_ids=pos, is_causal=False))
+    outcomes["good_call_after"] = _raises(lambda: ring(input_ids=ids, position_ids=pos))
+    return outcomes
+
+
+def zhuzilin_compat_errors(rank, world_size, seed):
+    """The replaced project's flow: substitute_hf_flash_attn, update_ring_flash_attn_params(cu_seqlens) per
+    batch of batch size 1, contiguous slices, local position ids. Returns relative errors vs eager and what a
+    multi-sequence cu_seqlens raises."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from ring_flash_attn.integrations import substitute_hf_flash_attn, update_ring_flash_attn_params
+
+    group = dist.new_group(list(range(world_size)))
+    substitute_hf_flash_attn(group, heads_k_stride=1)
+    input_ids, labels = make_batch(seed + 1, batch=1)
+    results = {"flash_attention_2_substituted": ALL_ATTENTION_FUNCTIONS["flash_attention_2"].__name__}
+    update_ring_flash_attn_params(torch.tensor([0, SEQLEN], dtype=torch.int32), group)
+
+    register_exact_eager()
+    exact, ring = make_models("mistral", seed, EXACT_EAGER, "ring_attention")
+    ref, _, ref_grads = reference_run(exact, input_ids, labels)
+
+    # Test-only shim: transformers refuses "flash_attention_2" at load time without the flash-attn package
+    # (not installable on CPU), so this model is switched by setting the config field its layers dispatch on.
+    flash, = make_models("mistral", seed, "eager")
+    flash.config._attn_implementation = "flash_attention_2"
+
+    chunk = SEQLEN // world_size
+    mine = slice(rank * chunk, (rank + 1) * chunk)
+    position_ids = torch.arange(SEQLEN).unsqueeze(0)[:, mine]
+    n_targets = int((labels != -100).sum())
+    for model_name, model in (("ring_attention", ring), ("flash_attention_2", flash)):
+        logits_local = model(input_ids=input_ids[:, mine], position_ids=position_ids).logits
+        loss = F.cross_entropy(logits_local.flatten(0, 1), labels[:, mine].flatten(), reduction="sum") / n_targets
+        loss.backward()
+        shards = [torch.empty_like(logits_local) for _ in range(world_size)]
+        dist.all_gather(shards, logits_local.detach())
+        results[model_name] = {"logits": rel_err(torch.cat(shards, dim=1), ref),
+                               "grads": worst_grad_error(reduce_grads(model, average_over=1), ref_grads)}
+    results["multi_sequence"] = _raises(
+        lambda: update_ring_flash_attn_params(torch.tensor([0, 10, SEQLEN], dtype=torch.int32), group))
+    return results
+
+
+def misc_checks(rank, world_size, seed):
+    return {"bad_inputs": bad_input_errors(rank, world_size, seed),
+            "right_padding": {variant: right_padding_error(rank, world_size, variant, seed + 1)
+                              for variant in ("zigzag", "ring")},
+            "zhuzilin": zhuzilin_compat_errors(rank, world_size, seed + 2)}

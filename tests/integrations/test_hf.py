@@ -1,0 +1,126 @@
+"""transformers models with ``attn_implementation`` set to ring attention, on 2 and 4 CPU ranks (gloo).
+
+Each world is started once and runs every model/variant case; models are tiny and random (no download).
+Tolerances (relative Frobenius errors, float64 models):
+  * vs ``eager_float64`` (transformers' eager attention and masks, softmax in float64): 1e-10, except the
+    gradients of Gemma2, whose RMSNorm computes in float32 even in a float64 model; its weight gradients
+    sum float32 terms over tokens in a different order on one process and on the ring: 1e-6.
+  * vs transformers' ``eager``, which takes its softmax in float32 whatever the dtype: 1e-6.
+"""
+
+import os
+
+import pytest
+
+pytest.importorskip("transformers", reason="transformers is not installed (pip install .[hf])")
+
+from tests.distributed.harness import run_world  # noqa: E402
+from tests.integrations import hf_workers  # noqa: E402
+
+SESSION_SEED = int.from_bytes(os.urandom(3), "little")
+KINDS = ("llama", "mistral", "gemma2")  # MHA; GQA + sliding window; GQA + alternating windows + soft-capping
+VARIANTS = ("zigzag", "ring")
+WORLD_SIZES = (2, 4)
+CASES = [(kind, variant, SESSION_SEED + 10 * n) for n, (kind, variant) in
+         enumerate((k, v) for k in KINDS for v in VARIANTS)]
+EXACT_TOL = {"llama": 1e-10, "mistral": 1e-10, "gemma2": 1e-10}
+EXACT_GRAD_TOL = {"llama": 1e-10, "mistral": 1e-10, "gemma2": 1e-6}
+EAGER_TOL = 1e-6
+
+
+@pytest.fixture(scope="module")
+def model_errors_by_world():
+    return {world_size: run_world(world_size, hf_workers.model_errors, CASES) for world_size in WORLD_SIZES}
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+@pytest.mark.parametrize("case", CASES, ids=[f"{kind}-{variant}" for kind, variant, _ in CASES])
+def test_model_matches_single_process(model_errors_by_world, world_size, case):
+    kind = case[0]
+    per_rank = model_errors_by_world[world_size]
+    errors = per_rank[0][CASES.index(case)]
+    assert errors["n_params"] > 10, "every parameter must have a gradient"
+    for rank_errors in per_rank:
+        assert rank_errors[CASES.index(case)] == errors, "ranks disagree on the gathered results"
+    for key in ("logits", "loss", "local_loss"):
+        assert errors["exact"][key] <= EXACT_TOL[kind], (key, errors["exact"])
+        assert errors["eager"][key] <= EAGER_TOL, (key, errors["eager"])
+    for key in ("grads", "local_grads"):
+        assert errors["exact"][key] <= EXACT_GRAD_TOL[kind], (key, errors["exact"])
+        assert errors["eager"][key] <= EAGER_TOL, (key, errors["eager"])
+
+
+def test_report_largest_errors(model_errors_by_world, capsys):
+    worst = {}
+    for per_rank in model_errors_by_world.values():
+        for (kind, _, _), errors in zip(CASES, per_rank[0]):
+            for ref in ("exact", "eager"):
+                key = (kind, ref)
+                worst[key] = max(worst.get(key, 0.0), *errors[ref].values())
+    with capsys.disabled():
+        print("\nlargest relative errors (logits, losses, gradients):",
+              ", ".join(f"{kind} vs {ref}: {err:.2e}" for (kind, ref), err in sorted(worst.items())))
+    assert len(worst) == 2 * len(KINDS)
+
+
+@pytest.fixture(scope="module")
+def world_of_two_checks():
+    """Bad inputs, right padding and the replaced project's helpers, in one world of 2 ranks."""
+    return run_world(2, hf_workers.misc_checks, SESSION_SEED + 1000)
+
+
+def test_right_padding_is_exact_on_real_tokens(world_of_two_checks):
+    for rank_result in world_of_two_checks:
+        for variant, err in rank_result["right_padding"].items():
+            assert err <= 1e-10, (variant, err)
+
+
+BAD_INPUTS = {
+    "left_padding": ("NotImplementedError", "left or interior padding"),
+    "packed_position_ids": ("NotImplementedError", "packed sequences"),
+    "forgotten_position_ids": ("NotImplementedError", "not from shard_batch"),
+    "custom_4d_mask": ("NotImplementedError", "4D mask"),
+    "cross_attention": ("NotImplementedError", "cross-attention"),
+    "seqlen_not_split": ("ValueError", "multiple of 4"),
+    "head_dim_8_served": ("none", ""),
+    "head_dim_16_refused": ("ValueError", "head_dim must be 8, got 16"),
+    "non_causal_zigzag": ("ValueError", "causal=True"),
+    "good_call_after": ("none", ""),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_raises_on_every_rank(world_of_two_checks, case):
+    want_type, want_text = BAD_INPUTS[case]
+    outcomes = [rank_result["bad_inputs"][case] for rank_result in world_of_two_checks]
+    for exc_type, message in outcomes:
+        assert exc_type == want_type and want_text in message, (case, outcomes)
+    assert len({outcome for outcome in outcomes}) == 1, f"ranks raised different errors: {outcomes}"
+
+
+def test_zhuzilin_helpers(world_of_two_checks):
+    for rank_result in world_of_two_checks:
+        compat = rank_result["zhuzilin"]
+        assert compat["flash_attention_2_substituted"] == "flash_attention_2_forward"
+        for model_name in ("ring_attention", "flash_attention_2"):
+            assert compat[model_name]["logits"] <= 1e-10 and compat[model_name]["grads"] <= 1e-10, compat
+        exc_type, message = compat["multi_sequence"]
+        assert exc_type == "NotImplementedError" and "packed sequences" in message, compat["multi_sequence"]
+
+
+def test_version_gate_names_installed_version():
+    from ring_flash_attn.integrations._versions import require_version
+
+    require_version("transformers", "4.56.0", "4.56", "6")
+    with pytest.raises(ImportError, match=r"transformers >= 4.56, < 6; installed: transformers 4.55.4"):
+        require_version("transformers", "4.55.4", "4.56", "6")
+
+
+def test_importing_the_package_imports_no_integration():
+    import subprocess
+    import sys
+
+    code = ("import sys, ring_flash_attn, ring_flash_attn.integrations; "
+            "print([m for m in ('transformers', 'megatron') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
