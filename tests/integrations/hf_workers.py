@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from tests.integrations.common import outcome_of, register_head_dim_8_backend
 from tests.tolerances import rel_err
 
 SEQLEN = 32  # splits into 2P equal chunks for P in (1, 2, 4): zigzag's need
@@ -175,34 +176,15 @@ def right_padding_error(rank, world_size, variant, seed):
     return rel_err(got[real], ref[real])
 
 
-def _raises(fn):
-    """(exception type name, message) of what ``fn`` raises; ("none", "") if it returns."""
-    try:
-        fn()
-    except Exception as exc:  # the test compares type and message across ranks
-        return type(exc).__name__, str(exc)
-    return "none", ""
-
-
 def bad_input_errors(rank, world_size, seed):
     """Each bad input on its own; returns {case: (type, message)} of what this rank raised. A case whose bad
     part is on one rank only still has to raise on every rank. The world's last call is a good one: it
     proves no rank was left inside a collective by an earlier refusal."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    from ring_flash_attn.kernels import register_backend
-    from ring_flash_attn.kernels.reference import ReferenceBackend
     from ring_flash_attn.integrations.hf import register_ring_attention, shard_batch
-
-    class HeadDim8Backend(ReferenceBackend):
-        """A kernel backend that, like many device kernels, serves only some head dims."""
-
-        name = "test_head_dim_8"
-
-        def unsupported_reason(self, features):
-            return None if features.head_dim == 8 else f"head_dim must be 8, got {features.head_dim}"
-
-    register_backend(HeadDim8Backend())
+    
+    narrow = register_head_dim_8_backend()
     name = register_ring_attention(variant="zigzag")
     ring, = make_models("llama", seed, name)
     input_ids, labels = make_batch(seed + 1)
@@ -213,36 +195,36 @@ def bad_input_errors(rank, world_size, seed):
     left_pad = torch.ones_like(ids)
     if rank == world_size - 1:
         left_pad[0, 0] = 0  # one padding token on the last rank, before real tokens of other ranks
-    outcomes["left_padding"] = _raises(lambda: ring(input_ids=ids, position_ids=pos, attention_mask=left_pad))
+    outcomes["left_padding"] = outcome_of(lambda: ring(input_ids=ids, position_ids=pos, attention_mask=left_pad))
 
     packed = pos.clone()
     if rank == world_size - 1:
         packed[1, -3:] = torch.arange(3)  # a second sequence starts inside the last rank's slice
-    outcomes["packed_position_ids"] = _raises(lambda: ring(input_ids=ids, position_ids=packed))
+    outcomes["packed_position_ids"] = outcome_of(lambda: ring(input_ids=ids, position_ids=packed))
 
     # the model then uses arange(local length) on every rank, which is not where zigzag puts the tokens
-    outcomes["forgotten_position_ids"] = _raises(lambda: ring(input_ids=ids))
+    outcomes["forgotten_position_ids"] = outcome_of(lambda: ring(input_ids=ids))
 
     custom_mask = torch.ones(BATCH, 1, ids.shape[1], ids.shape[1], dtype=torch.bool)
-    outcomes["custom_4d_mask"] = _raises(lambda: ring(input_ids=ids, position_ids=pos, attention_mask=custom_mask))
+    outcomes["custom_4d_mask"] = outcome_of(lambda: ring(input_ids=ids, position_ids=pos, attention_mask=custom_mask))
 
     attention = ring.model.layers[0].self_attn
     q = torch.randn(BATCH, 4, ids.shape[1], 8, dtype=torch.float64)
     kv = torch.randn(BATCH, 4, ids.shape[1] + 4, 8, dtype=torch.float64)
-    outcomes["cross_attention"] = _raises(
+    outcomes["cross_attention"] = outcome_of(
         lambda: ALL_ATTENTION_FUNCTIONS[name](attention, q, kv, kv, None, position_ids=pos))
 
-    outcomes["seqlen_not_split"] = _raises(lambda: shard_batch(input_ids[:, :SEQLEN - 2], variant="zigzag"))
+    outcomes["seqlen_not_split"] = outcome_of(lambda: shard_batch(input_ids[:, :SEQLEN - 2], variant="zigzag"))
 
-    register_ring_attention(variant="zigzag", backend="test_head_dim_8")  # the llama layers have head_dim 8
-    outcomes["head_dim_8_served"] = _raises(lambda: ring(input_ids=ids, position_ids=pos))
+    register_ring_attention(variant="zigzag", backend=narrow)  # the llama layers have head_dim 8
+    outcomes["head_dim_8_served"] = outcome_of(lambda: ring(input_ids=ids, position_ids=pos))
     wide, = make_models("llama", seed, name, head_dim=16)
-    outcomes["head_dim_16_refused"] = _raises(lambda: wide(input_ids=ids, position_ids=pos))
+    outcomes["head_dim_16_refused"] = outcome_of(lambda: wide(input_ids=ids, position_ids=pos))
 
     register_ring_attention(variant="zigzag")
-    outcomes["non_causal_zigzag"] = _raises(
+    outcomes["non_causal_zigzag"] = outcome_of(
         lambda: ALL_ATTENTION_FUNCTIONS[name](attention, q, q, q, None, position_ids=pos, is_causal=False))
-    outcomes["good_call_after"] = _raises(lambda: ring(input_ids=ids, position_ids=pos))
+    outcomes["good_call_after"] = outcome_of(lambda: ring(input_ids=ids, position_ids=pos))
     return outcomes
 
 
@@ -281,7 +263,7 @@ def zhuzilin_compat_errors(rank, world_size, seed):
         dist.all_gather(shards, logits_local.detach())
         results[model_name] = {"logits": rel_err(torch.cat(shards, dim=1), ref),
                                "grads": worst_grad_error(reduce_grads(model, average_over=1), ref_grads)}
-    results["multi_sequence"] = _raises(
+    results["multi_sequence"] = outcome_of(
         lambda: update_ring_flash_attn_params(torch.tensor([0, 10, SEQLEN], dtype=torch.int32), group))
     return results
 
