@@ -154,10 +154,16 @@ def gather_logits(logits_local: torch.Tensor, *, variant: str = "zigzag",
 
 
 def _make_mask(name: str):
-    def ring_attention_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
-                            mask_function=None, attention_mask: Optional[torch.Tensor] = None, config=None,
-                            use_vmap: bool = False, **kwargs):
-        """Instead of a dense mask: None, or the 2D padding mask when some token is padding."""
+    def ring_attention_mask(batch_size: int, *, kv_length: int, kv_offset=0, q_length: Optional[int] = None,
+                            q_offset=0, cache_position: Optional[torch.Tensor] = None, mask_function=None,
+                            attention_mask: Optional[torch.Tensor] = None, config=None, use_vmap: bool = False,
+                            **kwargs):
+        """Instead of a dense mask: None, or the 2D padding mask when some token is padding.
+
+        transformers < 5 describes the queries by ``cache_position``, later versions by ``q_length`` and
+        ``q_offset``."""
+        if q_length is None:
+            q_length, q_offset = cache_position.shape[0], cache_position[0]
         # Every rank builds its masks once per forward: the point where all ranks forget what they agreed on
         # in the last forward, so that the next layer call checks the new inputs on every rank alike.
         _SETTINGS[name].checked = (None, None)

@@ -268,6 +268,14 @@ def zhuzilin_compat_errors(rank, world_size, seed):
     return results
 
 
+def world_checks(rank, world_size, cases, misc_seed=None):
+    """Every model case, and with ``misc_seed`` the other checks too: one world start for all of them."""
+    results = {"models": model_errors(rank, world_size, cases)}
+    if misc_seed is not None:
+        results.update(misc_checks(rank, world_size, misc_seed))
+    return results
+
+
 def misc_checks(rank, world_size, seed):
     return {"bad_inputs": bad_input_errors(rank, world_size, seed),
             "right_padding": {variant: right_padding_error(rank, world_size, variant, seed + 1)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from tests.integrations.common import outcome_of, register_head_dim_8_backend
 from tests.tolerances import rel_err
@@ -85,10 +86,12 @@ def make_batch(seed: int):
 
 
 def loss_and_grads(model, tokens, labels, position_ids, n_tokens: int, attention_mask=None):
-    """Sum of the per-token losses over ``n_tokens``, and every parameter's gradient."""
+    """Sum of the per-token losses over ``n_tokens``, and every parameter's gradient.
+
+    The loss is taken from the logits in float64: Megatron's own (``labels=``) casts the logits to float32."""
     model.zero_grad(set_to_none=True)
-    per_token = model(input_ids=tokens, position_ids=position_ids, attention_mask=attention_mask, labels=labels)
-    loss = per_token.sum() / n_tokens
+    logits = model(input_ids=tokens, position_ids=position_ids, attention_mask=attention_mask)
+    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum") / n_tokens
     loss.backward()
     return loss.detach(), {name: p.grad.detach().clone() for name, p in model.named_parameters()}
 

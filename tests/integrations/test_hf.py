@@ -28,9 +28,20 @@ EXACT_GRAD_TOL = {"llama": 1e-10, "mistral": 1e-10, "gemma2": 1e-6}
 EAGER_TOL = 1e-6
 
 
+MISC_WORLD_SIZE = 2  # bad inputs, right padding and the replaced project's helpers run in this world too
+
+
 @pytest.fixture(scope="module")
-def model_errors_by_world():
-    return {world_size: run_world(world_size, hf_workers.model_errors, CASES) for world_size in WORLD_SIZES}
+def results_by_world():
+    return {world_size: run_world(world_size, hf_workers.world_checks, CASES,
+                                  SESSION_SEED + 1000 if world_size == MISC_WORLD_SIZE else None)
+            for world_size in WORLD_SIZES}
+
+
+@pytest.fixture(scope="module")
+def model_errors_by_world(results_by_world):
+    return {world_size: [rank_result["models"] for rank_result in per_rank]
+            for world_size, per_rank in results_by_world.items()}
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
@@ -64,9 +75,8 @@ def test_report_largest_errors(model_errors_by_world, capsys):
 
 
 @pytest.fixture(scope="module")
-def world_of_two_checks():
-    """Bad inputs, right padding and the replaced project's helpers, in one world of 2 ranks."""
-    return run_world(2, hf_workers.misc_checks, SESSION_SEED + 1000)
+def world_of_two_checks(results_by_world):
+    return results_by_world[MISC_WORLD_SIZE]
 
 
 def test_right_padding_is_exact_on_real_tokens(world_of_two_checks):
