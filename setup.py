@@ -47,8 +47,8 @@ setup(
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6", "numpy"],
         "triton": ["triton>=3.2"],
-        "hf": ["transformers>=4.56"],
-        "megatron": ["megatron-core>=0.14"],
+        "hf": ["transformers>=4.56,<6"],
+        "megatron": ["megatron-core>=0.15,<0.17", "packaging"],
         "plot": ["matplotlib>=3.8"],
     },
     entry_points={"console_scripts": ["ring-attn=ring_flash_attn.cli:main"]},
