@@ -48,7 +48,7 @@ setup(
         "test": ["pytest>=8", "hypothesis>=6", "numpy"],
         "triton": ["triton>=3.2"],
         "hf": ["transformers>=4.56,<6"],
-        "megatron": ["megatron-core>=0.15,<0.17", "packaging"],
+        "megatron": ["megatron-core>=0.15,<0.17"],
         "plot": ["matplotlib>=3.8"],
     },
     entry_points={"console_scripts": ["ring-attn=ring_flash_attn.cli:main"]},
