@@ -23,50 +23,118 @@ import torch.distributed as dist
 from .comm.ring import RingComm
 from .kernels import Features, select_backend
 from .kernels.mask import Band, check_window
-from .ring.engine import RingAttentionFunction, RingPlan
-from .ring.layouts import get_layout
-from .ring.planner import needs_band_mask
-from .validation import check_qkv, check_softcap, check_unsupported
+from .ring.allgather import allgather_attention, allgather_tasks
+from .ring.engine import ContextParallelAttention, RingPlan
+from .ring.layouts import Layout, PackedLayout, get_layout
+from .ring.planner import needs_band_mask, plan_step
+from .validation import (check_alibi_slopes, check_cu_seqlens, check_packed_alibi_slopes, check_heads_k_stride, check_max_seqlen, check_qkv, check_softcap, check_unsupported,
+                         group_rank_and_size)
 
 
 def ring_attention(q, k, v, *, variant: str = "ring", causal: bool = False, softmax_scale: Optional[float] = None,
                    window_size=(-1, -1), softcap: float = 0.0, group: Optional[dist.ProcessGroup] = None,
-                   backend: Optional[str] = None, comm=None):
-    """Ring attention of this rank's ``q`` over every rank's ``k``/``v``; returns ``(out, lse)``.
+                   backend: Optional[str] = None, cu_seqlens: Optional[torch.Tensor] = None,
+                   exchange: str = "ring", heads_k_stride: Optional[int] = None,
+                   alibi_slopes: Optional[torch.Tensor] = None, comm=None):
+    """Context-parallel attention of this rank's ``q`` over every rank's ``k``/``v``; returns ``(out, lse)``.
+
+    ``variant`` is the layout (``ring``, ``zigzag``, ``stripe``). ``exchange``
+    is how K/V reach every rank: ``"ring"`` (passed around the ring, flat
+    memory) or ``"allgather"`` (llama3 style: all-gathered ``heads_k_stride`` K/V
+    heads at a time, dK/dV reduce-scattered).
+
+    With ``cu_seqlens`` (this rank's cumulative lengths of packed sequences,
+    int32), q/k/v are ``[total_tokens_local, heads, head_dim]``, each sequence
+    is laid out over the ranks by ``variant`` on its own, no attention crosses a
+    sequence boundary, and ``lse`` is ``[heads, total_tokens_local]``.
+
+    ``alibi_slopes`` (float32 ``[heads]`` or ``[batch, heads]``) adds
+    ``-slope * |distance|`` by true token distance (backends that implement it:
+    ``reference``).
 
     All validation happens here, before any communication. ``comm`` replaces the
-    process-group communicator (e.g. with a loopback one for single-device runs).
+    process-group communicator of the ring exchange (e.g. with a loopback one
+    for single-device runs).
     """
+    if exchange not in ("ring", "allgather"):
+        raise ValueError(f"exchange: expected 'ring' or 'allgather', got {exchange!r}")
+    if cu_seqlens is not None:
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 3:
+                shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"{name}: with cu_seqlens expected [total_tokens, heads, head_dim], got {shape}")
+        seqlens = check_cu_seqlens(cu_seqlens, q.shape[0])
+        check_packed_alibi_slopes(alibi_slopes, q)
+        out, lse = ring_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), variant=PackedLayout(
+            get_layout(variant), seqlens), causal=causal, softmax_scale=softmax_scale, window_size=window_size,
+            softcap=softcap, group=group, backend=backend, exchange=exchange, heads_k_stride=heads_k_stride,
+            alibi_slopes=alibi_slopes, comm=comm)
+        return out.squeeze(0), lse.squeeze(0)
     check_qkv(q, k, v)
+    alibi_slopes = check_alibi_slopes(alibi_slopes, q)
     window = check_window(window_size)
     softcap = check_softcap(softcap)
-    layout = get_layout(variant)
+    layout = variant if isinstance(variant, Layout) else get_layout(variant)
+    if exchange == "allgather":
+        return _allgather(q, k, v, layout, causal=causal, window=window, softmax_scale=softmax_scale, softcap=softcap,
+                          group=group, backend=backend, heads_k_stride=heads_k_stride, alibi_slopes=alibi_slopes)
     if comm is None:
         comm = RingComm(group)
     layout.check(q.shape[1], comm.world_size, causal)
     band = Band.from_kernel_args(causal, window)
-    features = Features(q.device.type, q.dtype, q.shape[-1],
-                        band=needs_band_mask(layout, comm.rank, comm.world_size, q.shape[1], band),
-                        softcap=softcap > 0)
+    tasks = [t for src in range(comm.world_size)
+             for t in plan_step(layout, comm.rank, src, comm.world_size, q.shape[1], band, alibi_slopes is not None)]
+    features = Features(q.device.type, q.dtype, q.shape[-1], band=needs_band_mask(tasks), softcap=softcap > 0,
+                        alibi=alibi_slopes is not None)
     kernel = select_backend(features, backend)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    plan = RingPlan(layout=layout, band=band, scale=scale, softcap=softcap, backend=kernel, comm=comm)
-    return RingAttentionFunction.apply(q, k, v, plan)
+    plan = RingPlan(layout=layout, band=band, scale=scale, softcap=softcap, backend=kernel, comm=comm,
+                    alibi_slopes=alibi_slopes)
+    return ContextParallelAttention.apply(q, k, v, plan)
+
+
+def _allgather(q, k, v, layout, *, causal, window, softmax_scale, softcap, group, backend, heads_k_stride,
+               alibi_slopes):
+    """The all-gather exchange: the batch is packed into one row of sequences, so tasks can index the gathered K/V."""
+    rank, world_size = group_rank_and_size(group)
+    heads_k_stride = check_heads_k_stride(k.shape[2] if heads_k_stride is None else heads_k_stride, k.shape[2])
+    batch, seqlen = q.shape[:2]
+    layout.check(seqlen, world_size, causal)
+    packed = layout if batch == 1 and isinstance(layout, PackedLayout) else PackedLayout(layout, (seqlen,) * batch)
+    flat = [t.reshape(1, batch * seqlen, *t.shape[2:]) for t in (q, k, v)]
+    if alibi_slopes is not None and alibi_slopes.dim() == 2 and batch > 1:
+        raise NotImplementedError("alibi_slopes: per-batch slopes ([batch, heads]) with exchange='allgather' "
+                                  "(which packs the batch into one row); pass one slope per head")
+    tasks = allgather_tasks(packed, rank, world_size, batch * seqlen, Band.from_kernel_args(causal, window),
+                            keep_positions=alibi_slopes is not None)
+    out, lse = allgather_attention(*flat, tasks, softmax_scale=softmax_scale, softcap=softcap, group=group,
+                                   backend=backend, heads_k_stride=heads_k_stride, world_size=world_size,
+                                   alibi_slopes=alibi_slopes)
+    heads = q.shape[2]
+    return out.view(q.shape), lse.view(heads, batch, seqlen).transpose(0, 1)
 
 
 def _compat_call(q, k, v, variant, dropout_p, softmax_scale, causal, window_size, alibi_slopes, return_attn_probs,
                  group, softcap, backend):
-    check_unsupported(dropout_p, alibi_slopes)
+    check_unsupported(dropout_p)
     out, lse = ring_attention(q, k, v, variant=variant, causal=causal, softmax_scale=softmax_scale,
-                              window_size=window_size, softcap=softcap, group=group, backend=backend)
+                              window_size=window_size, softcap=softcap, group=group, backend=backend,
+                              alibi_slopes=alibi_slopes)
     return (out, lse, None) if return_attn_probs else out
 
 
-def _unpack(packed: torch.Tensor, name: str, parts: int):
-    if not isinstance(packed, torch.Tensor) or packed.dim() != 5 or packed.shape[2] != parts:
+def _unpack(packed: torch.Tensor, name: str, parts: int, packed_dim: int = 2):
+    """Split a kv/qkv-packed tensor; ``packed_dim`` 2 for [batch, seqlen, parts, ...], 1 for varlen [tokens, parts, ...]."""
+    lead = "batch, seqlen" if packed_dim == 2 else "total_tokens"
+    if not isinstance(packed, torch.Tensor) or packed.dim() != packed_dim + 3 or packed.shape[packed_dim] != parts:
         shape = tuple(packed.shape) if isinstance(packed, torch.Tensor) else type(packed).__name__
-        raise ValueError(f"{name}: expected [batch, seqlen, {parts}, heads, head_dim], got {shape}")
-    return packed.unbind(dim=2)
+        raise ValueError(f"{name}: expected [{lead}, {parts}, heads, head_dim], got {shape}")
+    return packed.unbind(dim=packed_dim)
+
+
+def _api_prefix(variant: str) -> str:
+    """The replaced project's function-name prefix for a variant."""
+    return {"ring": "ring_flash_attn", "zigzag": "zigzag_ring_flash_attn"}.get(variant, f"{variant}_flash_attn")
 
 
 def _make_api(variant: str):
@@ -92,8 +160,7 @@ def _make_api(variant: str):
         return _compat_call(q, k, v, variant, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
                             return_attn_probs, group, softcap, backend)
 
-    prefix = "ring_flash_attn" if variant == "ring" else f"{variant}_ring_flash_attn" if variant == "zigzag" \
-        else f"{variant}_flash_attn"
+    prefix = _api_prefix(variant)
     for fn, suffix in ((func, "func"), (kvpacked_func, "kvpacked_func"), (qkvpacked_func, "qkvpacked_func")):
         fn.__name__ = fn.__qualname__ = f"{prefix}_{suffix}"
         fn.__doc__ = f"{variant!r} ring attention ({suffix}); see :mod:`ring_flash_attn.functional`."
@@ -103,3 +170,51 @@ def _make_api(variant: str):
 ring_flash_attn_func, ring_flash_attn_kvpacked_func, ring_flash_attn_qkvpacked_func = _make_api("ring")
 (zigzag_ring_flash_attn_func, zigzag_ring_flash_attn_kvpacked_func,
  zigzag_ring_flash_attn_qkvpacked_func) = _make_api("zigzag")
+stripe_flash_attn_func, stripe_flash_attn_kvpacked_func, stripe_flash_attn_qkvpacked_func = _make_api("stripe")
+
+
+def _make_varlen_api(variant: str):
+    """The varlen triple of one variant: packed sequences ``[total_tokens_local, heads, head_dim]`` with this
+    rank's ``cu_seqlens`` (each sequence split over the ranks by the variant's layout)."""
+
+    def call(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
+             return_attn_probs, group, softcap, backend):
+        check_unsupported(dropout_p)
+        check_max_seqlen(max_seqlen, cu_seqlens)
+        out, lse = ring_attention(q, k, v, variant=variant, causal=causal, softmax_scale=softmax_scale,
+                                  window_size=window_size, softcap=softcap, group=group, backend=backend,
+                                  cu_seqlens=cu_seqlens, alibi_slopes=alibi_slopes)
+        return (out, lse, None) if return_attn_probs else out
+
+    def varlen_func(q, k, v, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
+                    window_size=(-1, -1), alibi_slopes=None, deterministic=False, return_attn_probs=False, group=None,
+                    *, softcap=0.0, backend=None):
+        return call(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
+                    return_attn_probs, group, softcap, backend)
+
+    def varlen_kvpacked_func(q, kv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
+                             window_size=(-1, -1), alibi_slopes=None, deterministic=False, return_attn_probs=False,
+                             group=None, *, softcap=0.0, backend=None):
+        k, v = _unpack(kv, "kv", 2, packed_dim=1)
+        return call(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
+                    return_attn_probs, group, softcap, backend)
+
+    def varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
+                              window_size=(-1, -1), alibi_slopes=None, deterministic=False, return_attn_probs=False,
+                              group=None, *, softcap=0.0, backend=None):
+        q, k, v = _unpack(qkv, "qkv", 3, packed_dim=1)
+        return call(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
+                    return_attn_probs, group, softcap, backend)
+
+    prefix = _api_prefix(variant)
+    for fn, suffix in ((varlen_func, "varlen_func"), (varlen_kvpacked_func, "varlen_kvpacked_func"),
+                       (varlen_qkvpacked_func, "varlen_qkvpacked_func")):
+        fn.__name__ = fn.__qualname__ = f"{prefix}_{suffix}"
+        fn.__doc__ = f"{variant!r} ring attention over packed sequences ({suffix}); see :func:`ring_attention`."
+    return varlen_func, varlen_kvpacked_func, varlen_qkvpacked_func
+
+
+ring_flash_attn_varlen_func, ring_flash_attn_varlen_kvpacked_func, ring_flash_attn_varlen_qkvpacked_func = \
+    _make_varlen_api("ring")
+(zigzag_ring_flash_attn_varlen_func, zigzag_ring_flash_attn_varlen_kvpacked_func,
+ zigzag_ring_flash_attn_varlen_qkvpacked_func) = _make_varlen_api("zigzag")

@@ -48,16 +48,22 @@ class RingAttention(nn.Module):
 
     def __init__(self, variant: str = "zigzag", causal: bool = True, softmax_scale: Optional[float] = None,
                  window_size=(-1, -1), softcap: float = 0.0, group: Optional[dist.ProcessGroup] = None,
-                 backend: Optional[str] = None):
+                 backend: Optional[str] = None, exchange: str = "ring", heads_k_stride: Optional[int] = None):
         super().__init__()
         get_layout(variant).check(2, 1, causal)  # fail at construction on a variant/causal mismatch
+        if exchange not in ("ring", "allgather"):
+            raise ValueError(f"exchange: expected 'ring' or 'allgather' (llama3 style), got {exchange!r}")
         self.variant, self.causal, self.softmax_scale = variant, causal, softmax_scale
         self.window_size, self.softcap, self.group, self.backend = tuple(window_size), softcap, group, backend
+        self.exchange, self.heads_k_stride = exchange, heads_k_stride
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, return_lse: bool = False):
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None,
+                return_lse: bool = False):
+        """``cu_seqlens``: this rank's cumulative lengths of packed sequences (q/k/v then ``[tokens, heads, dim]``)."""
         out, lse = ring_attention(q, k, v, variant=self.variant, causal=self.causal, softmax_scale=self.softmax_scale,
                                   window_size=self.window_size, softcap=self.softcap, group=self.group,
-                                  backend=self.backend)
+                                  backend=self.backend, cu_seqlens=cu_seqlens, exchange=self.exchange,
+                                  heads_k_stride=self.heads_k_stride)
         return (out, lse) if return_lse else out
 
     def shard(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
@@ -67,5 +73,5 @@ class RingAttention(nn.Module):
         return gather_sequence(x_local, self.variant, self.group, dim)
 
     def extra_repr(self) -> str:
-        return (f"variant={self.variant!r}, causal={self.causal}, window_size={self.window_size}, "
-                f"softcap={self.softcap}, backend={self.backend!r}")
+        return (f"variant={self.variant!r}, exchange={self.exchange!r}, causal={self.causal}, "
+                f"window_size={self.window_size}, softcap={self.softcap}, backend={self.backend!r}")

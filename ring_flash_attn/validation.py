@@ -35,12 +35,25 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"k, v: expected q's device {q.device}, got k on {k.device} and v on {v.device}")
 
 
-def check_unsupported(dropout_p: float, alibi_slopes) -> None:
+def check_unsupported(dropout_p: float) -> None:
     """Arguments of the flash-attn API this library does not implement: refuse them rather than ignore them."""
     if dropout_p:
         raise NotImplementedError(f"dropout_p: attention dropout is not supported, got dropout_p={dropout_p}; pass 0.0")
-    if alibi_slopes is not None:
-        raise NotImplementedError("alibi_slopes: ALiBi is not supported by ring attention yet; pass None")
+
+
+def check_alibi_slopes(alibi_slopes, q: torch.Tensor, heads_dim: int = 2):
+    """flash-attn's ALiBi slopes: float32 ``[heads]`` or ``[batch, heads]`` on q's device (None: off)."""
+    if alibi_slopes is None:
+        return None
+    heads, batch = q.shape[heads_dim], q.shape[0]
+    if not isinstance(alibi_slopes, torch.Tensor) or tuple(alibi_slopes.shape) not in ((heads,), (batch, heads)):
+        shape = tuple(alibi_slopes.shape) if isinstance(alibi_slopes, torch.Tensor) else type(alibi_slopes).__name__
+        raise ValueError(f"alibi_slopes: expected shape ({heads},) or ({batch}, {heads}), got {shape}")
+    if alibi_slopes.dtype != torch.float32:
+        raise TypeError(f"alibi_slopes: expected dtype torch.float32, got {alibi_slopes.dtype}")
+    if alibi_slopes.device != q.device:
+        raise ValueError(f"alibi_slopes: expected q's device {q.device}, got {alibi_slopes.device}")
+    return alibi_slopes
 
 
 def check_softcap(softcap: float) -> float:
@@ -48,3 +61,54 @@ def check_softcap(softcap: float) -> float:
     if softcap < 0:
         raise ValueError(f"softcap: expected a value >= 0 (0 = off), got {softcap}")
     return softcap
+
+
+def check_cu_seqlens(cu_seqlens, total_tokens: int, name: str = "cu_seqlens") -> tuple:
+    """Validate flash-attn style cumulative sequence lengths; return the sequence lengths."""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1:
+        raise ValueError(f"{name}: expected a 1-D int32 tensor, got "
+                         f"{type(cu_seqlens).__name__ if not isinstance(cu_seqlens, torch.Tensor) else tuple(cu_seqlens.shape)}")
+    if cu_seqlens.dtype != torch.int32:
+        raise TypeError(f"{name}: expected dtype torch.int32, got {cu_seqlens.dtype}")
+    values = cu_seqlens.tolist()
+    if len(values) < 2 or values[0] != 0:
+        raise ValueError(f"{name}: expected to start at 0 and hold at least one sequence, got {values[:8]}")
+    lengths = tuple(b - a for a, b in zip(values, values[1:]))
+    if any(n <= 0 for n in lengths):
+        raise ValueError(f"{name}: expected strictly increasing values, got {values[:16]}")
+    if values[-1] != total_tokens:
+        raise ValueError(f"{name}: expected to end at the number of tokens {total_tokens}, got {values[-1]}")
+    return lengths
+
+
+def check_heads_k_stride(heads_k_stride, heads_k: int) -> int:
+    if isinstance(heads_k_stride, bool) or not isinstance(heads_k_stride, int) or heads_k_stride < 1 \
+            or heads_k % heads_k_stride:
+        raise ValueError(f"heads_k_stride: expected a positive divisor of the K/V heads ({heads_k}), "
+                         f"got {heads_k_stride!r}")
+    return heads_k_stride
+
+
+def group_rank_and_size(group) -> tuple:
+    """This rank's index in ``group`` and the group's size; a clear error if this rank is not a member."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError("group: this rank is not a member of the given process group")
+    return rank, dist.get_world_size(group)
+
+
+def check_max_seqlen(max_seqlen, cu_seqlens) -> None:
+    """``max_seqlen`` is not needed (lengths come from ``cu_seqlens``), but a wrong one signals a caller bug."""
+    if isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.dim() == 1 and cu_seqlens.numel() > 1:
+        longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        if int(max_seqlen) < longest:
+            raise ValueError(f"max_seqlen: expected at least the longest local sequence ({longest}), got {max_seqlen}")
+
+
+def check_packed_alibi_slopes(alibi_slopes, q: torch.Tensor):
+    """ALiBi slopes for packed sequences (q ``[tokens, heads, dim]``): one slope per head, or None."""
+    if alibi_slopes is not None and (not isinstance(alibi_slopes, torch.Tensor) or alibi_slopes.dim() != 1):
+        raise ValueError("alibi_slopes: with packed sequences expected one slope per head, shape (heads,)")
+    return check_alibi_slopes(alibi_slopes, q, heads_dim=1)

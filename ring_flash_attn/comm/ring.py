@@ -35,11 +35,10 @@ class RingComm:
     """Send to ``rank + 1``, receive from ``rank - 1`` within ``group`` (None = the default group)."""
 
     def __init__(self, group: Optional[dist.ProcessGroup] = None):
+        from ..validation import group_rank_and_size
+
         self.group = group
-        self.rank = dist.get_rank(group)
-        self.world_size = dist.get_world_size(group)
-        if self.rank < 0:
-            raise ValueError("group: this rank is not a member of the given process group")
+        self.rank, self.world_size = group_rank_and_size(group)
         self.send_peer = self._global((self.rank + 1) % self.world_size)
         self.recv_peer = self._global((self.rank - 1) % self.world_size)
 

@@ -3,7 +3,8 @@
 Automatic choice walks :data:`PREFERENCE` for the device type and takes the
 first backend that can serve the call; ``backend=`` or the environment variable
 ``RING_FLASH_ATTN_BACKEND`` forces one, and an explicit choice that cannot
-serve the call is an error, never a silent fallback.
+serve the call raises NotImplementedError naming the backend and the reason,
+never a silent fallback.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import os
 from typing import Dict, Optional
 
-import torch
 
 from .base import Features, KernelBackend
 from .reference import ReferenceBackend
@@ -55,7 +55,7 @@ def select_backend(features: Features, name: Optional[str] = None) -> KernelBack
         backend = get_backend(name)
         reason = backend.unsupported_reason(features)
         if reason:
-            raise ValueError(f"backend: {name!r} cannot serve this call: {reason}")
+            raise NotImplementedError(f"backend: {name!r} cannot serve this call: {reason}")
         return backend
     reasons = []
     for candidate in PREFERENCE.get(features.device_type, ("reference",)):
@@ -66,7 +66,7 @@ def select_backend(features: Features, name: Optional[str] = None) -> KernelBack
         if reason is None:
             return backend
         reasons.append(f"{candidate}: {reason}")
-    raise ValueError("no kernel backend can serve this call: " + "; ".join(reasons))
+    raise NotImplementedError("backend: no kernel backend can serve this call: " + "; ".join(reasons))
 
 
 register_backend(ReferenceBackend())

@@ -14,6 +14,11 @@ k/v ``[batch, seqlen_k, heads_k, head_dim]`` with ``heads % heads_k == 0``
     Gradients have their input's dtype.
 
 Mask arguments are described in :mod:`ring_flash_attn.kernels.mask`.
+
+ALiBi, only where a backend declares it (``Features.alibi``) and passed only
+when on: ``alibi_slopes`` (float32 ``[heads]`` or ``[batch, heads]``),
+``alibi_delta`` and ``alibi_stride`` add ``-slope * |alibi_delta + alibi_stride * (i - j)|``
+to the score of query row i and key row j (the true token distance, as in flash-attn).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ class Features:
     head_dim: int
     band: bool = False  # a mask other than none / top-left causal on equal lengths
     softcap: bool = False
+    alibi: bool = False
 
 
 class KernelBackend:
@@ -56,7 +62,8 @@ class KernelBackend:
         raise NotImplementedError
 
     def forward_accumulate(self, q, k, v, out_acc, lse_acc, *, scale: float, causal: bool = False,
-                           window=(-1, -1), q_offset: int = 0, k_offset: int = 0, softcap: float = 0.0) -> None:
+                           window=(-1, -1), q_offset: int = 0, k_offset: int = 0, softcap: float = 0.0,
+                           **alibi) -> None:
         """Fold this block into the running ``(out_acc, lse_acc)`` (float32 ``[B,S,H,D]`` / ``[B,H,S]``), in place.
 
         The ring engine calls only this. The default runs :meth:`forward` and
@@ -64,7 +71,7 @@ class KernelBackend:
         separate merge pass.
         """
         out, lse = self.forward(q, k, v, scale=scale, causal=causal, window=window, q_offset=q_offset,
-                                k_offset=k_offset, softcap=softcap)
+                                k_offset=k_offset, softcap=softcap, **alibi)
         merge_into(out_acc, lse_acc, out, lse)
 
     def __repr__(self) -> str:
@@ -77,6 +84,14 @@ def lse_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def band_of(causal: bool, window, q_offset: int, k_offset: int) -> Band:
     return Band.from_kernel_args(causal, tuple(window), q_offset, k_offset)
+
+
+def alibi_bias(slopes: torch.Tensor, delta: int, stride: int, seqlen_q: int, seqlen_k: int, dtype) -> torch.Tensor:
+    """``-slope * |delta + stride * (i - j)|`` as ``[batch or 1, heads, seqlen_q, seqlen_k]``."""
+    i = torch.arange(seqlen_q, device=slopes.device).view(-1, 1)
+    j = torch.arange(seqlen_k, device=slopes.device).view(1, -1)
+    distance = (delta + stride * (i - j)).abs().to(dtype)
+    return -slopes.to(dtype).view(-1, slopes.shape[-1], 1, 1) * distance
 
 
 def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:

@@ -60,7 +60,7 @@ class Band:
         return self.offset - (seqlen_k - 1), self.offset + seqlen_q - 1
 
     def is_empty(self, seqlen_q: int, seqlen_k: int) -> bool:
-        if seqlen_q == 0 or seqlen_k == 0:
+        if seqlen_q == 0 or seqlen_k == 0 or (self.lo is not None and self.hi is not None and self.lo > self.hi):
             return True
         d_min, d_max = self.d_range(seqlen_q, seqlen_k)
         return (self.lo is not None and d_max < self.lo) or (self.hi is not None and d_min > self.hi)

@@ -51,6 +51,8 @@ class SdpaBackend(KernelBackend):
     def unsupported_reason(self, f: Features):
         if f.softcap:
             return "PyTorch's fused attention ops have no logit soft-capping"
+        if f.alibi:
+            return "ALiBi is not wired to PyTorch's fused attention ops here"
         if f.device_type == "cpu":
             if f.dtype not in (torch.float32, torch.float64, *_HALF):
                 return f"the CPU flash op does not take {f.dtype}"

@@ -1,8 +1,8 @@
 """One ring engine (forward + backward); variants are layouts."""
 
-from .engine import RingAttentionFunction, RingPlan, ring_backward, ring_forward
+from .engine import ContextParallelAttention, RingPlan, ring_backward, ring_forward
 from .layouts import LAYOUTS, Layout, get_layout
 from .planner import BlockTask, plan_step
 
-__all__ = ["RingAttentionFunction", "RingPlan", "ring_backward", "ring_forward", "LAYOUTS", "Layout", "get_layout",
+__all__ = ["ContextParallelAttention", "RingPlan", "ring_backward", "ring_forward", "LAYOUTS", "Layout", "get_layout",
            "BlockTask", "plan_step"]

@@ -21,7 +21,7 @@ a transfer may still read it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -42,12 +42,29 @@ class RingPlan:
     softcap: float
     backend: KernelBackend
     comm: Any  # RingComm or any object with rank, world_size and exchange(send, recv)
+    alibi_slopes: Optional[torch.Tensor] = None
 
     def tasks(self, src: int, seqlen_local: int):
-        return plan_step(self.layout, self.comm.rank, src, self.comm.world_size, seqlen_local, self.band)
+        return plan_step(self.layout, self.comm.rank, src, self.comm.world_size, seqlen_local, self.band,
+                         keep_positions=self.alibi_slopes is not None)
 
     def kernel_kwargs(self, task) -> dict:
-        return dict(scale=self.scale, softcap=self.softcap, **task.kernel_mask_args())
+        return kernel_kwargs(task, self.scale, self.softcap, self.alibi_slopes)
+
+    def forward(self, q, k, v):
+        return ring_forward(q, k, v, self)
+
+    def backward(self, dout, q, k, v, out, lse):
+        return ring_backward(dout, q, k, v, out, lse, self)
+
+
+def kernel_kwargs(task, scale: float, softcap: float, alibi_slopes: Optional[torch.Tensor]) -> dict:
+    """The keyword arguments of one kernel call; ALiBi's only when it is on (backends without it never see them)."""
+    kwargs = dict(scale=scale, softcap=softcap, **task.kernel_mask_args())
+    if alibi_slopes is not None:
+        delta, stride = task.positions
+        kwargs.update(alibi_slopes=alibi_slopes, alibi_delta=delta, alibi_stride=stride)
+    return kwargs
 
 
 def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RingPlan):
@@ -109,12 +126,16 @@ def ring_backward(dout, q, k, v, out, lse, plan: RingPlan):
     return dq_acc.to(q.dtype), dkv[0][0].to(k.dtype), dkv[0][1].to(v.dtype)
 
 
-class RingAttentionFunction(torch.autograd.Function):
-    """Autograd over the ring: the backward is the ring backward above, not per-block autograd."""
+class ContextParallelAttention(torch.autograd.Function):
+    """Autograd for any exchange plan (ring or all-gather): the plan's own backward, not per-block autograd.
+
+    A plan has ``forward(q, k, v) -> (out, lse)`` and
+    ``backward(dout, q, k, v, out, lse) -> (dq, dk, dv)``.
+    """
 
     @staticmethod
-    def forward(ctx, q, k, v, plan: RingPlan):
-        out, lse = ring_forward(q, k, v, plan)
+    def forward(ctx, q, k, v, plan):
+        out, lse = plan.forward(q, k, v)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan = plan
         ctx.mark_non_differentiable(lse)
@@ -123,5 +144,5 @@ class RingAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = ring_backward(dout.contiguous(), q, k, v, out, lse, ctx.plan)
+        dq, dk, dv = ctx.plan.backward(dout.contiguous(), q, k, v, out, lse)
         return dq, dk, dv, None

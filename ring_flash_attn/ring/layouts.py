@@ -25,12 +25,16 @@ import torch
 
 @dataclass(frozen=True)
 class Run:
-    """``length`` local tokens from ``local_start``, at positions ``global_start + stride * i``."""
+    """``length`` local tokens from ``local_start``, at positions ``global_start + stride * i``.
+
+    Tokens of different ``segment`` s (packed sequences) never see each other.
+    """
 
     local_start: int
     length: int
     global_start: int
     stride: int = 1
+    segment: int = 0
 
 
 class Layout:
@@ -113,6 +117,54 @@ class StripeLayout(Layout):
 
     def runs(self, rank, world_size, seqlen_local):
         return (Run(0, seqlen_local, rank, world_size),)
+
+
+@dataclass(frozen=True)
+class PackedLayout(Layout):
+    """Packed variable-length sequences, each laid out over the ranks by ``base``.
+
+    ``seqlens_local`` are the per-rank lengths of the packed sequences (every
+    rank holds the same share of each sequence: 1/P of it), i.e. the
+    differences of the local ``cu_seqlens``. Positions are global positions in
+    the packed batch; ``segment`` keeps sequences apart.
+    """
+
+    base: Layout
+    seqlens_local: Tuple[int, ...]
+
+    @property
+    def name(self) -> str:
+        return self.base.name
+
+    @property
+    def causal_only(self) -> bool:
+        return self.base.causal_only
+
+    def check(self, seqlen_local, world_size, causal):
+        if seqlen_local != sum(self.seqlens_local):
+            raise ValueError(f"cu_seqlens: expected to end at the local token count {seqlen_local}, "
+                             f"got {sum(self.seqlens_local)}")
+        for n, length in enumerate(self.seqlens_local):
+            try:
+                self.base.check(length, world_size, causal)
+            except ValueError as exc:
+                raise ValueError(f"cu_seqlens: sequence {n} (local length {length}) does not fit the "
+                                 f"{self.base.name!r} layout: {exc}") from None
+
+    def runs(self, rank, world_size, seqlen_local):
+        runs, local_start = [], 0
+        for segment, length in enumerate(self.seqlens_local):
+            global_start = local_start * world_size
+            for run in self.base.runs(rank, world_size, length):
+                runs.append(Run(local_start + run.local_start, run.length, global_start + run.global_start,
+                                run.stride, segment))
+            local_start += length
+        return tuple(runs)
+
+    def check_global(self, seqlen_global, world_size):
+        if seqlen_global != world_size * sum(self.seqlens_local):
+            raise ValueError(f"seqlen: expected {world_size * sum(self.seqlens_local)} packed tokens, got {seqlen_global}")
+        return seqlen_global // world_size
 
 
 LAYOUTS: Dict[str, Layout] = {layout.name: layout for layout in (ContiguousLayout(), ZigzagLayout(), StripeLayout())}

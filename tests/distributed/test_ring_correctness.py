@@ -9,7 +9,6 @@ import itertools
 import os
 
 import pytest
-import torch
 
 from tests.distributed.harness import run_world
 from tests.distributed.workers import DTYPES, ring_errors
@@ -32,6 +31,33 @@ def _cases():
         # seqlen 48 splits into 2P chunks for every P <= 4 (zigzag's need)
         cases.append(dict(variant=variant, causal=causal, backend=backend, dtype=dtype, heads_k=heads_k,
                           batch=2, seqlen=48, heads=4, head_dim=16, seed=SESSION_SEED + n))
+    # Masks beyond plain causal: sliding windows (narrower than a rank's slice, so whole ring steps are
+    # skipped), soft-capping, stripes, and packed sequences of very different lengths.
+    extra = [
+        dict(variant="ring", causal=True, window=(5, -1)),
+        dict(variant="ring", causal=False, window=(3, 7)),
+        dict(variant="zigzag", causal=True, window=(9, -1)),
+        dict(variant="stripe", causal=True),
+        dict(variant="stripe", causal=True, window=(6, -1)),
+        dict(variant="zigzag", causal=True, softcap=2.0, backend="reference"),
+        dict(variant="ring", causal=False, softcap=2.0, backend="reference"),
+        dict(variant="ring", causal=True, seqlens=(96, 24, 48)),
+        dict(variant="ring", causal=False, seqlens=(24, 120)),
+        dict(variant="zigzag", causal=True, seqlens=(24, 144, 48)),
+        dict(variant="zigzag", causal=True, seqlens=(48, 24), window=(7, -1)),
+        dict(variant="stripe", causal=True, seqlens=(72, 24)),
+        # ALiBi by true token distance; backend=None checks the automatic choice falls back to one that has it.
+        dict(variant="ring", causal=False, alibi=True, backend=None),
+        dict(variant="zigzag", causal=True, alibi=True, backend=None),
+        dict(variant="stripe", causal=True, alibi=True, window=(9, -1), backend=None),
+        dict(variant="zigzag", causal=True, alibi=True, seqlens=(48, 24), backend=None),
+    ]
+    for n, spec in enumerate(extra):
+        for backend, dtype, heads_k in (("sdpa", "float64", 2), ("sdpa", "bfloat16", 1)):
+            if spec.get("backend", backend) != backend:
+                backend = spec["backend"]
+            cases.append(dict(dict(backend=backend, dtype=dtype, heads_k=heads_k, batch=1, seqlen=48, heads=4,
+                                   head_dim=16, seed=SESSION_SEED + 1000 + 2 * n + (dtype != "float64")), **spec))
     return cases
 
 
@@ -39,7 +65,17 @@ CASES = _cases()
 
 
 def _case_id(case):
-    return f"{case['variant']}-{'causal' if case['causal'] else 'full'}-{case['backend']}-{case['dtype']}-hk{case['heads_k']}"
+    tags = [case["variant"], "causal" if case["causal"] else "full", str(case["backend"] or "auto"), case["dtype"],
+            f"hk{case['heads_k']}"]
+    if "window" in case:
+        tags.append("win%d,%d" % tuple(case["window"]))
+    if case.get("softcap"):
+        tags.append(f"softcap{case['softcap']}")
+    if case.get("alibi"):
+        tags.append("alibi")
+    if "seqlens" in case:
+        tags.append("varlen" + "+".join(map(str, case["seqlens"])))
+    return "-".join(tags)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,121 @@
+"""``ring-attn check``: ring attention against full attention on the ranks it is launched on.
+
+The first thing to run on a new cluster. Every rank draws the same full
+sequence (seed agreed through rank 0), runs each variant on its slice, and
+compares output, LSE and gradients with full attention computed in float64 by
+the reference kernel. Prints one line per (variant, rank) with the errors and
+time, and returns non-zero if any error exceeds the dtype's tolerance.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+from .functional import ring_attention
+from .kernels import get_backend
+from .ring.layouts import get_layout
+
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+CHECKS = (("ring", False), ("ring", True), ("zigzag", True), ("stripe", True))
+
+
+def _rel_err(x, ref):
+    x, ref = x.double().cpu(), ref.double().cpu()
+    return ((x - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def _agreed_seed(device) -> int:
+    seed = torch.randint(0, 2 ** 31 - 1, (1,), dtype=torch.int64).to(device)
+    dist.broadcast(seed, src=0)
+    return int(seed.item())
+
+
+def run_check(args, device) -> int:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    dtype = DTYPES[args.dtype]
+    seqlen = args.seqlen
+    unit = 2 * world
+    if seqlen % unit:
+        raise SystemExit(f"--seqlen: must be a multiple of 2 x world size = {unit} (zigzag's chunks), got {seqlen}")
+    g = torch.Generator().manual_seed(_agreed_seed(device))
+    shape_q = (args.batch, seqlen, args.heads, args.head_dim)
+    shape_k = (args.batch, seqlen, args.heads_k, args.head_dim)
+    q, k, v, dout = (torch.randn(s, generator=g, dtype=torch.float64) for s in (shape_q, shape_k, shape_k, shape_q))
+    scale = args.head_dim ** -0.5
+    reference = get_backend("reference")
+    failed = False
+    lines = []
+    for variant, causal in CHECKS:
+        if args.variants and variant not in args.variants:
+            continue
+        ref_out, ref_lse = reference.forward(q, k, v, scale=scale, causal=causal)
+        ref_grads = reference.backward(dout, q, k, v, ref_out, ref_lse, scale=scale, causal=causal)
+        layout = get_layout(variant)
+
+        def local(x, dim=1):
+            return layout.shard(x, rank, world, dim).to(device)
+
+        ql, kl, vl = (local(t).to(dtype).requires_grad_() for t in (q, k, v))
+        dout_local = local(dout).to(dtype)
+        # One untimed call first: it opens the P2P connections and loads kernels.
+        ring_attention(ql, kl, vl, variant=variant, causal=causal, backend=args.backend)[0].backward(dout_local)
+        for t in (ql, kl, vl):
+            t.grad = None
+        dist.barrier()
+        start = time.perf_counter()
+        out, lse = ring_attention(ql, kl, vl, variant=variant, causal=causal, backend=args.backend)
+        out.backward(dout_local)
+        if device.type != "cpu":
+            getattr(torch, device.type).synchronize()
+        elapsed = time.perf_counter() - start
+        errs = {"out": _rel_err(out, local(ref_out)), "lse": _rel_err(lse, local(ref_lse, dim=2)),
+                "dq": _rel_err(ql.grad, local(ref_grads[0])), "dk": _rel_err(kl.grad, local(ref_grads[1])),
+                "dv": _rel_err(vl.grad, local(ref_grads[2]))}
+        ok = all(e <= TOLERANCE[dtype] for e in errs.values())
+        failed |= not ok
+        lines.append(f"{variant:7s} causal={str(causal):5s} rank {rank}/{world}  "
+                     + "  ".join(f"{n}={e:.2e}" for n, e in errs.items())
+                     + f"  time={elapsed * 1e3:8.1f} ms  {'OK' if ok else 'MISMATCH'}")
+    gathered = [None] * world
+    dist.all_gather_object(gathered, (lines, failed))
+    if rank == 0:
+        print(f"ring-attn check: {world} ranks, device {device.type}, {args.dtype}, batch {args.batch}, "
+              f"seqlen {seqlen}, heads {args.heads}/{args.heads_k}, head_dim {args.head_dim}, "
+              f"tolerance {TOLERANCE[dtype]:.0e} (relative, vs float64 full attention)")
+        for rank_lines, _ in gathered:
+            for line in rank_lines:
+                print(line)
+        any_failed = any(f for _, f in gathered)
+        print("RESULT:", "MISMATCH" if any_failed else "all ranks match full attention")
+    return int(any(f for _, f in gathered))
+
+
+def add_check_parser(subparsers) -> None:
+    p = subparsers.add_parser("check", help="compare ring attention with full attention on the launched ranks")
+    p.add_argument("--seqlen", type=int, default=1024, help="global sequence length (multiple of 2 x ranks)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--heads-k", type=int, default=2, help="K/V heads (GQA); must divide --heads")
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="default: float32 on CPU, bfloat16 on accelerators")
+    p.add_argument("--backend", default=None, help="kernel backend (default: automatic)")
+    p.add_argument("--device", default=None, help="cpu, cuda or xpu (default: the accelerator if any)")
+    p.add_argument("--variants", nargs="*", default=None, help="subset of: ring zigzag stripe")
+    p.set_defaults(handler=main_check)
+
+
+def main_check(args) -> int:
+    from .comm.launch import init_distributed
+
+    _, device = init_distributed(args.device)
+    if args.dtype is None:
+        args.dtype = "float32" if device.type == "cpu" else "bfloat16"
+    try:
+        return run_check(args, device)
+    finally:
+        dist.destroy_process_group()

@@ -1,0 +1,145 @@
+"""All-gather ("llama3") context parallelism over packed sequences, with the replaced project's API.
+
+``llama3_flash_attn_varlen_func`` keeps that project's contract: the packed batch
+(``cu_seqlens`` over ``total`` tokens) is split into P contiguous pieces, rank r
+holding tokens ``[r*total/P, (r+1)*total/P)``; sequences may cross rank
+boundaries and may be shorter than P. ``llama3_flash_attn_prepare_cu_seqlens``
+gives each rank the arguments for its piece. Masks use true token positions, so
+sliding windows are right for sequences that start on an earlier rank.
+
+``zigzag_llama3_flash_attn_varlen_func`` is the load-balanced form (new here):
+the same all-gather exchange over the zigzag layout of each sequence (the local
+inputs and ``cu_seqlens`` of ``zigzag_ring_flash_attn_varlen_func``), so every
+rank does the same causal work.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .functional import ring_attention
+from .kernels.mask import Band, check_window
+from .ring.allgather import allgather_attention
+from .ring.planner import BlockTask
+from .validation import (check_cu_seqlens, check_packed_alibi_slopes, check_heads_k_stride, check_max_seqlen, check_qkv, check_softcap, check_unsupported,
+                         group_rank_and_size)
+
+
+def llama3_flash_attn_prepare_cu_seqlens(cu_seqlens, causal, rank, world_size):
+    """This rank's ``(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, local_k_slice)``.
+
+    ``cu_seqlens`` covers the whole packed batch. Queries are the rank's contiguous
+    piece; keys (a slice of the gathered K/V) run from the start of the first
+    sequence the piece touches to the piece's end (causal) or to the end of the
+    last sequence it touches (non-causal).
+    """
+    total = int(cu_seqlens[-1])
+    check_cu_seqlens(cu_seqlens, total)
+    if total % world_size:
+        raise ValueError(f"cu_seqlens: the packed length {total} must split evenly over {world_size} ranks")
+    piece = total // world_size
+    q_start, q_stop = rank * piece, (rank + 1) * piece
+    bounds = cu_seqlens.tolist()
+    touched = [(a, b) for a, b in zip(bounds, bounds[1:]) if a < q_stop and b > q_start]
+    k_start = touched[0][0]
+    k_stop = q_stop if causal else touched[-1][1]
+    cu_q = [0] + [min(b, q_stop) - q_start for _, b in touched]
+    cu_k = [0] + [min(b, k_stop) - k_start for _, b in touched]
+    as_tensor = lambda xs: torch.tensor(xs, dtype=torch.int32, device=cu_seqlens.device)  # noqa: E731
+    max_q = max(b - a for a, b in zip(cu_q, cu_q[1:]))
+    max_k = max(b - a for a, b in zip(cu_k, cu_k[1:]))
+    return as_tensor(cu_q), as_tensor(cu_k), max_q, max_k, slice(k_start, k_stop)
+
+
+def _check_varlen_qkv(q, k, v):
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name}: expected [total_tokens, heads, head_dim], got {shape}")
+    check_qkv(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0))
+
+
+def _llama3_tasks(cu_q, cu_k, local_k_slice, q_start: int, band: Band):
+    """One task per sequence piece, positions taken from where the piece really sits."""
+    tasks = []
+    for (qa, qb), (ka, kb) in zip(zip(cu_q, cu_q[1:]), zip(cu_k, cu_k[1:])):
+        k_lo, k_hi = local_k_slice.start + ka, local_k_slice.start + kb
+        block = Band(band.lo, band.hi, (q_start + qa) - k_lo)
+        if block.is_empty(qb - qa, kb - ka):
+            continue
+        tasks.append(BlockTask(qa, qb, k_lo, k_hi, None if block.is_full(qb - qa, kb - ka) else block,
+                               (block.offset, 1)))
+    return tasks
+
+
+def llama3_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride,
+                                  local_k_slice, dropout_p=0.0, softmax_scale=None, causal=False,
+                                  window_size=(-1, -1), alibi_slopes=None, deterministic=False,
+                                  return_attn_probs=False, group=None, *, softcap=0.0, backend=None):
+    """All-gather attention for this rank's contiguous piece of a packed batch; arguments from
+    :func:`llama3_flash_attn_prepare_cu_seqlens`. q ``[tokens_local, heads, head_dim]``; lse ``[heads, tokens_local]``."""
+    check_unsupported(dropout_p)
+    _check_varlen_qkv(q, k, v)
+    alibi_slopes = check_packed_alibi_slopes(alibi_slopes, q)
+    window, softcap = check_window(window_size), check_softcap(softcap)
+    check_heads_k_stride(heads_k_stride, k.shape[1])
+    rank, world_size = group_rank_and_size(group)
+    cu_q = check_cu_seqlens(cu_seqlens_q, q.shape[0], "cu_seqlens_q")
+    if not isinstance(local_k_slice, slice) or not 0 <= local_k_slice.start <= local_k_slice.stop <= world_size * k.shape[0]:
+        raise ValueError(f"local_k_slice: expected a slice within the {world_size * k.shape[0]} gathered tokens, "
+                         f"got {local_k_slice!r}")
+    cu_k = check_cu_seqlens(cu_seqlens_k, local_k_slice.stop - local_k_slice.start, "cu_seqlens_k")
+    if len(cu_k) != len(cu_q):
+        raise ValueError(f"cu_seqlens_k: expected {len(cu_q) + 1} entries like cu_seqlens_q, got {len(cu_k) + 1}")
+    cumulative = lambda lengths: [sum(lengths[:i]) for i in range(len(lengths) + 1)]  # noqa: E731
+    tasks = _llama3_tasks(cumulative(cu_q), cumulative(cu_k), local_k_slice, rank * q.shape[0],
+                          Band.from_kernel_args(causal, window))
+    out, lse = allgather_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), tasks, softmax_scale=softmax_scale,
+                                   softcap=softcap, group=group, backend=backend, heads_k_stride=heads_k_stride,
+                                   world_size=world_size, alibi_slopes=alibi_slopes)
+    out, lse = out.squeeze(0), lse.squeeze(0)
+    return (out, lse, None) if return_attn_probs else out
+
+
+def zigzag_llama3_flash_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, heads_k_stride, dropout_p=0.0,
+                                         softmax_scale=None, causal=True, window_size=(-1, -1), alibi_slopes=None,
+                                         deterministic=False, return_attn_probs=False, group=None, *, softcap=0.0,
+                                         backend=None):
+    """Load-balanced all-gather attention: inputs laid out as for :func:`zigzag_ring_flash_attn_varlen_func`."""
+    check_unsupported(dropout_p)
+    check_max_seqlen(max_seqlen, cu_seqlens)
+    out, lse = ring_attention(q, k, v, variant="zigzag", causal=causal, softmax_scale=softmax_scale,
+                              window_size=window_size, softcap=softcap, group=group, backend=backend,
+                              cu_seqlens=cu_seqlens, exchange="allgather", heads_k_stride=heads_k_stride,
+                              alibi_slopes=alibi_slopes)
+    return (out, lse, None) if return_attn_probs else out
+
+
+def _packed(name, tensor, parts):
+    if not isinstance(tensor, torch.Tensor) or tensor.dim() != 4 or tensor.shape[1] != parts:
+        shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+        raise ValueError(f"{name}: expected [total_tokens, {parts}, heads, head_dim], got {shape}")
+    return tensor.unbind(1)
+
+
+def llama3_flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                           heads_k_stride, local_k_slice, dropout_p=0.0, softmax_scale=None,
+                                           causal=False, window_size=(-1, -1), alibi_slopes=None, deterministic=False,
+                                           return_attn_probs=False, group=None, *, softcap=0.0, backend=None):
+    k, v = _packed("kv", kv, 2)
+    return llama3_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                         heads_k_stride, local_k_slice, dropout_p, softmax_scale, causal, window_size,
+                                         alibi_slopes, deterministic, return_attn_probs, group, softcap=softcap,
+                                         backend=backend)
+
+
+def llama3_flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                            heads_k_stride, local_k_slice, dropout_p=0.0, softmax_scale=None,
+                                            causal=False, window_size=(-1, -1), alibi_slopes=None,
+                                            deterministic=False, return_attn_probs=False, group=None, *, softcap=0.0,
+                                            backend=None):
+    q, k, v = _packed("qkv", qkv, 3)
+    return llama3_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                         heads_k_stride, local_k_slice, dropout_p, softmax_scale, causal, window_size,
+                                         alibi_slopes, deterministic, return_attn_probs, group, softcap=softcap,
+                                         backend=backend)

@@ -1,0 +1,160 @@
+"""The all-gather schedule ("llama3" context parallelism).
+
+Instead of passing K/V around a ring, every rank all-gathers the K/V of all
+ranks, a chunk of ``heads_k_stride`` K/V heads at a time, and computes its
+queries against the gathered sequence; the backward reduce-scatters dK/dV.
+The gather of the next head chunk is issued before the current chunk's kernels
+run, so it overlaps with compute; the reduce-scatter of a chunk overlaps with
+the next chunk's backward. Memory for K/V grows with the world size (one
+gathered chunk, two in flight) instead of staying flat as in the ring, in
+exchange for collectives that interconnects run at full speed.
+
+The same kernel backends, block tasks and float32 merge as the ring engine are
+used; only the exchange differs. Tensors are packed sequences
+``[1, total_tokens_local, heads, head_dim]`` and tasks index the gathered K/V
+(``P * total_tokens_local`` rows, rank order).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from ..kernels import Features, select_backend
+from ..kernels.base import KernelBackend
+from ..merge import new_accumulators
+from .engine import ContextParallelAttention, kernel_kwargs
+from .planner import BlockTask, needs_band_mask, plan_step
+
+
+@dataclass(frozen=True)
+class AllGatherPlan:
+    tasks: Tuple[BlockTask, ...]  # key ranges index the gathered K/V
+    scale: float
+    softcap: float
+    backend: KernelBackend
+    group: Any
+    world_size: int
+    heads_k_stride: int
+    alibi_slopes: Optional[torch.Tensor] = None
+
+    def kernel_kwargs(self, task, q_heads: slice) -> dict:
+        slopes = None if self.alibi_slopes is None else self.alibi_slopes[..., q_heads]
+        return kernel_kwargs(task, self.scale, self.softcap, slopes)
+
+    def forward(self, q, k, v):
+        return allgather_forward(q, k, v, self)
+
+    def backward(self, dout, q, k, v, out, lse):
+        return allgather_backward(dout, q, k, v, out, lse, self)
+
+
+class _Gathered:
+    """One head chunk's K and V from every rank, gathered asynchronously into fresh buffers."""
+
+    def __init__(self, k_chunk, v_chunk, plan: AllGatherPlan):
+        self.k = torch.empty((plan.world_size * k_chunk.shape[0], *k_chunk.shape[1:]), dtype=k_chunk.dtype,
+                             device=k_chunk.device)
+        self.v = torch.empty_like(self.k)
+        self._sources = (k_chunk, v_chunk)  # held until the gathers complete
+        self._works = [dist.all_gather_into_tensor(self.k, k_chunk, group=plan.group, async_op=True),
+                       dist.all_gather_into_tensor(self.v, v_chunk, group=plan.group, async_op=True)]
+
+    def wait(self):
+        for work in self._works:
+            work.wait()
+        self._works, self._sources = [], ()
+        return self.k, self.v
+
+
+def _head_chunks(heads: int, heads_k: int, stride: int):
+    """(query-head slice, K/V-head slice) per chunk; each K/V head keeps its query-head group."""
+    groups = heads // heads_k
+    for h in range(0, heads_k, stride):
+        yield slice(h * groups, (h + stride) * groups), slice(h, h + stride)
+
+
+def _gather_chunk(k, v, kv_heads, plan):
+    # [1, S, Hk, D] -> contiguous [S, stride, D]: all_gather_into_tensor concatenates along dim 0.
+    return _Gathered(k[0, :, kv_heads].contiguous(), v[0, :, kv_heads].contiguous(), plan)
+
+
+def allgather_forward(q, k, v, plan: AllGatherPlan):
+    out_acc, lse_acc = new_accumulators(q)
+    chunks = list(_head_chunks(q.shape[2], k.shape[2], plan.heads_k_stride))
+    pending = _gather_chunk(k, v, chunks[0][1], plan)
+    for n, (q_heads, _) in enumerate(chunks):
+        k_all, v_all = pending.wait()
+        if n + 1 < len(chunks):
+            pending = _gather_chunk(k, v, chunks[n + 1][1], plan)
+        for task in plan.tasks:
+            plan.backend.forward_accumulate(
+                q[:, task.q, q_heads], k_all[task.k].unsqueeze(0), v_all[task.k].unsqueeze(0),
+                out_acc[:, task.q, q_heads], lse_acc[:, q_heads, task.q], **plan.kernel_kwargs(task, q_heads))
+    return out_acc.to(q.dtype), lse_acc
+
+
+def allgather_backward(dout, q, k, v, out, lse, plan: AllGatherPlan):
+    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dq_acc = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=acc_dtype, device=k.device)
+    dv = torch.empty_like(dk)
+    chunks = list(_head_chunks(q.shape[2], k.shape[2], plan.heads_k_stride))
+    pending = _gather_chunk(k, v, chunks[0][1], plan)
+    in_flight = None  # at most one chunk's reduce-scatter at a time bounds memory to two gathered chunks
+    for n, (q_heads, kv_heads) in enumerate(chunks):
+        k_all, v_all = pending.wait()
+        if n + 1 < len(chunks):
+            pending = _gather_chunk(k, v, chunks[n + 1][1], plan)
+        dk_all = torch.zeros(k_all.shape, dtype=acc_dtype, device=k.device)
+        dv_all = torch.zeros_like(dk_all)
+        for task in plan.tasks:
+            dq, dk_blk, dv_blk = plan.backend.backward(
+                dout[:, task.q, q_heads], q[:, task.q, q_heads], k_all[task.k].unsqueeze(0),
+                v_all[task.k].unsqueeze(0), out[:, task.q, q_heads], lse[:, q_heads, task.q],
+                **plan.kernel_kwargs(task, q_heads))
+            dq_acc[:, task.q, q_heads] += dq
+            dk_all[task.k] += dk_blk[0]
+            dv_all[task.k] += dv_blk[0]
+        dk_mine = torch.empty(dk_all.shape[0] // plan.world_size, *dk_all.shape[1:], dtype=acc_dtype,
+                              device=k.device)
+        dv_mine = torch.empty_like(dk_mine)
+        works = [dist.reduce_scatter_tensor(dk_mine, dk_all, group=plan.group, async_op=True),
+                 dist.reduce_scatter_tensor(dv_mine, dv_all, group=plan.group, async_op=True)]
+        if in_flight is not None:
+            _finish_scatter(in_flight, dk, dv)
+        # The full-size sources stay referenced until their reduce-scatter is done.
+        in_flight = (works, kv_heads, dk_mine, dv_mine, dk_all, dv_all)
+    _finish_scatter(in_flight, dk, dv)
+    return dq_acc.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _finish_scatter(in_flight, dk, dv) -> None:
+    works, kv_heads, dk_mine, dv_mine, _, _ = in_flight
+    for work in works:
+        work.wait()
+    dk[0, :, kv_heads] = dk_mine
+    dv[0, :, kv_heads] = dv_mine
+
+
+def allgather_tasks(layout, rank: int, world_size: int, seqlen_local: int, band,
+                    keep_positions: bool = False) -> Tuple[BlockTask, ...]:
+    """The ring planner's tasks for every source rank, with key ranges moved into the gathered K/V."""
+    return tuple(BlockTask(t.q_start, t.q_stop, src * seqlen_local + t.k_start, src * seqlen_local + t.k_stop, t.band,
+                           t.positions)
+                 for src in range(world_size)
+                 for t in plan_step(layout, rank, src, world_size, seqlen_local, band, keep_positions))
+
+
+def allgather_attention(q, k, v, tasks, *, softmax_scale, softcap, group, backend, heads_k_stride, world_size,
+                        alibi_slopes=None):
+    """Choose the kernel for ``tasks`` and run the all-gather exchange on packed ``[1, T, H, D]`` tensors."""
+    features = Features(q.device.type, q.dtype, q.shape[-1], band=needs_band_mask(tasks), softcap=softcap > 0,
+                        alibi=alibi_slopes is not None)
+    kernel = select_backend(features, backend)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    plan = AllGatherPlan(tuple(tasks), scale, softcap, kernel, group, world_size, heads_k_stride, alibi_slopes)
+    return ContextParallelAttention.apply(q, k, v, plan)
