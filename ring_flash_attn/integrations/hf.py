@@ -21,11 +21,13 @@ layout's global positions, not from the model's local view.
 Honoured: causal and non-causal self-attention, GQA/MQA, sliding windows,
 logit soft-capping (kernel backends that support it; the CPU/GPU ``sdpa``
 backend does not, the ``reference`` backend does: automatic choice falls back),
-right padding (exact on the real tokens under causal attention). Refused with
-an error naming the feature: packed sequences (position ids that restart,
-``cu_seq_lens_*``) until varlen ring attention exists, left or interior padding,
-custom 4D masks and mask overlays, chunked attention, cross-attention, KV caches
-(generation), attention dropout, attention sinks and position biases.
+packed sequences (position ids that restart at 0; :func:`shard_batch` lays out
+each sequence over the ranks on its own, and attention never crosses a sequence
+boundary), right padding (exact on the real tokens under causal attention).
+Refused with an error naming the feature: left or interior padding, padding
+together with packing, the data collator's ``cu_seq_lens_*``, custom 4D masks
+and mask overlays, chunked attention, cross-attention, KV caches (generation),
+attention dropout, attention sinks and position biases.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import torch.distributed as dist
 import transformers
 
 from ..functional import ring_attention
+from ..llama3 import llama3_flash_attn_prepare_cu_seqlens, llama3_flash_attn_varlen_func
 from ..module import gather_sequence
 from ..ring.layouts import get_layout
 from ..validation import check_unsupported
@@ -63,27 +66,52 @@ class _RingSettings:
     group: Optional[dist.ProcessGroup]
     variant: str
     backend: Optional[str]
-    # The last (position_ids, attention_mask) pair the ranks agreed on; see _agree_on_inputs.
-    checked: tuple = field(default=(None, None), repr=False)
+    # The replaced project's mode (substitute_hf_flash_attn): contiguous pieces of one packed row, all-gather
+    # ("llama3") exchange; heads_k_stride and the arguments update_ring_flash_attn_params prepared.
+    heads_k_stride: Optional[int] = None
+    llama3_params: Optional[tuple] = None
+    # The (position_ids, attention_mask) pair the ranks last agreed on, and this rank's cu_seqlens for it
+    # (None: one sequence per row); see _agree_on_inputs.
+    checked: tuple = field(default=(None, None, None), repr=False)
 
 
 _SETTINGS: Dict[str, _RingSettings] = {}
 
 
-def _varlen_available() -> bool:
-    import ring_flash_attn
-
-    return hasattr(ring_flash_attn, "zigzag_ring_flash_attn_varlen_func")
-
-
-def _packed_error(what: str) -> NotImplementedError:
-    return NotImplementedError(
-        f"packed sequences ({what}) need varlen ring attention, which this version of ring_flash_attn does not "
-        f"have; pass one sequence per batch row, with position_ids from shard_batch")
-
-
 def _group_rank_and_size(group):
     return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _sequence_lengths(position_ids: torch.Tensor) -> list:
+    """Per row, the lengths of the packed sequences: each runs 0, 1, ..., length-1 (a row without restarts is
+    one sequence)."""
+    starts = position_ids == 0
+    steps = position_ids[:, 1:] == position_ids[:, :-1] + 1
+    if not bool(starts[:, 0].all()) or not bool((steps | starts[:, 1:]).all()):
+        raise ValueError("position_ids: expected each row to be one or more sequences whose positions run "
+                         "0, 1, 2, ... (restarting at 0 where a packed sequence starts)")
+    lengths = []
+    for row in starts:
+        bounds = torch.nonzero(row).flatten().tolist() + [row.numel()]
+        lengths.append([b - a for a, b in zip(bounds, bounds[1:])])
+    return lengths
+
+
+def _token_order(position_ids: torch.Tensor, layout, world_size: int) -> torch.Tensor:
+    """``[batch, world_size, seqlen // world_size]``: which token of the full row each rank holds in each local
+    slot, every packed sequence laid out over the ranks on its own."""
+    unit = world_size * layout.chunks_per_rank
+    rows = []
+    for row, lengths in enumerate(_sequence_lengths(position_ids)):
+        for n, length in enumerate(lengths):
+            if length % unit:
+                raise ValueError(f"position_ids: the {layout.name!r} layout splits each sequence into {unit} equal "
+                                 f"parts over {world_size} ranks; sequence {n} of row {row} has length {length}")
+        starts = [sum(lengths[:n]) for n in range(len(lengths))]
+        rows.append(torch.stack([torch.cat([start + layout.positions(rank, world_size, length // world_size)
+                                            for start, length in zip(starts, lengths)])
+                                 for rank in range(world_size)]))
+    return torch.stack(rows).to(position_ids.device)
 
 
 def register_ring_attention(group: Optional[dist.ProcessGroup] = None, variant: str = "zigzag",
@@ -113,11 +141,13 @@ def shard_batch(input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
 
     Every tensor is ``[batch, seqlen]`` and is cut along dim 1 in ``variant``'s layout (``zigzag`` reorders
     tokens). ``position_ids`` default to ``arange(seqlen)``; passing the result to the model is what keeps
-    rotary embeddings right. ``labels`` must already be aligned with ``input_ids`` (shifted by the caller:
-    ``labels[:, t]`` is the target of the prediction at token ``t``, ``-100`` where there is none), because
-    after sharding a rank no longer holds the next token of its last one; a loss over the local slices then
-    needs no shift (transformers' ``model(labels=...)`` shifts again: do not pass them there).
-    ``attention_mask`` (1 = token, 0 = padding) may mark right padding only.
+    rotary embeddings right. Packed sequences: position ids that restart at 0 where a sequence starts; each
+    sequence is laid out over the ranks on its own, so its length must split like a whole row would.
+    ``labels`` must already be aligned with ``input_ids`` (shifted by the caller: ``labels[:, t]`` is the
+    target of the prediction at token ``t``, ``-100`` where there is none, e.g. at the end of every packed
+    sequence), because after sharding a rank no longer holds the next token of its last one; a loss over the
+    local slices then needs no shift (transformers' ``model(labels=...)`` shifts again: do not pass them
+    there). ``attention_mask`` (1 = token, 0 = padding) may mark right padding only, without packing.
     """
     rank, world_size = _group_rank_and_size(group)
     layout = get_layout(variant)
@@ -126,27 +156,38 @@ def shard_batch(input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
     layout.check_global(input_ids.shape[1], world_size)
     if position_ids is None:
         position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-    local = {"input_ids": input_ids, "position_ids": position_ids}
+    full = {"input_ids": input_ids, "position_ids": position_ids}
     if labels is not None:
-        local["labels"] = labels
+        full["labels"] = labels
     if attention_mask is not None:
-        local["attention_mask"] = attention_mask
-    for name, tensor in local.items():
+        full["attention_mask"] = attention_mask
+    for name, tensor in full.items():
         if tensor.shape != input_ids.shape:
             raise ValueError(f"{name}: expected the shape of input_ids {tuple(input_ids.shape)}, "
                              f"got {tuple(tensor.shape)}")
-    return {name: layout.shard(tensor, rank, world_size, dim=1) for name, tensor in local.items()}
+    mine = _token_order(position_ids, layout, world_size)[:, rank]
+    return {name: tensor.gather(1, mine) for name, tensor in full.items()}
 
 
 def gather_logits(logits_local: torch.Tensor, *, variant: str = "zigzag",
-                  group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
+                  group: Optional[dist.ProcessGroup] = None,
+                  position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The full-sequence ``[batch, seqlen, ...]`` logits on every rank, in token order. Differentiable.
 
+    For packed sequences pass the full batch's ``position_ids`` (as given to :func:`shard_batch`).
     The backward sums every rank's gradient into each rank's slice: when every rank computes the same loss
     from the gathered logits, average parameter gradients over the group (as DDP does). A loss summed over
     the local slices (divided by the global token count) needs no gather at all.
     """
-    return gather_sequence(logits_local, variant, group, dim=1)
+    if position_ids is None:
+        return gather_sequence(logits_local, variant, group, dim=1)
+    from torch.distributed.nn.functional import all_gather
+
+    _, world_size = _group_rank_and_size(group)
+    order = _token_order(position_ids, get_layout(variant), world_size).flatten(1)
+    gathered = torch.cat(all_gather(logits_local.contiguous(), group=group), dim=1)
+    index = order.argsort(dim=1).view(*order.shape, *([1] * (logits_local.dim() - 2)))
+    return gathered.gather(1, index.expand(*order.shape, *logits_local.shape[2:]))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -166,7 +207,7 @@ def _make_mask(name: str):
             q_length, q_offset = cache_position.shape[0], cache_position[0]
         # Every rank builds its masks once per forward: the point where all ranks forget what they agreed on
         # in the last forward, so that the next layer call checks the new inputs on every rank alike.
-        _SETTINGS[name].checked = (None, None)
+        _SETTINGS[name].checked = (None, None, None)
         if isinstance(q_offset, torch.Tensor):
             q_offset = int(q_offset)
         if q_offset or kv_offset or kv_length != q_length:
@@ -225,13 +266,19 @@ def _make_attention_forward(name: str):
                 raise ValueError(f"sliding_window: expected >= 1, got {sliding_window}")
             # transformers' window holds `sliding_window` keys including the query's own token
             window = (sliding_window - 1, -1 if causal else sliding_window - 1)
-        _agree_on_inputs(settings, kwargs.get("position_ids"), attention_mask, query.shape[0], query.shape[2],
-                         causal)
-        out, _ = ring_attention(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                                variant=settings.variant, causal=causal, softmax_scale=scaling,
-                                window_size=window, softcap=softcap or 0.0, group=settings.group,
-                                backend=settings.backend)
-        return out, None
+        q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+        common = dict(causal=causal, softmax_scale=scaling, window_size=window, softcap=softcap or 0.0,
+                      group=settings.group, backend=settings.backend)
+        if settings.heads_k_stride is not None:
+            return _llama3_attention(settings, q, k, v, attention_mask, common), None
+        cu_seqlens = _agree_on_inputs(settings, kwargs.get("position_ids"), attention_mask, q.shape[0], q.shape[1],
+                                      causal)
+        if cu_seqlens is None:
+            out, _ = ring_attention(q, k, v, variant=settings.variant, **common)
+            return out, None
+        out, _ = ring_attention(*(t.reshape(-1, *t.shape[2:]) for t in (q, k, v)), variant=settings.variant,
+                                cu_seqlens=cu_seqlens, **common)
+        return out.view(q.shape), None
 
     ring_attention_forward.__name__ = ring_attention_forward.__qualname__ = f"{name}_forward"
     return ring_attention_forward
@@ -239,7 +286,7 @@ def _make_attention_forward(name: str):
 
 def _refuse_unsupported(module, query, key, attention_mask, dropout, kwargs) -> None:
     """Everything here depends on shapes and arguments every rank shares, so every rank raises alike."""
-    check_unsupported(dropout, None)
+    check_unsupported(dropout)
     if key.shape[2] != query.shape[2] or getattr(module, "is_cross_attention", False):
         raise NotImplementedError(f"cross-attention: ring attention is self-attention over one sharded sequence; "
                                   f"got {query.shape[2]} queries and {key.shape[2]} keys in "
@@ -251,54 +298,106 @@ def _refuse_unsupported(module, query, key, attention_mask, dropout, kwargs) -> 
         if kwargs.get(unsupported) is not None:
             raise NotImplementedError(f"{unsupported}: not supported by ring attention")
     if any(kwargs.get(k) is not None for k in ("cu_seq_lens_q", "cu_seq_lens_k", "cu_seqlens_q", "cu_seqlens_k")):
-        raise _packed_error("cu_seq_lens_q/cu_seq_lens_k from the data collator")
+        raise NotImplementedError("cu_seq_lens_q/cu_seq_lens_k: the data collator's cu_seqlens describe the full "
+                                  "batch, not this rank's slice; pack with position_ids through shard_batch")
 
 
 def _agree_on_inputs(settings: _RingSettings, position_ids, padding_mask, batch: int, seqlen_local: int,
-                     causal: bool) -> None:
-    """Check position ids and padding against the layout, with the same verdict on every rank.
+                     causal: bool) -> Optional[torch.Tensor]:
+    """Check position ids and padding against the layout, with the same verdict on every rank; return this
+    rank's ``cu_seqlens`` (int32, over the batch's rows one after the other) when the rows hold packed
+    sequences, None when each row is one sequence.
 
     Each rank sees only its slice, so the ranks first combine what they saw in one small all-reduce, before
     any ring communication. The verdict holds for the (position_ids, mask) pair, which the model passes
-    unchanged to every layer, until the mask function runs again at the next forward: one all-reduce per
+    unchanged to every layer, until the mask function runs again at the next forward: the check runs once per
     forward, on every rank (a rank-local cache could let one rank skip a collective another enters).
     """
     if position_ids is None:
         raise ValueError("position_ids: ring attention needs the position ids the model used (the model did not "
                          "pass them to its attention); pass position_ids from shard_batch")
-    checked_positions, checked_mask = settings.checked
+    checked_positions, checked_mask, checked_cu_seqlens = settings.checked
     if checked_positions is position_ids and checked_mask is padding_mask:
-        return
+        return checked_cu_seqlens
     rank, world_size = _group_rank_and_size(settings.group)
     layout = get_layout(settings.variant)
-    layout.check(seqlen_local, world_size, causal)
-    device = position_ids.device
-    expected = layout.positions(rank, world_size, seqlen_local, device=device)
     if position_ids.shape[-1] != seqlen_local:
         raise ValueError(f"position_ids: expected {seqlen_local} per row (the local sequence), "
                          f"got shape {tuple(position_ids.shape)}")
-    # One int64 vector, reduced with MAX: [positions differ, per row: last real token, -first padding token].
+    positions = position_ids.expand(batch, seqlen_local)
+    device = positions.device
+    expected = layout.positions(rank, world_size, seqlen_local, device=device)
+    # One int64 vector, reduced with MAX: [rows are not one sequence each, per row: last real token,
+    # -first padding token].
     no_pad = 2 * world_size * seqlen_local
     facts = torch.full((1 + 2 * batch,), -no_pad, dtype=torch.int64, device=device)
-    facts[0] = int(not bool((position_ids == expected).all()))
+    facts[0] = int(not bool((positions == expected).all()))
     if padding_mask is not None:
         real = padding_mask.to(device=device, dtype=torch.bool)
         global_pos = expected.expand_as(real)
         facts[1:1 + batch] = torch.where(real, global_pos, -1).amax(dim=1)
         facts[1 + batch:] = -torch.where(real, no_pad, global_pos).amin(dim=1)
     dist.all_reduce(facts, op=dist.ReduceOp.MAX, group=settings.group)
-    if bool(facts[0]):
-        raise _packed_error(f"position_ids that differ from the positions the {settings.variant!r} layout gives "
-                            f"each rank, e.g. restart; or position_ids not from shard_batch")
+    packed = bool(facts[0])
     last_real, first_pad = facts[1:1 + batch], -facts[1 + batch:]
     if bool((first_pad < no_pad).any()):  # some rank holds padding: decide on the reduced facts, never locally
+        if packed:
+            raise NotImplementedError("attention_mask: padding together with packed sequences is not supported "
+                                      "by ring attention; pack without padding")
         if bool((last_real > first_pad).any()):
             raise NotImplementedError("attention_mask: padding before a real token (left or interior padding) is "
                                       "not supported by ring attention; pad on the right")
         if not causal:
             raise NotImplementedError("attention_mask: padding with non-causal attention is not supported by "
                                       "ring attention (real tokens would see the padding)")
-    settings.checked = (position_ids, padding_mask)
+    cu_seqlens = _packed_cu_seqlens(settings.group, positions, layout, rank, world_size) if packed else None
+    if cu_seqlens is None:
+        layout.check(seqlen_local, world_size, causal)
+    settings.checked = (position_ids, padding_mask, cu_seqlens)
+    return cu_seqlens
+
+
+def _packed_cu_seqlens(group, positions: torch.Tensor, layout, rank: int, world_size: int) -> torch.Tensor:
+    """This rank's cu_seqlens for packed rows laid out by :func:`shard_batch`.
+
+    Every rank holds the same share of each sequence, and the first rank's share of a sequence starts at
+    position 0, so the first rank's restarts are every rank's sequence boundaries: it broadcasts its position
+    ids; each rank then checks its own against the layout, and the ranks agree in one all-reduce."""
+    first = positions.contiguous().clone()
+    dist.broadcast(first, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    if not bool((first[:, 0] == 0).all()):
+        raise ValueError("position_ids: every row must start a sequence at position 0; pass position_ids from "
+                         "shard_batch")
+    lengths = []
+    for row in first:
+        bounds = torch.nonzero(row == 0).flatten().tolist() + [row.numel()]
+        lengths.extend(b - a for a, b in zip(bounds, bounds[1:]))
+    expected = torch.cat([layout.positions(rank, world_size, length, device=positions.device) for length in lengths])
+    mismatch = torch.tensor([int(not bool((positions.flatten() == expected).all()))], device=positions.device)
+    dist.all_reduce(mismatch, op=dist.ReduceOp.MAX, group=group)
+    if bool(mismatch):
+        raise ValueError(f"position_ids: they differ from the positions the {layout.name!r} layout gives each "
+                         f"rank, for one sequence per row or for packed sequences (restarting at 0); pass "
+                         f"position_ids from shard_batch with the same variant")
+    return torch.tensor([0] + lengths, device=positions.device).cumsum(0).to(torch.int32)
+
+
+def _llama3_attention(settings: _RingSettings, q, k, v, padding_mask, common: dict) -> torch.Tensor:
+    """The replaced project's mode: one packed row, rank r holding its r-th contiguous piece."""
+    if settings.llama3_params is None:
+        raise RuntimeError("update_ring_flash_attn_params: call it with the batch's cu_seqlens before the forward "
+                           "(substitute_hf_flash_attn mode)")
+    if q.shape[0] != 1:
+        raise ValueError(f"batch: substitute_hf_flash_attn expects one packed row (batch size 1), got {q.shape[0]}")
+    if padding_mask is not None:
+        raise NotImplementedError("attention_mask: padding is not supported in substitute_hf_flash_attn mode; "
+                                  "describe the packed sequences with update_ring_flash_attn_params")
+    if not common["causal"]:
+        raise NotImplementedError("causal: substitute_hf_flash_attn mode supports causal attention only")
+    cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, local_k_slice = settings.llama3_params
+    out = llama3_flash_attn_varlen_func(q[0], k[0], v[0], cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                        settings.heads_k_stride, local_k_slice, **common)
+    return out.unsqueeze(0)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -306,37 +405,31 @@ def _agree_on_inputs(settings: _RingSettings, position_ids, padding_mask, batch:
 
 
 def substitute_hf_flash_attn(process_group: dist.ProcessGroup, heads_k_stride: int) -> None:
-    """Make models loaded with ``attn_implementation="flash_attention_2"`` run ring attention on
+    """Make models loaded with ``attn_implementation="flash_attention_2"`` run context-parallel attention on
     ``process_group``, as in zhuzilin/ring-flash-attention.
 
-    Inputs are laid out as there: batch size 1, the (packed) sequence cut into contiguous equal slices in rank
-    order (our ``"ring"`` layout), causal; call :func:`update_ring_flash_attn_params` before each batch.
-    ``heads_k_stride`` sets how many K/V heads the replaced project's all-gather moved at a time (a memory
-    knob); the ring moves whole K/V blocks, so it is checked (>= 1) and otherwise has no effect.
-    On machines without flash-attn, transformers refuses ``"flash_attention_2"`` at load time: load the model
-    with ``attn_implementation="ring_attention"``, which this call configures the same way.
+    Inputs are laid out as there: batch size 1, the packed sequences cut into contiguous equal pieces in rank
+    order (sequences may cross pieces), causal; call :func:`update_ring_flash_attn_params` with the batch's
+    ``cu_seqlens`` before each forward. K/V are exchanged by all-gather ("llama3"), ``heads_k_stride`` K/V
+    heads at a time. On machines without flash-attn, transformers refuses ``"flash_attention_2"`` at load
+    time: load the model with ``attn_implementation="ring_attention"``, which this call configures the same
+    way (until :func:`register_ring_attention` is called again).
     """
-    if not isinstance(heads_k_stride, int) or heads_k_stride < 1:
+    if isinstance(heads_k_stride, bool) or not isinstance(heads_k_stride, int) or heads_k_stride < 1:
         raise ValueError(f"heads_k_stride: expected a positive int, got {heads_k_stride!r}")
     for name in (FLASH_ATTENTION_NAME, IMPLEMENTATION_NAME):
         _register(name, process_group, "ring", None)
+        _SETTINGS[name].heads_k_stride = heads_k_stride
 
 
 def update_ring_flash_attn_params(cu_seqlens: torch.Tensor, process_group: dist.ProcessGroup) -> None:
-    """Tell the substituted attention the global ``cu_seqlens`` (int, ``[n_sequences + 1]``, ``cu_seqlens[-1]``
-    = total tokens over all ranks) of the packed batch that follows, as in zhuzilin/ring-flash-attention."""
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError(f"cu_seqlens: expected a 1D tensor [0, ..., total_tokens], got {cu_seqlens!r}")
-    bounds = cu_seqlens.tolist()
-    if bounds[0] != 0 or any(b <= a for a, b in zip(bounds, bounds[1:])):
-        raise ValueError(f"cu_seqlens: expected strictly increasing offsets starting at 0, got {bounds}")
-    world_size = dist.get_world_size(process_group)
-    get_layout("ring").check_global(bounds[-1], world_size)
-    if len(bounds) > 2 and not _varlen_available():
-        raise _packed_error(f"cu_seqlens with {len(bounds) - 1} sequences")
+    """Describe the packed batch of the next forward: ``cu_seqlens`` (int32 ``[n_sequences + 1]``) over the
+    whole row, all ranks' pieces together, as in zhuzilin/ring-flash-attention."""
+    if any(_SETTINGS.get(name) is None or _SETTINGS[name].heads_k_stride is None
+           for name in (FLASH_ATTENTION_NAME, IMPLEMENTATION_NAME)):
+        raise RuntimeError("update_ring_flash_attn_params: call substitute_hf_flash_attn first")
+    rank, world_size = _group_rank_and_size(process_group)
+    params = llama3_flash_attn_prepare_cu_seqlens(cu_seqlens, True, rank, world_size)
     for name in (FLASH_ATTENTION_NAME, IMPLEMENTATION_NAME):
-        if name not in _SETTINGS:
-            raise RuntimeError("update_ring_flash_attn_params: call substitute_hf_flash_attn first")
-        # One sequence over the whole ring: the plain causal "ring" layout, whose position ids the attention
-        # checks against the model's at the next forward.
         _SETTINGS[name].group = process_group
+        _SETTINGS[name].llama3_params = params

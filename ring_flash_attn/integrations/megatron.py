@@ -114,8 +114,8 @@ class RingCoreAttention(MegatronModule):
         attention): the causal pattern follows from the ring layout's global positions.
         """
         if packed_seq_params is not None:
-            raise NotImplementedError("packed_seq_params: packed sequences need varlen ring attention, which this "
-                                      "version of ring_flash_attn does not have")
+            raise NotImplementedError("packed_seq_params: packed sequences (THD format) are not supported by "
+                                      "RingCoreAttention yet; pass one sequence per batch row")
         if attention_bias is not None:
             raise NotImplementedError("attention_bias: not supported by ring attention")
         if attn_mask_type is None:

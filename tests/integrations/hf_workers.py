@@ -97,6 +97,53 @@ def make_batch(seed: int, batch: int = BATCH, seqlen: int = SEQLEN):
     return input_ids, labels
 
 
+PACKED_LENGTHS = ((8, 16, 8), (24, 8))  # per row; every length splits into 2P equal chunks for P in (1, 2, 4)
+
+
+def make_packed_batch(seed: int, lengths_per_row=PACKED_LENGTHS):
+    """Rows of packed sequences: tokens, position ids restarting at 0 per sequence, labels shifted within each
+    sequence (-100 at each sequence's last token)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = [sum(lengths) for lengths in lengths_per_row]
+    assert len(set(rows)) == 1
+    input_ids = torch.randint(1, VOCAB, (len(lengths_per_row), rows[0]), generator=g)
+    position_ids = torch.stack([torch.cat([torch.arange(n) for n in lengths]) for lengths in lengths_per_row])
+    labels = torch.roll(input_ids, -1, dims=1)
+    labels[torch.roll(position_ids, -1, dims=1) == 0] = -100
+    return input_ids, position_ids, labels
+
+
+def packed_reference_run(model, input_ids, labels, lengths_per_row=PACKED_LENGTHS):
+    """Logits, mean loss and gradients with every packed sequence run on its own."""
+    rows = []
+    for row, lengths in enumerate(lengths_per_row):
+        bounds = [sum(lengths[:n]) for n in range(len(lengths) + 1)]
+        rows.append(torch.cat([model(input_ids=input_ids[row:row + 1, a:b]).logits
+                               for a, b in zip(bounds, bounds[1:])], dim=1))
+    logits = torch.cat(rows)
+    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+    loss.backward()
+    return logits.detach(), loss.detach(), grads_of(model)
+
+
+def packed_errors(rank, world_size, variant, seed):
+    """Packed rows through shard_batch/gather_logits (Mistral: GQA, sliding window) against every sequence
+    run on its own by the exact reference."""
+    from ring_flash_attn.integrations.hf import gather_logits, register_ring_attention, shard_batch
+
+    name = register_ring_attention(variant=variant)
+    exact, ring = make_models("mistral", seed, EXACT_EAGER, name)
+    input_ids, position_ids, labels = make_packed_batch(seed + 1)
+    ref_logits, ref_loss, ref_grads = packed_reference_run(exact, input_ids, labels)
+    local = shard_batch(input_ids, labels, position_ids, variant=variant)
+    logits_local = ring(input_ids=local["input_ids"], position_ids=local["position_ids"]).logits
+    logits = gather_logits(logits_local, variant=variant, position_ids=position_ids)
+    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+    loss.backward()
+    return {"logits": rel_err(logits, ref_logits), "loss": rel_err(loss, ref_loss),
+            "grads": worst_grad_error(reduce_grads(ring, average_over=world_size), ref_grads)}
+
+
 def grads_of(model) -> dict:
     return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
 
@@ -200,7 +247,7 @@ def bad_input_errors(rank, world_size, seed):
     packed = pos.clone()
     if rank == world_size - 1:
         packed[1, -3:] = torch.arange(3)  # a second sequence starts inside the last rank's slice
-    outcomes["packed_position_ids"] = outcome_of(lambda: ring(input_ids=ids, position_ids=packed))
+    outcomes["position_ids_not_from_shard_batch"] = outcome_of(lambda: ring(input_ids=ids, position_ids=packed))
 
     # the model then uses arange(local length) on every rank, which is not where zigzag puts the tokens
     outcomes["forgotten_position_ids"] = outcome_of(lambda: ring(input_ids=ids))
@@ -229,48 +276,52 @@ def bad_input_errors(rank, world_size, seed):
 
 
 def zhuzilin_compat_errors(rank, world_size, seed):
-    """The replaced project's flow: substitute_hf_flash_attn, update_ring_flash_attn_params(cu_seqlens) per
-    batch of batch size 1, contiguous slices, local position ids. Returns relative errors vs eager and what a
-    multi-sequence cu_seqlens raises."""
+    """The replaced project's flow: substitute_hf_flash_attn, then per packed batch of batch size 1:
+    update_ring_flash_attn_params(cu_seqlens), contiguous pieces, local position ids. Relative errors against
+    every sequence run on its own, for a model loaded as "ring_attention" and one dispatching on
+    "flash_attention_2"."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     from ring_flash_attn.integrations import substitute_hf_flash_attn, update_ring_flash_attn_params
 
     group = dist.new_group(list(range(world_size)))
     substitute_hf_flash_attn(group, heads_k_stride=1)
-    input_ids, labels = make_batch(seed + 1, batch=1)
+    lengths = (10, 15, 7)  # sequences cross the pieces' boundaries, as the replaced project allows
+    input_ids, position_ids, labels = make_packed_batch(seed + 1, (lengths,))
     results = {"flash_attention_2_substituted": ALL_ATTENTION_FUNCTIONS["flash_attention_2"].__name__}
-    update_ring_flash_attn_params(torch.tensor([0, SEQLEN], dtype=torch.int32), group)
+    cu_seqlens = torch.tensor([0, 10, 25, 32], dtype=torch.int32)
+    update_ring_flash_attn_params(cu_seqlens, group)
 
     register_exact_eager()
     exact, ring = make_models("mistral", seed, EXACT_EAGER, "ring_attention")
-    ref, _, ref_grads = reference_run(exact, input_ids, labels)
+    ref, _, ref_grads = packed_reference_run(exact, input_ids, labels, (lengths,))
 
     # Test-only shim: transformers refuses "flash_attention_2" at load time without the flash-attn package
     # (not installable on CPU), so this model is switched by setting the config field its layers dispatch on.
     flash, = make_models("mistral", seed, "eager")
     flash.config._attn_implementation = "flash_attention_2"
 
-    chunk = SEQLEN // world_size
-    mine = slice(rank * chunk, (rank + 1) * chunk)
-    position_ids = torch.arange(SEQLEN).unsqueeze(0)[:, mine]
+    piece = SEQLEN // world_size
+    mine = slice(rank * piece, (rank + 1) * piece)
     n_targets = int((labels != -100).sum())
     for model_name, model in (("ring_attention", ring), ("flash_attention_2", flash)):
-        logits_local = model(input_ids=input_ids[:, mine], position_ids=position_ids).logits
+        logits_local = model(input_ids=input_ids[:, mine], position_ids=position_ids[:, mine]).logits
         loss = F.cross_entropy(logits_local.flatten(0, 1), labels[:, mine].flatten(), reduction="sum") / n_targets
         loss.backward()
         shards = [torch.empty_like(logits_local) for _ in range(world_size)]
         dist.all_gather(shards, logits_local.detach())
         results[model_name] = {"logits": rel_err(torch.cat(shards, dim=1), ref),
                                "grads": worst_grad_error(reduce_grads(model, average_over=1), ref_grads)}
-    results["multi_sequence"] = outcome_of(
-        lambda: update_ring_flash_attn_params(torch.tensor([0, 10, SEQLEN], dtype=torch.int32), group))
+    results["batch_of_two"] = outcome_of(
+        lambda: ring(input_ids=input_ids[:, mine].repeat(2, 1), position_ids=position_ids[:, mine].repeat(2, 1)))
     return results
 
 
 def world_checks(rank, world_size, cases, misc_seed=None):
     """Every model case, and with ``misc_seed`` the other checks too: one world start for all of them."""
-    results = {"models": model_errors(rank, world_size, cases)}
+    results = {"models": model_errors(rank, world_size, cases),
+               "packed": {variant: packed_errors(rank, world_size, variant, seed)
+                          for variant, seed in (("zigzag", cases[0][2] + 500), ("ring", cases[0][2] + 600))}}
     if misc_seed is not None:
         results.update(misc_checks(rank, world_size, misc_seed))
     return results

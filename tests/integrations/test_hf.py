@@ -61,6 +61,14 @@ def test_model_matches_single_process(model_errors_by_world, world_size, case):
         assert errors["eager"][key] <= EAGER_TOL, (key, errors["eager"])
 
 
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_packed_sequences_match_each_sequence_alone(results_by_world, world_size, variant):
+    for rank_result in results_by_world[world_size]:
+        errors = rank_result["packed"][variant]
+        assert max(errors.values()) <= 1e-10, errors
+
+
 def test_report_largest_errors(model_errors_by_world, capsys):
     worst = {}
     for per_rank in model_errors_by_world.values():
@@ -87,13 +95,13 @@ def test_right_padding_is_exact_on_real_tokens(world_of_two_checks):
 
 BAD_INPUTS = {
     "left_padding": ("NotImplementedError", "left or interior padding"),
-    "packed_position_ids": ("NotImplementedError", "packed sequences"),
-    "forgotten_position_ids": ("NotImplementedError", "not from shard_batch"),
+    "position_ids_not_from_shard_batch": ("ValueError", "pass position_ids from shard_batch"),
+    "forgotten_position_ids": ("ValueError", "pass position_ids from shard_batch"),
     "custom_4d_mask": ("NotImplementedError", "4D mask"),
     "cross_attention": ("NotImplementedError", "cross-attention"),
     "seqlen_not_split": ("ValueError", "multiple of 4"),
     "head_dim_8_served": ("none", ""),
-    "head_dim_16_refused": ("ValueError", "head_dim must be 8, got 16"),
+    "head_dim_16_refused": ("NotImplementedError", "head_dim must be 8, got 16"),
     "non_causal_zigzag": ("ValueError", "causal=True"),
     "good_call_after": ("none", ""),
 }
@@ -114,8 +122,8 @@ def test_zhuzilin_helpers(world_of_two_checks):
         assert compat["flash_attention_2_substituted"] == "flash_attention_2_forward"
         for model_name in ("ring_attention", "flash_attention_2"):
             assert compat[model_name]["logits"] <= 1e-10 and compat[model_name]["grads"] <= 1e-10, compat
-        exc_type, message = compat["multi_sequence"]
-        assert exc_type == "NotImplementedError" and "packed sequences" in message, compat["multi_sequence"]
+        exc_type, message = compat["batch_of_two"]
+        assert exc_type == "ValueError" and "batch size 1" in message, compat["batch_of_two"]
 
 
 def test_version_gate_names_installed_version():

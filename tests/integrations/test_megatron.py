@@ -41,7 +41,7 @@ BAD_INPUTS = {
     "all_to_all_cp": ("ValueError", "cp_comm_type"),
     "packed_seq_params": ("NotImplementedError", "packed sequences"),
     "seqlen_not_split": ("ValueError", "must be even"),
-    "head_dim_refused": ("ValueError", "head_dim must be 8, got 16"),
+    "head_dim_refused": ("NotImplementedError", "head_dim must be 8, got 16"),
     "good_call_after": ("none", ""),
 }
 
