@@ -269,6 +269,24 @@ def bad_input_errors(rank, world_size, seed):
     outcomes["head_dim_16_refused"] = outcome_of(lambda: wide(input_ids=ids, position_ids=pos))
 
     register_ring_attention(variant="zigzag")
+
+    def generate_one_token():
+        first = ring(input_ids=ids, position_ids=pos, use_cache=True)
+        cache = first.past_key_values if hasattr(first, "past_key_values") else first.cache
+        ring(input_ids=ids[:, -1:], position_ids=pos[:, -1:] + 1, past_key_values=cache)
+
+    outcomes["kv_cache_generation"] = outcome_of(generate_one_token)
+
+    def with_attention_dropout():
+        for layer in ring.model.layers:
+            layer.self_attn.attention_dropout = 0.1
+        try:
+            ring.train()(input_ids=ids, position_ids=pos)
+        finally:
+            for layer in ring.model.layers:
+                layer.self_attn.attention_dropout = 0.0
+
+    outcomes["attention_dropout"] = outcome_of(with_attention_dropout)
     outcomes["non_causal_zigzag"] = outcome_of(
         lambda: ALL_ATTENTION_FUNCTIONS[name](attention, q, q, q, None, position_ids=pos, is_causal=False))
     outcomes["good_call_after"] = outcome_of(lambda: ring(input_ids=ids, position_ids=pos))

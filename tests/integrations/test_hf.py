@@ -103,6 +103,8 @@ BAD_INPUTS = {
     "head_dim_8_served": ("none", ""),
     "head_dim_16_refused": ("NotImplementedError", "head_dim must be 8, got 16"),
     "non_causal_zigzag": ("ValueError", "causal=True"),
+    "kv_cache_generation": ("NotImplementedError", "KV cache"),
+    "attention_dropout": ("NotImplementedError", "dropout"),
     "good_call_after": ("none", ""),
 }
 
