@@ -43,7 +43,7 @@ from ..functional import ring_attention
 from ..llama3 import llama3_flash_attn_prepare_cu_seqlens, llama3_flash_attn_varlen_func
 from ..module import gather_sequence
 from ..ring.layouts import get_layout
-from ..validation import check_unsupported
+from ..validation import check_unsupported, group_rank_and_size
 from ._versions import require_version
 
 TRANSFORMERS_MINIMUM, TRANSFORMERS_BELOW = "4.56", "6"
@@ -76,10 +76,6 @@ class _RingSettings:
 
 
 _SETTINGS: Dict[str, _RingSettings] = {}
-
-
-def _group_rank_and_size(group):
-    return dist.get_rank(group), dist.get_world_size(group)
 
 
 def _sequence_lengths(position_ids: torch.Tensor) -> list:
@@ -149,7 +145,7 @@ def shard_batch(input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
     local slices then needs no shift (transformers' ``model(labels=...)`` shifts again: do not pass them
     there). ``attention_mask`` (1 = token, 0 = padding) may mark right padding only, without packing.
     """
-    rank, world_size = _group_rank_and_size(group)
+    rank, world_size = group_rank_and_size(group)
     layout = get_layout(variant)
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids: expected [batch, seqlen], got shape {tuple(input_ids.shape)}")
@@ -183,7 +179,7 @@ def gather_logits(logits_local: torch.Tensor, *, variant: str = "zigzag",
         return gather_sequence(logits_local, variant, group, dim=1)
     from torch.distributed.nn.functional import all_gather
 
-    _, world_size = _group_rank_and_size(group)
+    _, world_size = group_rank_and_size(group)
     order = _token_order(position_ids, get_layout(variant), world_size).flatten(1)
     gathered = torch.cat(all_gather(logits_local.contiguous(), group=group), dim=1)
     index = order.argsort(dim=1).view(*order.shape, *([1] * (logits_local.dim() - 2)))
@@ -222,7 +218,9 @@ def _make_mask(name: str):
             raise NotImplementedError(f"mask: chunked attention (config.attention_chunk_size="
                                       f"{config.attention_chunk_size}) is not supported by ring attention")
         if mask_function is not None and (config is None or getattr(config, "is_causal", True)):
-            _check_no_future_keys(mask_function, batch_size, q_length, attention_mask)
+            device = kwargs.get("device") or next(
+                (t.device for t in (cache_position, attention_mask) if t is not None), None)
+            _check_no_future_keys(mask_function, batch_size, q_length, device)
         if attention_mask is None or bool(attention_mask.all()):
             return None
         return attention_mask
@@ -231,14 +229,12 @@ def _make_mask(name: str):
     return ring_attention_mask
 
 
-def _check_no_future_keys(mask_function, batch_size: int, seqlen: int, attention_mask) -> None:
+def _check_no_future_keys(mask_function, batch_size: int, seqlen: int, device) -> None:
     """A causal model's mask must hide the next token from every token. Probing the super-diagonal costs O(S)
     and catches overlays that open the future (e.g. bidirectional blocks), which the ring cannot honour."""
     if seqlen < 2:
         return
-    q_idx = torch.arange(seqlen - 1)
-    device = attention_mask.device if attention_mask is not None else None
-    q_idx = q_idx.to(device)
+    q_idx = torch.arange(seqlen - 1, device=device)
     batch_idx = torch.arange(batch_size, device=device).unsqueeze(1)
     head_idx = torch.zeros((), dtype=torch.long, device=device)
     try:
@@ -319,7 +315,7 @@ def _agree_on_inputs(settings: _RingSettings, position_ids, padding_mask, batch:
     checked_positions, checked_mask, checked_cu_seqlens = settings.checked
     if checked_positions is position_ids and checked_mask is padding_mask:
         return checked_cu_seqlens
-    rank, world_size = _group_rank_and_size(settings.group)
+    rank, world_size = group_rank_and_size(settings.group)
     layout = get_layout(settings.variant)
     if position_ids.shape[-1] != seqlen_local:
         raise ValueError(f"position_ids: expected {seqlen_local} per row (the local sequence), "
@@ -428,7 +424,7 @@ def update_ring_flash_attn_params(cu_seqlens: torch.Tensor, process_group: dist.
     if any(_SETTINGS.get(name) is None or _SETTINGS[name].heads_k_stride is None
            for name in (FLASH_ATTENTION_NAME, IMPLEMENTATION_NAME)):
         raise RuntimeError("update_ring_flash_attn_params: call substitute_hf_flash_attn first")
-    rank, world_size = _group_rank_and_size(process_group)
+    rank, world_size = group_rank_and_size(process_group)
     params = llama3_flash_attn_prepare_cu_seqlens(cu_seqlens, True, rank, world_size)
     for name in (FLASH_ATTENTION_NAME, IMPLEMENTATION_NAME):
         _SETTINGS[name].group = process_group

@@ -11,6 +11,7 @@ Tolerances (relative Frobenius errors, float64 models):
 import os
 
 import pytest
+import torch
 
 pytest.importorskip("transformers", reason="transformers is not installed (pip install .[hf])")
 
@@ -126,6 +127,35 @@ def test_zhuzilin_helpers(world_of_two_checks):
             assert compat[model_name]["logits"] <= 1e-10 and compat[model_name]["grads"] <= 1e-10, compat
         exc_type, message = compat["batch_of_two"]
         assert exc_type == "ValueError" and "batch size 1" in message, compat["batch_of_two"]
+
+
+def test_mask_function_refuses_what_the_ring_cannot_honour():
+    """The mask function runs on each rank without communication; it refuses masks beyond causal, sliding
+    window and padding, and KV caches."""
+    from types import SimpleNamespace
+
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, causal_mask_function
+
+    from ring_flash_attn.integrations.hf import register_ring_attention
+
+    mask = ALL_MASK_ATTENTION_FUNCTIONS[register_ring_attention()]
+    plain = dict(kv_length=8, q_length=8, mask_function=causal_mask_function)
+    assert mask(2, **plain) is None
+    padding = torch.ones(2, 8, dtype=torch.bool)
+    assert mask(2, **plain, attention_mask=padding) is None
+    padding[1, -2:] = False
+    assert mask(2, **plain, attention_mask=padding) is padding
+
+    def bidirectional_block(batch_idx, head_idx, q_idx, kv_idx):
+        return causal_mask_function(batch_idx, head_idx, q_idx, kv_idx) | ((q_idx < 4) & (kv_idx < 4))
+
+    cases = {"see a later token": dict(plain, mask_function=bidirectional_block),
+             "overlay": dict(plain, use_vmap=True),
+             "chunked attention": dict(plain, config=SimpleNamespace(attention_chunk_size=4, is_causal=True)),
+             "KV cache": dict(plain, kv_length=12, kv_offset=0, q_offset=4)}
+    for text, kwargs in cases.items():
+        with pytest.raises(NotImplementedError, match=text):
+            mask(2, **kwargs)
 
 
 def test_version_gate_names_installed_version():
