@@ -176,6 +176,10 @@ def gather_logits(logits_local: torch.Tensor, *, variant: str = "zigzag",
     the local slices (divided by the global token count) needs no gather at all.
     """
     if position_ids is None:
+        last_forward = _SETTINGS.get(IMPLEMENTATION_NAME)
+        if last_forward is not None and last_forward.checked[2] is not None:
+            raise ValueError("position_ids: the last forward ran packed sequences; pass the full batch's "
+                             "position_ids so that each sequence is put back in order")
         return gather_sequence(logits_local, variant, group, dim=1)
     from torch.distributed.nn.functional import all_gather
 

@@ -141,7 +141,8 @@ def packed_errors(rank, world_size, variant, seed):
     loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
     loss.backward()
     return {"logits": rel_err(logits, ref_logits), "loss": rel_err(loss, ref_loss),
-            "grads": worst_grad_error(reduce_grads(ring, average_over=world_size), ref_grads)}
+            "grads": worst_grad_error(reduce_grads(ring, average_over=world_size), ref_grads),
+            "gather_without_position_ids": outcome_of(lambda: gather_logits(logits_local, variant=variant))}
 
 
 def grads_of(model) -> dict:
