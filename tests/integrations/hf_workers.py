@@ -97,6 +97,7 @@ def make_batch(seed: int, batch: int = BATCH, seqlen: int = SEQLEN):
     return input_ids, labels
 
 
+PACKED_VARIANTS = ("zigzag", "ring", "stripe")
 PACKED_LENGTHS = ((8, 16, 8), (24, 8))  # per row; every length splits into 2P equal chunks for P in (1, 2, 4)
 
 
@@ -339,8 +340,8 @@ def zhuzilin_compat_errors(rank, world_size, seed):
 def world_checks(rank, world_size, cases, misc_seed=None):
     """Every model case, and with ``misc_seed`` the other checks too: one world start for all of them."""
     results = {"models": model_errors(rank, world_size, cases),
-               "packed": {variant: packed_errors(rank, world_size, variant, seed)
-                          for variant, seed in (("zigzag", cases[0][2] + 500), ("ring", cases[0][2] + 600))}}
+               "packed": {variant: packed_errors(rank, world_size, variant, cases[0][2] + 500 + n)
+                          for n, variant in enumerate(PACKED_VARIANTS)}}
     if misc_seed is not None:
         results.update(misc_checks(rank, world_size, misc_seed))
     return results
