@@ -14,20 +14,37 @@ from setuptools import find_packages, setup
 
 
 def sycl_extensions():
-    """The SYCL extension, when asked for with BUILD_SYCL=1; [] otherwise."""
+    """The SYCL extension ``ring_flash_attn._sycl`` when BUILD_SYCL=1 (docs/sycl.md); nothing otherwise.
+
+    Needs icpx on PATH (oneAPI DPC++/C++) and a PyTorch built with XPU support, and
+    is meant for ``pip install --no-build-isolation`` so that this torch is the one
+    the extension is built against. Architectures come from TORCH_XPU_ARCH_LIST
+    (e.g. ``pvc,bmg``), which torch's SyclExtension reads itself; without it torch
+    compiles for the architectures its own wheel targets.
+    """
     if os.environ.get("BUILD_SYCL", "0") != "1":
         return [], {}
-    compiler = os.environ.get("CXX") or shutil.which("icpx")
-    if not compiler or not shutil.which(compiler):
-        sys.exit("BUILD_SYCL=1 but no SYCL compiler was found: install the Intel oneAPI DPC++/C++ compiler "
-                 "and `source /opt/intel/oneapi/setvars.sh` (or set CXX to icpx).")
+    if shutil.which("icpx") is None:
+        sys.exit("BUILD_SYCL=1 but the SYCL compiler icpx is not on PATH: install the Intel oneAPI DPC++/C++ "
+                 "compiler and `source /opt/intel/oneapi/setvars.sh` (docs/sycl.md).")
+    try:
+        import torch
+    except ImportError:
+        sys.exit("BUILD_SYCL=1 needs torch importable at build time: `pip install --no-build-isolation .`")
+    if not torch.xpu._is_compiled():
+        sys.exit(f"BUILD_SYCL=1 but torch {torch.__version__} was built without XPU support; install an XPU "
+                 "build of torch (https://pytorch.org/get-started/locally/, 'XPU').")
     from torch.utils.cpp_extension import BuildExtension, SyclExtension
 
-    sources = sorted(glob.glob("csrc/sycl/*.cpp") + glob.glob("csrc/sycl/*.sycl"))
+    defines = ["-DRFA_INTEL_EXTENSIONS=1"]
+    if os.environ.get("RFA_JOINT_MATRIX", "0") == "1":  # XMX scores in the forward; never compiled yet
+        defines.append("-DRFA_JOINT_MATRIX=1")
+    arch = os.environ.get("TORCH_XPU_ARCH_LIST") or "torch's default (" + ",".join(torch.xpu.get_arch_list()) + ")"
+    print(f"ring_flash_attn: building the SYCL kernels with icpx for {arch}; {' '.join(defines)}")
     ext = SyclExtension(
         "ring_flash_attn._sycl",
-        sources,
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "sycl": ["-O3", "-DRFA_INTEL_EXTENSIONS=1"]},
+        sorted(glob.glob("csrc/sycl/*.cpp") + glob.glob("csrc/sycl/*.sycl")),  # ops.cpp, flash_attn.sycl
+        extra_compile_args={"cxx": ["-O3", *defines], "sycl": ["-O3", *defines]},
     )
     return [ext], {"build_ext": BuildExtension}
 
@@ -46,7 +63,11 @@ setup(
     install_requires=["torch>=2.8", "pyyaml>=6", "tqdm>=4.66"],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6", "numpy"],
-        "triton": ["triton>=3.2"],
+        # 3.6.0 ran the kernels on H100 (benchmarks/RESULTS.md). CPU CI interprets them
+        # (TRITON_INTERPRET=1) and needs triton==3.7.1 there: the 3.5/3.6 interpreter breaks with
+        # numpy >= 2.4 (triton-lang/triton#9171). Its bfloat16 dots are wrong in 3.7.1 too; the
+        # kernels upcast them when interpreted.
+        "triton": ["triton>=3.6"],
         "hf": ["transformers>=4.56,<6"],
         "megatron": ["megatron-core>=0.15,<0.17"],
         "plot": ["matplotlib>=3.8"],

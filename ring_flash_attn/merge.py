@@ -12,7 +12,19 @@ and 0 again, not NaN (``exp(-inf - -inf)``), hence the guard below.
 
 from __future__ import annotations
 
+import functools
+
 import torch
+
+
+@functools.lru_cache(maxsize=None)
+def _fused_merge():
+    """The one-kernel Triton merge, or None where Triton is not installed."""
+    try:
+        from .kernels.triton_merge import triton_merge_into
+    except ImportError:
+        return None
+    return triton_merge_into
 
 
 def merge_into(out_acc: torch.Tensor, lse_acc: torch.Tensor, out_block: torch.Tensor, lse_block: torch.Tensor) -> None:
@@ -21,7 +33,20 @@ def merge_into(out_acc: torch.Tensor, lse_acc: torch.Tensor, out_block: torch.Te
     out_acc ``[B, S, H, D]`` float32/64, lse_acc ``[B, H, S]`` of the same dtype;
     out_block/lse_block the block's result for the same rows (any float dtype).
     Both accumulators may be views (slices of larger buffers).
+
+    On a GPU with Triton installed this is one fused kernel (a single pass over
+    the accumulator); elsewhere, and for float64, the eager form below.
     """
+    if (out_acc.device.type != "cpu" and out_acc.dtype == torch.float32 and out_acc.stride(-1) == 1
+            and lse_acc.stride(-1) == 1 and _fused_merge() is not None):
+        _fused_merge()(out_acc, lse_acc, out_block, lse_block)
+        return
+    merge_into_eager(out_acc, lse_acc, out_block, lse_block)
+
+
+def merge_into_eager(out_acc: torch.Tensor, lse_acc: torch.Tensor, out_block: torch.Tensor,
+                     lse_block: torch.Tensor) -> None:
+    """:func:`merge_into` in plain PyTorch ops: any device, any float dtype."""
     lse_block = lse_block.to(lse_acc.dtype)
     lse_new = torch.logaddexp(lse_acc, lse_block)
     # exp(l - lse_new) with lse_new = -inf would be NaN; any finite stand-in gives weight 0 there.

@@ -86,7 +86,19 @@ def init_distributed(device_type: Optional[str] = None, backend: Optional[str] =
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", DEFAULT_MASTER_ADDR)
         os.environ.setdefault("MASTER_PORT", DEFAULT_MASTER_PORT)
-        dist.init_process_group(
-            backend=choose_backend(device_type, backend), rank=info.rank, world_size=info.world_size,
-            timeout=timedelta(seconds=timeout_s), init_method="env://")
+        timeout = timedelta(seconds=timeout_s)
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if info.launcher == "torchrun" and attempt is not None:
+            # torchrun hands every restart attempt the same store, and env:// (torch 2.13) does not
+            # namespace its keys by attempt: after a restart, ranks would read the dead attempt's gloo
+            # addresses and fail to connect. A per-attempt prefix keeps attempts apart.
+            hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" and info.rank == 0
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), info.world_size,
+                                  is_master=hosts_store, timeout=timeout)
+            dist.init_process_group(choose_backend(device_type, backend),
+                                    store=dist.PrefixStore(f"ring_flash_attn/attempt_{attempt}", store),
+                                    rank=info.rank, world_size=info.world_size, timeout=timeout)
+        else:
+            dist.init_process_group(backend=choose_backend(device_type, backend), rank=info.rank,
+                                    world_size=info.world_size, timeout=timeout, init_method="env://")
     return info, device

@@ -1,7 +1,7 @@
 """Local attention kernels: one contract (:mod:`.base`), several backends.
 
-Automatic choice walks :data:`PREFERENCE` for the device type and takes the
-first backend that can serve the call; ``backend=`` or the environment variable
+Automatic choice walks :data:`PREFERENCE` (:data:`BAND_PREFERENCE` for calls with a
+band mask) for the device type and takes the first backend that can serve the call; ``backend=`` or the environment variable
 ``RING_FLASH_ATTN_BACKEND`` forces one, and an explicit choice that cannot
 serve the call raises NotImplementedError naming the backend and the reason,
 never a silent fallback.
@@ -12,10 +12,10 @@ from __future__ import annotations
 import os
 from typing import Dict, Optional
 
-
 from .base import Features, KernelBackend
 from .reference import ReferenceBackend
 from .sdpa import SdpaBackend
+from .sycl import SyclBackend
 
 ENV_VAR = "RING_FLASH_ATTN_BACKEND"
 
@@ -25,8 +25,38 @@ _REGISTRY: Dict[str, KernelBackend] = {}
 PREFERENCE: Dict[str, tuple] = {
     "cpu": ("sdpa", "reference"),
     "cuda": ("sdpa", "reference"),
-    "xpu": ("sdpa", "reference"),
+    # sycl after sdpa: PyTorch's XPU flash op (SYCL-TLA) serves plain fp16/bf16, and is
+    # presumably faster than our kernels, but nobody has measured either on an Intel GPU
+    # (none is reachable from this project). sycl serves what sdpa cannot there: float32
+    # and softcap.
+    "xpu": ("sdpa", "sycl", "reference"),
 }
+
+# Calls with a band mask (anything but none / top-left causal on a square block): PyTorch's fast fused
+# ops cannot take them, so the sdpa backend would fall back to the memory-efficient op with a dense
+# [Sq, Sk] bias. There the Triton kernels go first. Measured on one H100 80GB HBM3, torch 2.11.0+cu130,
+# triton 3.6.0, bf16, 32/8 heads, head dim 128, 4096 x 4096 block, causal band offset by half a block
+# (benchmarks/step_parts.py): forward 0.79 ms triton vs 2.55 ms sdpa, backward 3.98 vs 6.21 ms; and in
+# half precision the efficient op's backward is wrong given the ring's global LSE (see sdpa.py), so
+# sdpa declines those calls anyway.
+# Not here: float32 on CUDA stays with sdpa (efficient op 6.2 ms vs triton 67 ms forward, 19.6 vs 103 ms
+# backward: Triton's exact float32 products run without tensor cores); plain bands stay with sdpa
+# (cuDNN 0.47 ms vs triton 0.75 ms forward, 1.36 vs 4.19 ms backward at 4096; the separate merge costs
+# 0.12 ms, see benchmarks/RESULTS.md).
+# On XPU (unmeasured: no Intel GPU here) PyTorch's flash op takes no band at all. The SYCL kernels take
+# any band; they come after Triton, as on CUDA, and serve bands where Triton is not installed. Neither
+# has been timed against the other on an Intel GPU.
+BAND_PREFERENCE: Dict[str, tuple] = {
+    "cuda": ("triton", "sdpa", "reference"),
+    "xpu": ("triton", "sycl", "sdpa", "reference"),
+}
+
+
+def preference(features: Features) -> tuple:
+    """Backend names in the order automatic selection tries them for ``features``."""
+    if features.band and features.device_type in BAND_PREFERENCE:
+        return BAND_PREFERENCE[features.device_type]
+    return PREFERENCE.get(features.device_type, ("reference",))
 
 
 def register_backend(backend: KernelBackend, *, prefer_on: tuple = ()) -> None:
@@ -58,7 +88,7 @@ def select_backend(features: Features, name: Optional[str] = None) -> KernelBack
             raise NotImplementedError(f"backend: {name!r} cannot serve this call: {reason}")
         return backend
     reasons = []
-    for candidate in PREFERENCE.get(features.device_type, ("reference",)):
+    for candidate in preference(features):
         backend = _REGISTRY.get(candidate)
         if backend is None:
             continue
@@ -71,6 +101,13 @@ def select_backend(features: Features, name: Optional[str] = None) -> KernelBack
 
 register_backend(ReferenceBackend())
 register_backend(SdpaBackend())
+register_backend(SyclBackend())  # placed in PREFERENCE / BAND_PREFERENCE["xpu"] above, never first
+try:
+    from .triton_attention import TritonBackend
+except ImportError:  # Triton is an optional extra ("pip install ring-attention-xpu[triton]")
+    TritonBackend = None
+if TritonBackend is not None:
+    register_backend(TritonBackend())
 
 __all__ = ["Features", "KernelBackend", "available_backends", "get_backend", "register_backend", "select_backend",
-           "PREFERENCE", "ENV_VAR"]
+           "preference", "PREFERENCE", "BAND_PREFERENCE", "ENV_VAR"]

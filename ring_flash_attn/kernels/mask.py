@@ -73,6 +73,16 @@ class Band:
         """True when the band is exactly the ``is_causal=True`` mask of PyTorch's fused ops."""
         return self.lo == 0 and self.hi is None and self.offset == 0 and seqlen_q == seqlen_k
 
+    def causal_shift(self, seqlen_q: int, seqlen_k: int) -> Optional[int]:
+        """``s`` if this band is exactly "row i sees keys j <= i - s" on a square block, else None.
+
+        ``s = 0`` is PyTorch's ``is_causal=True``; ``s = 1`` (the stripe layout's steps from later
+        ranks) is the same mask on ``q[1:]`` against ``k[:-1]``, so fused causal ops serve both.
+        """
+        if self.lo is None or self.hi is not None or seqlen_q != seqlen_k:
+            return None
+        return self.lo - self.offset
+
     def dense(self, seqlen_q: int, seqlen_k: int, device=None) -> torch.Tensor:
         """Boolean [seqlen_q, seqlen_k] mask, True where the key is visible."""
         i = torch.arange(seqlen_q, device=device).unsqueeze(1)

@@ -3,8 +3,10 @@
 * CPU: ``_scaled_dot_product_flash_attention_for_cpu`` (float32/64, bf16, fp16;
   any band mask through ``attn_mask``).
 * CUDA: cuDNN (``_scaled_dot_product_cudnn_attention``) or FlashAttention-2
-  (``_scaled_dot_product_flash_attention``) for bf16/fp16 without a band; the
-  memory-efficient op with an additive bias for bands and float32.
+  (``_scaled_dot_product_flash_attention``) for bf16/fp16 without a band, GQA
+  native; the memory-efficient op (K/V heads repeated) for float32, with an
+  additive bias for bands. Half-precision bands are declined (see
+  ``unsupported_reason``).
 * XPU (torch >= 2.10): ``_scaled_dot_product_flash_attention`` (SYCL-TLA) for
   bf16/fp16 without a band; nothing else (the ``sycl`` backend covers the rest).
 
@@ -13,6 +15,7 @@ The ops take ``[B, H, S, D]``; we pass transposed views of the flash layout.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -35,14 +38,31 @@ def _bias(band, sq, sk, device, dtype):
     return torch.zeros(sq, sk, device=device, dtype=dtype).masked_fill_(~visible, float("-inf"))
 
 
+def _aligned_bias(band, sq, sk, batch, heads, device, dtype):
+    """The additive mask as the CUDA memory-efficient op wants it: 4-D, its rows 16-element aligned.
+
+    The op reads the bias through its strides and rejects rows whose stride is not
+    a multiple of 16 elements; like PyTorch's own sdpa, we pad the allocation and
+    pass a view.
+    """
+    padded = -(-sk // 16) * 16
+    storage = torch.zeros(sq, padded, device=device, dtype=dtype)
+    storage[:, :sk].masked_fill_(~band.dense(sq, sk, device=device), float("-inf"))
+    return storage[:, :sk].expand(batch, heads, sq, sk)
+
+
+@functools.lru_cache(maxsize=None)
+def _cudnn_preferred(device_index: int) -> bool:
+    # Cached: it runs on every ring step, and at 4k tokens per rank the host's time per step matters.
+    return torch.backends.cudnn.is_available() and torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
 def _cuda_fused_op() -> str:
     """cuDNN is the faster op on Hopper (shared/anchors: 604 vs 343 TFLOP/s fwd at 16k); allow an override."""
     choice = os.environ.get("RING_FLASH_ATTN_SDPA_OP", "")
     if choice in ("cudnn", "flash"):
         return choice
-    if torch.backends.cudnn.is_available() and torch.cuda.get_device_capability()[0] >= 9:
-        return "cudnn"
-    return "flash"
+    return "cudnn" if _cudnn_preferred(torch.cuda.current_device()) else "flash"
 
 
 class SdpaBackend(KernelBackend):
@@ -62,6 +82,12 @@ class SdpaBackend(KernelBackend):
                 return f"the CUDA fused ops do not take {f.dtype}"
             if f.head_dim % 8 or f.head_dim > 256:
                 return f"the CUDA fused ops need head_dim a multiple of 8 and <= 256, got {f.head_dim}"
+            if f.band and f.dtype in _HALF:
+                # Measured on H100, torch 2.11 (benchmarks/efficient_bias_probe.py, tests/gpu): given an LSE it
+                # did not compute itself (the ring's global one), the memory-efficient op's half-precision
+                # backward returns wrong dQ/dK (rel. err 0.13 to inf); float32 is right.
+                return ("a band mask in half precision needs the memory-efficient op, whose half-precision "
+                        "backward is wrong given the ring's global LSE (torch 2.11); use the triton backend")
             return None
         if f.device_type == "xpu":
             if not hasattr(aten, "_scaled_dot_product_flash_attention"):
@@ -79,6 +105,11 @@ class SdpaBackend(KernelBackend):
             raise NotImplementedError("softcap: the sdpa backend cannot apply logit soft-capping")
         band = band_of(causal, window, q_offset, k_offset)
         sq, sk = q.shape[1], k.shape[1]
+        if band.causal_shift(sq, sk) == 1 and sq > 1:
+            # Row i sees keys j < i: causal attention of q[1:] over k[:-1]; row 0 sees nothing.
+            out, lse = self.forward(q[:, 1:], k[:, :-1], v[:, :-1], scale=scale, causal=True)
+            return (torch.cat([torch.zeros_like(q[:, :1]), out], dim=1),
+                    torch.nn.functional.pad(lse, (1, 0), value=float("-inf")))
         is_causal = band.is_top_left_causal(sq, sk)
         plain = band.unbounded or is_causal
         if q.device.type == "cpu":
@@ -88,15 +119,18 @@ class SdpaBackend(KernelBackend):
             out = _bhsd(out)
         else:
             groups = q.shape[2] // k.shape[2]
-            qh, kh, vh = _bhsd(q), _bhsd(repeat_kv(k, groups)), _bhsd(repeat_kv(v, groups))
+            qh = _bhsd(q)
             if plain and q.dtype in _HALF and q.device.type == "cuda" and _cuda_fused_op() == "cudnn":
+                # cuDNN and FA2 take fewer K/V heads as they are (GQA): no repeated copy of K/V.
                 out, lse = aten._scaled_dot_product_cudnn_attention(
-                    qh, kh, vh, None, True, 0.0, is_causal, False, scale=scale)[:2]
+                    qh, _bhsd(k), _bhsd(v), None, True, 0.0, is_causal, False, scale=scale)[:2]
                 lse = lse.reshape(lse.shape[0], lse.shape[1], sq)
             elif plain and q.dtype in _HALF:
-                out, lse = aten._scaled_dot_product_flash_attention(qh, kh, vh, 0.0, is_causal, False, scale=scale)[:2]
+                out, lse = aten._scaled_dot_product_flash_attention(
+                    qh, _bhsd(k), _bhsd(v), 0.0, is_causal, False, scale=scale)[:2]
             else:
-                bias = None if plain else _bias(band, sq, sk, q.device, q.dtype)
+                kh, vh = _bhsd(repeat_kv(k, groups)), _bhsd(repeat_kv(v, groups))
+                bias = None if plain else _aligned_bias(band, sq, sk, q.shape[0], q.shape[2], q.device, q.dtype)
                 out, lse = aten._scaled_dot_product_efficient_attention(
                     qh, kh, vh, bias, True, 0.0, is_causal and bias is None, scale=scale)[:2]
                 lse = lse[..., :sq]
@@ -116,6 +150,11 @@ class SdpaBackend(KernelBackend):
             raise NotImplementedError("softcap: the sdpa backend cannot apply logit soft-capping")
         band = band_of(causal, window, q_offset, k_offset)
         sq, sk = q.shape[1], k.shape[1]
+        if band.causal_shift(sq, sk) == 1 and sq > 1:
+            dq, dk, dv = self.backward(dout[:, 1:], q[:, 1:], k[:, :-1], v[:, :-1], out[:, 1:], lse[:, :, 1:],
+                                       scale=scale, causal=True)
+            return (torch.cat([torch.zeros_like(q[:, :1]), dq], dim=1),
+                    torch.cat([dk, torch.zeros_like(k[:, :1])], dim=1), torch.cat([dv, torch.zeros_like(v[:, :1])], dim=1))
         is_causal = band.is_top_left_causal(sq, sk)
         plain = band.unbounded or is_causal
         lse = lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
@@ -129,23 +168,26 @@ class SdpaBackend(KernelBackend):
             return _bhsd(dq), _bhsd(dk), _bhsd(dv)
 
         groups = q.shape[2] // k.shape[2]
-        qh, kh, vh = _bhsd(q), _bhsd(repeat_kv(k, groups)), _bhsd(repeat_kv(v, groups))
-        douth, outh = _bhsd(dout), _bhsd(out)
-        empty = torch.empty(0, device=q.device)
+        qh, douth, outh = _bhsd(q), _bhsd(dout), _bhsd(out)
         seed = torch.zeros((), dtype=torch.int64, device=q.device)
+        # cum_seq_q/k = None: not variable-length (an empty tensor would select the varlen kernels).
         if plain and q.dtype in _HALF and q.device.type == "cuda" and _cuda_fused_op() == "cudnn":
             dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(
-                douth, qh, kh, vh, outh, lse.unsqueeze(-1), seed, seed, None, empty, empty, sq, sk, 0.0, is_causal,
-                scale=scale)
+                douth, qh, _bhsd(k), _bhsd(v), outh, lse.unsqueeze(-1), seed, seed, None, None, None, sq, sk, 0.0,
+                is_causal, scale=scale)
         elif plain and q.dtype in _HALF:
             dq, dk, dv = aten._scaled_dot_product_flash_attention_backward(
-                douth, qh, kh, vh, outh, lse, empty, empty, sq, sk, 0.0, is_causal, seed, seed, scale=scale)
+                douth, qh, _bhsd(k), _bhsd(v), outh, lse, None, None, sq, sk, 0.0, is_causal, seed, seed,
+                scale=scale)
         else:
-            bias = None if plain else _bias(band, sq, sk, q.device, q.dtype)
+            kh, vh = _bhsd(repeat_kv(k, groups)), _bhsd(repeat_kv(v, groups))
+            bias = None if plain else _aligned_bias(band, sq, sk, q.shape[0], q.shape[2], q.device, q.dtype)
             padded = -(-sq // _EFFICIENT_LSE_ALIGN) * _EFFICIENT_LSE_ALIGN
             lse_padded = torch.nn.functional.pad(lse, (0, padded - sq))
             dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
                 douth, qh, kh, vh, bias, outh, lse_padded, seed, seed, 0.0, [True, True, True, False],
                 is_causal and bias is None, scale=scale)
         dq, dk, dv = _bhsd(dq), _bhsd(dk), _bhsd(dv)
-        return dq, sum_kv_groups(dk, groups), sum_kv_groups(dv, groups)
+        if dk.shape[2] != k.shape[2]:  # gradients of repeated K/V heads: sum each group
+            dk, dv = sum_kv_groups(dk, groups), sum_kv_groups(dv, groups)
+        return dq, dk, dv

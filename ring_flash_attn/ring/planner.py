@@ -114,8 +114,8 @@ def plan_step(layout: Layout, rank: int, src: int, world_size: int, seqlen_local
 
 
 def needs_band_mask(tasks) -> bool:
-    """Whether any of these kernel calls needs a mask beyond "none" or top-left causal on a square block
+    """Whether any of these kernel calls needs a mask beyond "none" or (shifted) causal on a square block
     (which decides whether PyTorch's fused GPU ops can serve the call)."""
-    return any(task.band is not None and not task.band.is_top_left_causal(task.q_stop - task.q_start,
-                                                                          task.k_stop - task.k_start)
+    return any(task.band is not None
+               and task.band.causal_shift(task.q_stop - task.q_start, task.k_stop - task.k_start) not in (0, 1)
                for task in tasks)

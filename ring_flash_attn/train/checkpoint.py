@@ -1,0 +1,193 @@
+"""Checkpoints with ``torch.distributed.checkpoint`` that are either complete or ignored, never half-read.
+
+A checkpoint is a directory ``step_00000040`` holding:
+
+* the DCP files of the model and the optimizer (each replicated tensor written once),
+* ``rng_rank00000.pt`` ... one per rank: that rank's RNG states,
+* ``train_state.json``: step, data position, data fingerprint, mesh shape,
+* ``manifest.json``: size and CRC32 of every other file, written last.
+
+Saving writes into ``step_00000040.partial`` and renames it only once every
+rank's files and the manifest are on disk, so a crash mid-save leaves a
+``.partial`` directory that is never loaded (and is removed by the next save),
+and an existing checkpoint is never overwritten. Loading checks the manifest
+(on rank 0, verdict shared with every rank) before DCP reads a byte, so a
+corrupt checkpoint fails on every rank with the same message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+MANIFEST = "manifest.json"
+TRAIN_STATE = "train_state.json"
+PARTIAL_SUFFIX = ".partial"
+_NAME = re.compile(r"^step_(\d{8})$")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainState:
+    step: int                 # optimizer steps completed
+    samples_consumed: int     # data position: the next sample index is this
+    data_fingerprint: str     # the packed corpus this run reads; resuming on other data is refused
+    dp_size: int
+    cp_size: int
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if device.type != "cpu":
+        state["device"] = getattr(torch, device.type).get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if device.type != "cpu" and "device" in state:
+        getattr(torch, device.type).set_rng_state(state["device"], device)
+
+
+def list_checkpoints(root: Path) -> List[Tuple[int, Path]]:
+    """Every ``step_N`` directory under ``root`` (complete or not: that is for ``verify`` to say), by step."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _NAME.match(p.name))]
+    return sorted(found)
+
+
+def verify(path: Path, check_crc: bool) -> Optional[str]:
+    """Why ``path`` is not a loadable checkpoint, or None when it is."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        return f"checkpoint {path}: no {MANIFEST}, so it was never completed"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (ValueError, KeyError) as exc:
+        return f"checkpoint {path}: {MANIFEST} is unreadable ({exc})"
+    for name, expected in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"checkpoint {path}: file {name} is missing"
+        size = file.stat().st_size
+        if size != expected["size"]:
+            return f"checkpoint {path}: file {name} has {size} bytes, the manifest says {expected['size']}"
+        if check_crc and _crc32(file) != expected["crc32"]:
+            return f"checkpoint {path}: file {name} does not match its CRC32 in the manifest (corrupt)"
+    return None
+
+
+def _model_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    model_state, optim_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optim": optim_state}
+
+
+def save(root: Path, state: TrainState, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
+         keep: int) -> Path:
+    """Write checkpoint ``step_<state.step>`` under ``root``; every rank calls this. Returns its path."""
+    rank = dist.get_rank()
+    final = root / checkpoint_name(state.step)
+    partial = final.with_name(final.name + PARTIAL_SUFFIX)
+    problem = None
+    if rank == 0:
+        if final.exists():
+            problem = f"checkpoint {final} already exists; refusing to overwrite it"
+        else:
+            shutil.rmtree(partial, ignore_errors=True)  # left by a crash during an earlier save
+            partial.mkdir(parents=True)
+    _raise_on_every_rank(problem)
+
+    dcp.save(_model_optimizer_state(model, optimizer), checkpoint_id=str(partial))
+    torch.save(_rng_state(device), partial / f"rng_rank{rank:05d}.pt")
+    dist.barrier()
+    if rank == 0:
+        (partial / TRAIN_STATE).write_text(json.dumps(asdict(state), indent=1))
+        files = {p.name: {"size": p.stat().st_size, "crc32": _crc32(p)} for p in sorted(partial.iterdir())}
+        for name in files:  # the data must be durable before the rename makes the checkpoint visible
+            with open(partial / name, "rb") as handle:
+                os.fsync(handle.fileno())
+        (partial / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+        with open(partial / MANIFEST, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.rename(partial, final)
+        _fsync_dir(root)
+        for _, old in list_checkpoints(root)[:-keep]:
+            shutil.rmtree(old)
+    dist.barrier()
+    return final
+
+
+def _raise_on_every_rank(problem: Optional[str]) -> None:
+    """Share rank 0's verdict (None or a message) so every rank raises the same error or none does."""
+    box = [problem]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise CheckpointError(box[0])
+
+
+def latest(root: Path) -> Optional[Path]:
+    checkpoints = list_checkpoints(root)
+    return checkpoints[-1][1] if checkpoints else None
+
+
+def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device, check_crc: bool,
+         expected: TrainState) -> TrainState:
+    """Restore model, optimizer and this rank's RNG from ``path``; every rank calls this.
+
+    ``expected`` carries this run's mesh shape and data fingerprint (its step fields are ignored): a checkpoint
+    from another mesh or other data cannot continue this run exactly, so it is refused.
+    """
+    _raise_on_every_rank(verify(path, check_crc) if dist.get_rank() == 0 else None)
+    state = TrainState(**json.loads((path / TRAIN_STATE).read_text()))
+    # Every rank reads the same file, so every rank reaches the same verdict here.
+    if (state.dp_size, state.cp_size) != (expected.dp_size, expected.cp_size):
+        raise CheckpointError(f"checkpoint {path}: written with dp={state.dp_size} x cp={state.cp_size}, this run "
+                              f"is dp={expected.dp_size} x cp={expected.cp_size}; resume with the same mesh")
+    if state.data_fingerprint != expected.data_fingerprint:
+        raise CheckpointError(f"checkpoint {path}: written for data {state.data_fingerprint}, this run reads "
+                              f"{expected.data_fingerprint} (other data or seq_len); resume with the same data")
+    target = _model_optimizer_state(model, optimizer)
+    dcp.load(target, checkpoint_id=str(path))
+    set_state_dict(model, optimizer, model_state_dict=target["model"], optim_state_dict=target["optim"])
+    # Our own file (listed in the verified manifest); it holds Python's RNG tuple, which needs the full unpickler.
+    _set_rng_state(torch.load(path / f"rng_rank{dist.get_rank():05d}.pt", weights_only=False), device)
+    return state

@@ -1,0 +1,124 @@
+"""``ring-attn train``: the command line of the trainer.
+
+``ring-attn train --config configs/cpu_demo.yaml --train.steps 20 --parallel.cp 4 --resume``
+
+Any config key can be overridden as ``--<section>.<key> <value>`` (or
+``--<section>.<key>=<value>``); the value is read as YAML. A few common ones
+have short flags (``--cp``, ``--steps``, ...). Every error exits non-zero on
+every rank with a one-line message, after the traceback when the error came from
+inside a training step or was unexpected. A run stopped by SIGTERM / SIGINT
+exits with 128 + the signal number after saving a checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from typing import List, Optional
+
+from .config import ConfigError, load_config, parse_overrides
+
+EXIT_CONFIG_ERROR = 2
+EXIT_FAILED = 1
+
+# Short flags for the overrides people type most.
+SHORTCUTS = {"cp": "parallel.cp", "variant": "parallel.variant", "steps": "train.steps", "device": "parallel.device",
+             "seq_len": "data.seq_len", "log_dir": "log.dir"}
+
+
+class TrainArgumentParser(argparse.ArgumentParser):
+    """Collects ``--section.key value`` config overrides into ``args.overrides`` instead of rejecting them.
+
+    argparse has no notion of open-ended option names; overriding ``parse_known_args`` is what lets the
+    overrides through when this parser is a sub-command of a parent that calls ``parse_args``.
+    """
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        overrides, rest, i = [], [], 0
+        while i < len(extras):
+            arg = extras[i]
+            if arg.startswith("--") and "." in arg.split("=", 1)[0]:
+                takes_next = "=" not in arg and i + 1 < len(extras)
+                overrides.extend(extras[i: i + (2 if takes_next else 1)])
+                i += 2 if takes_next else 1
+            else:
+                rest.append(arg)
+                i += 1
+        namespace.overrides = list(getattr(namespace, "overrides", None) or []) + overrides
+        return namespace, rest
+
+
+def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.add_argument("--config", help="YAML run config (see configs/); defaults apply to missing keys")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest complete checkpoint in checkpoint.dir (start fresh if none)")
+    parser.add_argument("--check", action="store_true",
+                        help="train check.steps steps with context parallelism and with full attention on one rank; "
+                             "exit non-zero if the losses differ beyond check.rtol")
+    for flag, key in SHORTCUTS.items():
+        parser.add_argument(f"--{flag.replace('_', '-')}", dest=f"shortcut_{flag}", metavar="VALUE",
+                            help=f"same as --{key}")
+    parser.epilog = ("Override any config key with --<section>.<key> <value>, e.g. --train.steps 20 "
+                     "--checkpoint.every 10. Sections: model, data, train, parallel, checkpoint, log, check.")
+    parser.set_defaults(handler=main_train, overrides=[])
+    return parser
+
+
+def add_train_parser(subparsers) -> argparse.ArgumentParser:
+    """Add the ``train`` sub-command to an ``argparse`` sub-parser collection; returns its parser."""
+    parser = subparsers.add_parser("train", help="long-context training with context parallelism",
+                                   description=__doc__.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.__class__ = TrainArgumentParser  # see TrainArgumentParser: lets --section.key overrides through
+    return _configure(parser)
+
+
+def _rank_prefix() -> str:
+    for name in ("RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID"):
+        if os.environ.get(name):
+            return f"[rank {os.environ[name]}] "
+    return ""
+
+
+def main_train(args: argparse.Namespace) -> int:
+    """Run ``ring-attn train`` from parsed ``args``; returns the process exit code."""
+    from .checkpoint import CheckpointError
+    from .preemption import TrainingInterrupted
+    from .trainer import CheckFailed, StepFailed, run_from_config
+
+    try:
+        overrides = parse_overrides(list(args.overrides))
+        overrides += [(key, getattr(args, f"shortcut_{flag}")) for flag, key in SHORTCUTS.items()
+                      if getattr(args, f"shortcut_{flag}", None) is not None]
+        if args.resume:
+            overrides.append(("checkpoint.resume", "true"))
+        config = load_config(args.config, overrides)
+        run_from_config(config, check_mode=args.check)
+    except ConfigError as exc:
+        print(f"{_rank_prefix()}error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG_ERROR
+    except TrainingInterrupted as exc:
+        print(f"{_rank_prefix()}{exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    except (CheckpointError, CheckFailed) as exc:
+        print(f"{_rank_prefix()}error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_FAILED
+    except StepFailed as exc:
+        # gloo raises plain RuntimeErrors, so a dead peer and a bug inside the step look alike: keep the traceback.
+        traceback.print_exc()
+        print(f"{_rank_prefix()}error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_FAILED
+    except Exception as exc:  # anything else: still one clear line per rank, with the traceback for a bug report
+        traceback.print_exc()
+        print(f"{_rank_prefix()}error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        return EXIT_FAILED
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``python -m ring_flash_attn.train ...``: the train command without the ``ring-attn`` front end."""
+    parser = _configure(TrainArgumentParser(prog="ring-attn train", description=__doc__.split("\n\n")[0]))
+    return main_train(parser.parse_args(argv))

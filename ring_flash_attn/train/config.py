@@ -1,0 +1,288 @@
+"""The training run's configuration: YAML file + ``--section.key value`` overrides, checked before anything starts.
+
+A config is data (nested dataclasses), read from YAML, then overridden from
+the command line. Every key is known in advance: a misspelt or unknown key is
+an error that names it and suggests the closest known one, never silently
+ignored. Checks that need the world size (``validate_for_world``) depend only
+on values every rank has, so a bad config fails the same way on every rank
+before any collective.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from ..ring.layouts import get_layout
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key, what was expected and what was given."""
+
+
+@dataclass
+class ModelConfig:
+    family: str = "llama"                 # a transformers ``model_type`` with a causal-LM head
+    hidden_size: int = 256
+    intermediate_size: int = 688
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 4
+    rope_theta: float = 10000.0
+    extra: Dict[str, Any] = field(default_factory=dict)  # more transformers config fields, passed through as-is
+
+
+@dataclass
+class DataConfig:
+    source: str = "stdlib"                # "stdlib": this Python's own sources; "files": data.path
+    path: Optional[str] = None            # a file, a directory or a glob (source "files")
+    format: str = "text"                  # "text": each file is a document; "jsonl": one JSON object a line
+    text_key: str = "text"                # the field holding the document in jsonl
+    seq_len: int = 1024                   # tokens per sequence (the full sequence, before context-parallel split)
+    max_bytes: int = 4_000_000            # stop reading the corpus after this many bytes
+    seed: int = 0                         # shuffles the order of packed sequences
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    micro_batch_size: int = 1             # sequences per data-parallel replica per micro-step
+    grad_accum: int = 1                   # micro-steps per optimizer step
+    lr: float = 1e-3
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1             # cosine decay ends at lr * min_lr_ratio
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0                # max global gradient norm; 0 = off
+    seed: int = 0                         # model initialisation and RNG streams
+    precision: str = "fp32"               # "fp32", or "bf16" (bfloat16 autocast, float32 weights and optimizer)
+
+
+@dataclass
+class ParallelConfig:
+    cp: int = 1                           # context-parallel degree; the rest of the world is data-parallel
+    variant: str = "zigzag"               # sequence layout over the CP ranks: zigzag, ring or stripe
+    attn_backend: Optional[str] = None    # force a local attention kernel (see ring_flash_attn.kernels)
+    device: str = "auto"                  # auto, cpu, cuda or xpu
+    dist_backend: Optional[str] = None    # force a torch.distributed backend (gloo, nccl, xccl, ccl)
+    timeout_s: float = 600.0              # a collective waiting longer than this fails the run
+
+
+@dataclass
+class CheckpointConfig:
+    dir: Optional[str] = None             # default: <log.dir>/checkpoints
+    every: int = 0                        # save every N steps (0 = only at the end); always at exit
+    keep: int = 2                         # complete checkpoints kept; older ones are deleted after a save
+    resume: bool = False                  # continue from the newest complete checkpoint in dir, if any
+    verify: bool = True                   # check every file's size and CRC32 before loading
+
+
+@dataclass
+class LogConfig:
+    dir: str = "runs/train"
+    progress: str = "auto"                # auto (bar on a terminal, lines otherwise), bar, lines, off
+    every: int = 1                        # progress lines every N steps (the JSONL log has every step)
+    plot: bool = True                     # loss-vs-step PNG at the end (needs matplotlib)
+
+
+@dataclass
+class CheckConfig:
+    steps: int = 3                        # steps compared in --check mode
+    rtol: Optional[float] = None          # relative loss tolerance; default by precision (DEFAULT_CHECK_RTOL)
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    check: CheckConfig = field(default_factory=CheckConfig)
+
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir) if self.checkpoint.dir else Path(self.log.dir) / "checkpoints"
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Context parallelism and full attention on one rank sum in different orders; over a few optimizer steps
+# float32 losses agree to a few ulps of the accumulated error, bfloat16 ones to its 8-bit mantissa.
+DEFAULT_CHECK_RTOL = {"fp32": 1e-4, "bf16": 2e-2}
+
+CHOICES = {
+    "data.source": ("stdlib", "files"),
+    "data.format": ("text", "jsonl"),
+    "train.precision": ("fp32", "bf16"),
+    "parallel.device": ("auto", "cpu", "cuda", "xpu"),
+    "log.progress": ("auto", "bar", "lines", "off"),
+}
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """``value`` as ``annotation`` (int, float, bool, str, dict, Optional of those), or ConfigError."""
+    origin = get_origin(annotation)
+    if origin is Union:  # Optional[X]
+        if value is None:
+            return None
+        (inner,) = [a for a in get_args(annotation) if a is not type(None)]
+        return _coerce(value, inner, key)
+    if annotation is Any:
+        return value
+    if origin in (dict, Dict) or annotation is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation is float:
+        # YAML 1.1 reads "3e-4" (no dot) as a string; accept any number spelling float() understands.
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+    type_name = getattr(annotation, "__name__", str(annotation))
+    raise ConfigError(f"config key {key}: expected {type_name}, got {value!r} ({type(value).__name__})")
+
+
+def _unknown_key(key: str, known: List[str]) -> ConfigError:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ConfigError(f"config key {key!r} is not known{hint}; known keys here: {', '.join(sorted(known))}")
+
+
+def _build(cls, raw: Dict[str, Any], prefix: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config section {prefix.rstrip('.') or '<top>'}: expected a mapping, got {raw!r}")
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            raise _unknown_key(prefix + str(key), names)
+    kwargs = {}
+    for name in names:
+        if name not in raw:
+            continue
+        key = prefix + name
+        if dataclasses.is_dataclass(hints[name]):
+            kwargs[name] = _build(hints[name], raw[name] or {}, key + ".")
+        else:
+            value = _coerce(raw[name], hints[name], key)
+            if key in CHOICES and value not in CHOICES[key]:
+                raise ConfigError(f"config key {key}: expected one of {list(CHOICES[key])}, got {value!r}")
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def apply_override(raw: Dict[str, Any], dotted_key: str, text: str) -> None:
+    """Set ``raw[a][b] = yaml(text)`` for ``dotted_key`` "a.b"; the value is parsed as YAML ("8" -> 8, "null")."""
+    parts = dotted_key.split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"override --{dotted_key}: expected --<section>.<key> (e.g. --train.steps 10)")
+    section, key = parts
+    target = raw.setdefault(section, {})
+    if not isinstance(target, dict):
+        raise ConfigError(f"config section {section}: expected a mapping, got {target!r}")
+    target[key] = yaml.safe_load(text) if text != "" else ""
+
+
+def parse_overrides(argv: List[str]) -> List[tuple]:
+    """``["--train.steps", "10", "--log.dir=x"]`` -> ``[("train.steps", "10"), ("log.dir", "x")]``."""
+    pairs, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise ConfigError(f"argument {arg!r}: expected a config override --<section>.<key> <value>")
+        if "=" in arg:
+            key, value = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"override {arg}: missing its value")
+            key, value = arg[2:], argv[i + 1]
+            i += 2
+        pairs.append((key, value))
+    return pairs
+
+
+def load_config(path: Optional[str], overrides: List[tuple] = ()) -> RunConfig:
+    """The config from the YAML file at ``path`` (None: defaults) with ``(dotted_key, text)`` overrides applied."""
+    raw: Dict[str, Any] = {}
+    if path is not None:
+        config_path = Path(path)
+        if not config_path.is_file():
+            raise ConfigError(f"--config: no such file {str(config_path)!r}")
+        try:
+            raw = yaml.safe_load(config_path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--config {config_path}: not valid YAML: {exc}") from None
+    for key, text in overrides:
+        apply_override(raw, key, text)
+    config = _build(RunConfig, raw, "")
+    validate(config)
+    return config
+
+
+def validate(config: RunConfig) -> None:
+    """Checks that need nothing but the config."""
+    positive = {"data.seq_len": config.data.seq_len, "data.max_bytes": config.data.max_bytes,
+                "train.steps": config.train.steps, "train.micro_batch_size": config.train.micro_batch_size,
+                "train.grad_accum": config.train.grad_accum, "parallel.cp": config.parallel.cp,
+                "parallel.timeout_s": config.parallel.timeout_s, "check.steps": config.check.steps,
+                "log.every": config.log.every, "checkpoint.keep": config.checkpoint.keep,
+                "model.hidden_size": config.model.hidden_size,
+                "model.num_hidden_layers": config.model.num_hidden_layers}
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"config key {key}: expected a positive value, got {value}")
+    if config.checkpoint.every < 0:
+        raise ConfigError(f"config key checkpoint.every: expected >= 0 (0 = only at exit), got {config.checkpoint.every}")
+    if config.train.lr <= 0:
+        raise ConfigError(f"config key train.lr: expected a positive learning rate, got {config.train.lr}")
+    if not 0 <= config.train.min_lr_ratio <= 1:
+        raise ConfigError(f"config key train.min_lr_ratio: expected a value in [0, 1], got {config.train.min_lr_ratio}")
+    if config.data.source == "files" and not config.data.path:
+        raise ConfigError("config key data.path: data.source is 'files', so data.path must name a file, "
+                          "directory or glob; got nothing")
+    model = config.model
+    if model.hidden_size % model.num_attention_heads:
+        raise ConfigError(f"config key model.num_attention_heads: must divide model.hidden_size "
+                          f"({model.hidden_size}), got {model.num_attention_heads}")
+    if model.num_attention_heads % model.num_key_value_heads:
+        raise ConfigError(f"config key model.num_key_value_heads: must divide model.num_attention_heads "
+                          f"({model.num_attention_heads}), got {model.num_key_value_heads}")
+    try:
+        get_layout(config.parallel.variant)
+    except ValueError as exc:
+        raise ConfigError(f"config key parallel.{exc}") from None
+
+
+def validate_for_world(config: RunConfig, world_size: int) -> int:
+    """Checks that need the world size; returns the data-parallel degree."""
+    cp = config.parallel.cp
+    if world_size % cp:
+        raise ConfigError(f"config key parallel.cp: the world size {world_size} must be a multiple of the "
+                          f"context-parallel degree, got cp={cp}")
+    try:
+        get_layout(config.parallel.variant).check_global(config.data.seq_len, cp)
+    except ValueError as exc:
+        raise ConfigError(f"config key data.seq_len: cannot split over cp={cp}: {exc}") from None
+    return world_size // cp

@@ -1,0 +1,128 @@
+"""What a run reports: a JSONL record per step, a progress bar or lines on rank 0, a loss plot at the end."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss.png"
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of this rank: the accelerator's allocator peak, or the process's peak RSS on the CPU."""
+    if device.type != "cpu":
+        return int(getattr(torch, device.type).max_memory_allocated(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def read_metrics(path: Path) -> List[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class MetricsLog:
+    """Appends one JSON line per step on rank 0; on resume, drops the records after the checkpoint's step.
+
+    After a crash the log may hold steps past the last checkpoint; the resumed run recomputes them, so they are
+    cut first and the final log has each step exactly once.
+    """
+
+    def __init__(self, path: Path, resume_step: int):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept = [r for r in read_metrics(path) if r["step"] <= resume_step]
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self._handle = open(path, "a")
+
+    def write(self, record: dict) -> None:
+        self._handle.write(json.dumps(record) + "\n")
+        self._handle.flush()
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+def _format_bytes(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+class Progress:
+    """A tqdm bar on a terminal, plain lines otherwise (logs of torchrun / mpiexec jobs), or nothing."""
+
+    def __init__(self, mode: str, total: int, initial: int, every: int):
+        if mode == "auto":
+            mode = "bar" if sys.stderr.isatty() else "lines"
+        self.mode, self.every, self.total = mode, every, total
+        self._bar = None
+        if mode == "bar":
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                print("tqdm is not installed: progress as lines (pip install tqdm)", flush=True)
+                self.mode = "lines"
+            else:
+                self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+    def update(self, record: dict) -> None:
+        summary = (f"loss {record['loss']:.4f}  {record['tokens_per_s']:,.0f} tok/s  "
+                   f"lr {record['lr']:.2e}  peak mem {_format_bytes(record['peak_memory_bytes'])}")
+        if self._bar is not None:
+            self._bar.set_postfix_str(summary, refresh=False)
+            self._bar.update(1)
+        elif self.mode == "lines" and (record["step"] % self.every == 0 or record["step"] == self.total):
+            print(f"step {record['step']}/{self.total}  {summary}", flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+class StepTimer:
+    """Wall time of one step, waiting for the device so the figure covers the work and not just its launch."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._start = 0.0
+
+    def _sync(self) -> None:
+        if self.device.type != "cpu":
+            getattr(torch, self.device.type).synchronize(self.device)
+
+    def start(self) -> None:
+        self._sync()
+        self._start = time.perf_counter()
+
+    def stop(self) -> float:
+        self._sync()
+        return time.perf_counter() - self._start
+
+
+def plot_loss(metrics_path: Path, png_path: Path) -> Optional[Path]:
+    """Loss vs step as a PNG; None (with a message) when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display on compute nodes
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: skipping the loss plot (pip install 'ring-attention-xpu[plot]')",
+              flush=True)
+        return None
+    records = read_metrics(metrics_path)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in records], [r["loss"] for r in records])
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss (nats/token)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+    return png_path

@@ -1,0 +1,313 @@
+"""The training loop: data-parallel x context-parallel, checkpointed, resumable, and its ``--check`` twin.
+
+Order of work in a run, chosen so that nothing can hang on bad input: read
+and check the config and the data on every rank (no communication), then join
+the process group, build the mesh and the model, restore a checkpoint, train.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..comm import choose_backend, default_device_type, detect_launch, init_distributed
+from . import checkpoint
+from ._hf_compat import register_ring_attention, shard_batch
+from .config import DEFAULT_CHECK_RTOL, ConfigError, RunConfig, validate_for_world
+from .data import Batch, BatchPlan, PackedDataset
+from .faults import FaultInjector
+from .metrics import METRICS_FILE, PLOT_FILE, MetricsLog, Progress, StepTimer, peak_memory_bytes, plot_loss
+from .model import build_model, token_loss_sum
+from .parallel import Mesh, all_reduce_gradients, broadcast_parameters, build_mesh
+from .preemption import StopRequest, TrainingInterrupted
+
+# The attention full-sequence runs use in --check: PyTorch's fused attention over the whole sequence.
+FULL_ATTENTION = "sdpa"
+
+
+class StepFailed(RuntimeError):
+    """A step could not finish (a peer died or stopped answering); the message names the step."""
+
+
+class CheckFailed(RuntimeError):
+    """--check found context-parallel losses that differ from full attention beyond the tolerance."""
+
+
+@dataclass
+class Run:
+    config: RunConfig
+    rank: int
+    world_size: int
+    device: torch.device
+    mesh: Mesh
+    dataset: PackedDataset
+    plan: BatchPlan
+    attn_implementation: str
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.plan.samples_per_step * self.config.data.seq_len
+
+    def say(self, message: str) -> None:
+        if self.rank == 0:
+            print(message, flush=True)
+
+
+def setup(config: RunConfig) -> Run:
+    """Check everything that can be checked alone, then join the process group and build the mesh."""
+    launch = detect_launch()
+    dp_size = validate_for_world(config, launch.world_size)
+    dataset = PackedDataset.from_config(config.data)
+    device_type = default_device_type() if config.parallel.device == "auto" else config.parallel.device
+    _, device = init_distributed(device_type, config.parallel.dist_backend, config.parallel.timeout_s)
+    mesh = build_mesh(device_type, dp_size, config.parallel.cp, config.parallel.timeout_s)
+    _check_same_data(dataset)
+    attn_implementation = register_ring_attention(mesh.cp_group, config.parallel.variant, config.parallel.attn_backend)
+    plan = BatchPlan(dp_size, config.train.micro_batch_size, config.train.grad_accum)
+    return Run(config, launch.rank, launch.world_size, device, mesh, dataset, plan, attn_implementation)
+
+
+def _check_same_data(dataset: PackedDataset) -> None:
+    """Every rank must have packed the same corpus (e.g. the same Python stdlib on every node)."""
+    fingerprints = [None] * dist.get_world_size()
+    dist.all_gather_object(fingerprints, dataset.fingerprint)
+    if len(set(fingerprints)) > 1:
+        raise ConfigError(f"data: ranks packed different corpora (fingerprints by rank: {fingerprints}); give every "
+                         f"node the same files (data.path) or the same Python installation (data.source stdlib)")
+
+
+def learning_rate(config: RunConfig, step: int) -> float:
+    """Linear warm-up, then cosine decay to ``lr * min_lr_ratio``; a pure function of the step (nothing to save)."""
+    train = config.train
+    if step < train.warmup_steps:
+        return train.lr * (step + 1) / train.warmup_steps
+    progress = (step - train.warmup_steps) / max(1, train.steps - train.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return train.lr * (train.min_lr_ratio + (1 - train.min_lr_ratio) * cosine)
+
+
+def make_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:
+    # Weight decay on matrices only: decaying norm gains and biases pulls them towards zero for no benefit.
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.train.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.train.lr, betas=(config.train.beta1, config.train.beta2))
+
+
+def _autocast(config: RunConfig, device: torch.device):
+    if config.train.precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: List[Batch],
+                   tokens_per_step: int, lr: float, config: RunConfig, device: torch.device,
+                   distributed: bool) -> Tuple[float, float]:
+    """One optimizer step over ``micro_batches`` (this rank's tokens); returns (global mean loss, grad norm).
+
+    ``tokens_per_step`` counts the tokens of the whole step on every rank, so each rank's loss is its share of
+    the global mean and the SUM all-reduce of gradients (``distributed``) yields the global mean's gradient.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum = torch.zeros((), device=device, dtype=torch.float32)
+    for batch in micro_batches:
+        with _autocast(config, device):
+            token_losses = token_loss_sum(model, batch.input_ids.to(device), batch.labels.to(device),
+                                          batch.position_ids.to(device))
+        (token_losses / tokens_per_step).backward()
+        loss_sum += token_losses.detach()
+    if distributed:
+        all_reduce_gradients(model)
+        dist.all_reduce(loss_sum)
+    max_norm = config.train.grad_clip if config.train.grad_clip > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    return loss_sum.item() / tokens_per_step, grad_norm.item()
+
+
+def local_micro_batches(run: Run, step: int) -> List[Batch]:
+    """This rank's slices of its replica's sequences for optimizer step ``step`` (0-based)."""
+    batches = []
+    for micro_step in range(run.plan.grad_accum):
+        full = run.dataset.batch(run.plan.indices(step, micro_step, run.mesh.dp_rank))
+        local = shard_batch(full.input_ids, full.labels, full.position_ids, variant=run.config.parallel.variant,
+                            group=run.mesh.cp_group)
+        batches.append(Batch(local["input_ids"], local["labels"], local["position_ids"]))
+    return batches
+
+
+def _build_replicated_model(run: Run) -> nn.Module:
+    model = build_model(run.config.model, run.config.data.seq_len, run.attn_implementation,
+                        run.config.train.seed).to(run.device)
+    broadcast_parameters(model)
+    model.train()
+    return model
+
+
+def _collective(run: Run, step: int, fn, *args):
+    """``fn(*args)`` (which communicates) with communication failures turned into an error naming the step."""
+    try:
+        return fn(*args)
+    except RuntimeError as exc:  # what gloo/nccl/xccl raise when a peer died or a collective outlived the timeout
+        ring = dist.get_process_group_ranks(run.mesh.cp_group)
+        raise StepFailed(f"step {step + 1} failed on rank {run.rank}: {exc} (this rank's context-parallel ring: "
+                         f"ranks {ring}; a peer that stops answering fails the run after parallel.timeout_s = "
+                         f"{run.config.parallel.timeout_s:g} s)") from exc
+
+
+def _step(run: Run, model, optimizer, step: int) -> Tuple[float, float]:
+    """Optimizer step ``step`` (0-based)."""
+    return _collective(run, step, optimizer_step, model, optimizer, local_micro_batches(run, step),
+                       run.tokens_per_step, learning_rate(run.config, step), run.config, run.device, True)
+
+
+def train(run: Run) -> List[dict]:
+    """Train for ``train.steps`` steps (continuing from a checkpoint if asked); returns rank 0's step records."""
+    config = run.config
+    root = config.checkpoint_dir()
+    model = _build_replicated_model(run)
+    optimizer = make_optimizer(model, config)
+    expected = checkpoint.TrainState(0, 0, run.dataset.fingerprint, run.mesh.dp_size, run.mesh.cp_size)
+    start_step = 0
+    found = checkpoint.latest(root)
+    if found is not None and not config.checkpoint.resume:
+        raise checkpoint.CheckpointError(f"checkpoint.dir {root} already holds {found.name}: pass --resume to "
+                                         f"continue from it, or choose another checkpoint.dir / log.dir")
+    if found is not None:
+        start_step = checkpoint.load(found, model, optimizer, run.device, config.checkpoint.verify, expected).step
+        run.say(f"resumed from {found} (step {start_step})")
+    elif config.checkpoint.resume:
+        run.say(f"--resume: no checkpoint in {root} yet, starting from step 0")
+
+    run.say(_describe(run, model))
+    log_dir = Path(config.log.dir)
+    metrics = MetricsLog(log_dir / METRICS_FILE, start_step) if run.rank == 0 else None
+    progress = Progress(config.log.progress if run.rank == 0 else "off", config.train.steps, start_step,
+                        config.log.every)
+    faults = FaultInjector(run.rank)
+    timer = StepTimer(run.device)
+    records, last_saved = [], start_step if found is not None else None
+    final_step, stopped_by = config.train.steps, None
+    started = time.perf_counter()
+    try:
+        with StopRequest(grace_s=config.parallel.timeout_s) as stop:
+            for step in range(start_step, config.train.steps):
+                faults.at_step(step + 1)
+                timer.start()
+                loss, grad_norm = _step(run, model, optimizer, step)
+                seconds = timer.stop()
+                record = {"step": step + 1, "loss": loss, "grad_norm": grad_norm, "lr": learning_rate(config, step),
+                          "tokens": run.tokens_per_step, "tokens_per_s": run.tokens_per_step / seconds,
+                          "step_time_s": seconds, "peak_memory_bytes": peak_memory_bytes(run.device)}
+                records.append(record)
+                if metrics is not None:
+                    metrics.write(record)
+                progress.update(record)
+                every = config.checkpoint.every
+                if every and (step + 1) % every == 0:
+                    checkpoint.save(root, _train_state(run, step + 1), model, optimizer, run.device,
+                                    config.checkpoint.keep)
+                    last_saved = step + 1
+                stopped_by = _collective(run, step, stop.agreed_signal, run.device)
+                if stopped_by is not None:
+                    final_step = step + 1
+                    break
+    finally:
+        progress.close()
+        if metrics is not None:
+            metrics.close()
+    if last_saved != final_step:
+        checkpoint.save(root, _train_state(run, final_step), model, optimizer, run.device, config.checkpoint.keep)
+    if stopped_by is not None:
+        raise TrainingInterrupted(f"stopped by {signal.Signals(stopped_by).name} after step {final_step} of "
+                                  f"{config.train.steps}; checkpoint {checkpoint.checkpoint_name(final_step)} "
+                                  f"saved in {root}: continue with --resume", stopped_by)
+    run.say(f"done: steps {start_step + 1}-{config.train.steps} in {time.perf_counter() - started:.1f} s; "
+            f"log {log_dir / METRICS_FILE}; checkpoints in {root}")
+    if run.rank == 0 and config.log.plot and records:
+        png = plot_loss(log_dir / METRICS_FILE, log_dir / PLOT_FILE)
+        if png is not None:
+            print(f"loss plot: {png}", flush=True)
+    return records
+
+
+def _train_state(run: Run, steps_done: int) -> checkpoint.TrainState:
+    return checkpoint.TrainState(steps_done, steps_done * run.plan.samples_per_step, run.dataset.fingerprint,
+                                 run.mesh.dp_size, run.mesh.cp_size)
+
+
+def _describe(run: Run, model: nn.Module) -> str:
+    config = run.config
+    params = sum(p.numel() for p in model.parameters())
+    backend = choose_backend(run.device.type, config.parallel.dist_backend)
+    return (f"model {config.model.family}: {params / 1e6:.2f} M parameters | mesh dp={run.mesh.dp_size} x "
+            f"cp={run.mesh.cp_size} ({config.parallel.variant}) on {run.world_size} x {run.device.type} ({backend}) | "
+            f"{run.plan.samples_per_step} sequences x {config.data.seq_len} tokens = {run.tokens_per_step} tokens "
+            f"per step | data: {run.dataset.num_sequences} sequences ({config.data.source})")
+
+
+def check(run: Run) -> List[Tuple[float, float]]:
+    """Train ``check.steps`` steps with context parallelism, then (rank 0) with full attention on one rank
+    from the same weights and data; raise CheckFailed on every rank if a loss differs beyond the tolerance.
+
+    Returns the (context-parallel, full-attention) loss pairs (on every rank).
+    """
+    config = run.config
+    steps = config.check.steps
+    rtol = config.check.rtol if config.check.rtol is not None else DEFAULT_CHECK_RTOL[config.train.precision]
+    model = _build_replicated_model(run)
+    initial_weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    optimizer = make_optimizer(model, config)
+    parallel_losses = [_step(run, model, optimizer, step)[0] for step in range(steps)]
+
+    verdict: list = [None, None]
+    if run.rank == 0:
+        print(f"--check: {steps} steps with full attention on rank 0 (the other ranks wait, up to "
+              f"parallel.timeout_s = {config.parallel.timeout_s:g} s)", flush=True)
+        reference = build_model(config.model, config.data.seq_len, FULL_ATTENTION, config.train.seed)
+        reference.load_state_dict(initial_weights)
+        reference.to(run.device).train()
+        reference_optimizer = make_optimizer(reference, config)
+        full_losses = []
+        for step in range(steps):
+            batches = [run.dataset.batch(run.plan.global_indices(step, micro)) for micro in range(run.plan.grad_accum)]
+            loss, _ = optimizer_step(reference, reference_optimizer, batches, run.tokens_per_step,
+                                     learning_rate(config, step), config, run.device, distributed=False)
+            full_losses.append(loss)
+        pairs = list(zip(parallel_losses, full_losses))
+        worst = max(abs(p - f) / abs(f) for p, f in pairs)
+        for step, (p, f) in enumerate(pairs, 1):
+            print(f"  step {step}: context-parallel {p:.6f}  full attention {f:.6f}  rel diff {abs(p - f) / abs(f):.2e}",
+                  flush=True)
+        passed = worst <= rtol
+        print(f"--check {'passed' if passed else 'FAILED'}: worst relative loss difference {worst:.2e} "
+              f"(tolerance {rtol:g}, {config.train.precision})", flush=True)
+        verdict = [pairs, None if passed else f"--check failed: context-parallel losses differ from full attention "
+                                              f"by up to {worst:.2e} relative, tolerance {rtol:g}"]
+    dist.broadcast_object_list(verdict, src=0)
+    if verdict[1] is not None:
+        raise CheckFailed(verdict[1])
+    return verdict[0]
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def run_from_config(config: RunConfig, check_mode: bool) -> Optional[list]:
+    run = setup(config)
+    result = check(run) if check_mode else train(run)
+    shutdown()
+    return result

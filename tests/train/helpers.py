@@ -1,0 +1,50 @@
+"""Shared by the training tests: a tiny run config and a torchrun launcher for CPU ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from tests.distributed.harness import free_port
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+# Small enough that a step takes milliseconds on one core; big enough to have GQA and two zigzag chunks per rank.
+TINY = {
+    "model": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2},
+    "data": {"seq_len": 64, "max_bytes": 200_000},
+    "train": {"steps": 6, "lr": 3.0e-3, "warmup_steps": 2},
+    "parallel": {"cp": 2, "device": "cpu", "timeout_s": 60},
+    "checkpoint": {"every": 3, "keep": 3},
+    "log": {"progress": "lines", "plot": False},
+}
+
+
+def write_config(directory: Path, name: str = "tiny.yaml", **sections) -> Path:
+    """TINY with ``sections`` merged in (``train={"steps": 4}`` updates keys of train), written as YAML."""
+    config = {section: dict(values) for section, values in TINY.items()}
+    for section, values in sections.items():
+        config.setdefault(section, {}).update(values)
+    path = directory / name
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def torchrun(nproc: int, args, *, env=None, max_restarts: int = 0, timeout_s: float = 120):
+    """``python -m torch.distributed.run ... -m ring_flash_attn.train ARGS`` on CPU ranks; the CompletedProcess."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--max-restarts", str(max_restarts), "--master-port", str(free_port()),
+               "-m", "ring_flash_attn.train", *map(str, args)]
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT), **(env or {}))
+    return subprocess.run(command, cwd=REPO_ROOT, env=full_env, capture_output=True, text=True, timeout=timeout_s)
+
+
+def losses(metrics_path: Path):
+    """(step, loss) of every record in a run's metrics.jsonl."""
+    return [(r["step"], r["loss"]) for r in map(json.loads, metrics_path.read_text().splitlines())]

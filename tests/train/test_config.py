@@ -1,0 +1,83 @@
+"""Config loading, overrides and checks: every mistake is an error that names the key."""
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from ring_flash_attn.train import add_train_parser
+from ring_flash_attn.train.config import ConfigError, load_config, parse_overrides, validate_for_world
+
+from .helpers import REPO_ROOT, write_config
+
+
+def test_defaults_and_overrides(tmp_path):
+    path = write_config(tmp_path)
+    config = load_config(str(path), [("train.steps", "9"), ("train.lr", "2e-4"), ("data.path", "null")])
+    assert config.train.steps == 9
+    assert config.train.lr == pytest.approx(2e-4)  # "2e-4" is a YAML string; float fields accept it
+    assert config.parallel.cp == 2 and config.parallel.variant == "zigzag"
+    assert config.checkpoint_dir() == Path(config.log.dir) / "checkpoints"
+
+
+@pytest.mark.parametrize("override, message", [
+    (("train.stpes", "3"), "'train.stpes' is not known (did you mean 'steps'?)"),
+    (("trian.steps", "3"), "'trian' is not known"),
+    (("train.steps", "three"), "train.steps: expected int, got 'three'"),
+    (("train.steps", "0"), "train.steps: expected a positive value, got 0"),
+    (("log.progress", "fancy"), "log.progress: expected one of ['auto', 'bar', 'lines', 'off'], got 'fancy'"),
+    (("parallel.variant", "spiral"), "parallel.variant: expected one of"),
+    (("data.source", "files"), "data.path: data.source is 'files'"),
+    (("model.num_key_value_heads", "3"), "model.num_key_value_heads: must divide"),
+])
+def test_bad_values_name_the_key(tmp_path, override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(str(write_config(tmp_path)), [override])
+    assert message in str(info.value)
+
+
+def test_unknown_key_in_yaml(tmp_path):
+    path = write_config(tmp_path, checkpoint={"evrey": 5})
+    with pytest.raises(ConfigError, match=r"'checkpoint.evrey' is not known \(did you mean 'every'\?\)"):
+        load_config(str(path))
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(str(tmp_path / "absent.yaml"))
+
+
+def test_world_checks(tmp_path):
+    config = load_config(str(write_config(tmp_path)))
+    assert validate_for_world(config, 4) == 2  # dp = world / cp
+    with pytest.raises(ConfigError, match="world size 3 must be a multiple of the context-parallel degree, got cp=2"):
+        validate_for_world(config, 3)
+    odd = load_config(str(write_config(tmp_path, data={"seq_len": 66})), [("parallel.cp", "4")])
+    with pytest.raises(ConfigError, match="data.seq_len: cannot split over cp=4.*multiple of 8, got 66"):
+        validate_for_world(odd, 4)
+
+
+def test_parse_overrides():
+    assert parse_overrides(["--train.steps", "10", "--log.dir=x y"]) == [("train.steps", "10"), ("log.dir", "x y")]
+    with pytest.raises(ConfigError, match="missing its value"):
+        parse_overrides(["--train.steps"])
+
+
+def test_subcommand_parser_accepts_overrides_and_shortcuts():
+    """As wired into the ring-attn CLI: a parent parser calling parse_args must not reject --section.key."""
+    parent = argparse.ArgumentParser(prog="ring-attn")
+    add_train_parser(parent.add_subparsers(dest="command", required=True))
+    args = parent.parse_args(["train", "--config", "c.yaml", "--train.steps", "7", "--cp", "4", "--resume",
+                              "--log.dir=out"])
+    assert args.config == "c.yaml" and args.resume and not args.check
+    assert args.overrides == ["--train.steps", "7", "--log.dir=out"]
+    assert args.shortcut_cp == "4"
+    assert callable(args.handler)
+    with pytest.raises(SystemExit):
+        parent.parse_args(["train", "--no-such-flag"])
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO_ROOT / "configs").glob("*.yaml")))
+def test_shipped_configs_load(name):
+    config = load_config(str(REPO_ROOT / "configs" / name))
+    assert config.train.steps > 0

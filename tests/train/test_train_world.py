@@ -1,0 +1,62 @@
+"""Training on 2 in-process CPU ranks (gloo): exact resume, refusing to overwrite, corrupt checkpoints, --check."""
+
+import pytest
+
+from tests.distributed.harness import run_world
+
+from . import workers
+from .helpers import losses, write_config
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Run every scenario of tests/train/workers.py once in one 2-rank world; (base dir, per-rank results)."""
+    base = tmp_path_factory.mktemp("train_world")
+    config = write_config(base, check={"steps": 3})
+    return base, run_world(2, workers.all_scenarios, config, base, timeout_s=170)
+
+
+def test_resume_equals_uninterrupted(world):
+    base, results = world
+    straight = losses(base / "straight" / "metrics.jsonl")
+    assert [step for step, _ in straight] == list(range(1, 7))
+    assert straight[-1][1] < straight[0][1]
+    # Bit-for-bit: same data position, optimizer state and weights after the resume, each step logged once.
+    assert losses(base / "resumed" / "metrics.jsonl") == straight
+    assert [r["resume"]["resumed_steps"] for r in results] == [[4, 5, 6]] * 2
+    checkpoints = sorted(p.name for p in (base / "resumed" / "checkpoints").iterdir())
+    assert checkpoints == ["step_00000003", "step_00000006"]  # no .partial left behind
+
+
+def test_existing_checkpoints_are_never_overwritten(world):
+    _, results = world
+    for result in results:
+        assert "already holds step_00000006: pass --resume" in result["resume"]["refused"]
+
+
+def test_corrupt_checkpoint_fails_on_every_rank_with_one_message(world):
+    _, results = world
+    messages = {r["resume"]["corrupted"] for r in results}
+    assert len(messages) == 1
+    assert "does not match its CRC32 in the manifest (corrupt)" in messages.pop()
+
+
+def test_check_mode_compares_context_parallel_with_full_attention(world):
+    _, results = world
+    pairs = results[0]["check"]["pairs"]
+    assert len(pairs) == 3 and results[1]["check"]["pairs"] == pairs
+    for parallel, full in pairs:
+        assert abs(parallel - full) <= 1e-4 * abs(full)
+    assert pairs[2][0] < pairs[0][0]  # the three steps trained something
+    for result in results:  # a tolerance below float32 rounding must fail, on every rank
+        assert result["check"]["failed"].startswith("--check failed: context-parallel losses differ")
+
+
+def test_check_mode_on_data_parallel_with_accumulation_and_on_bf16(world):
+    """dp=2 x grad_accum=2 exercises the loss normalisation across replicas and micro-steps; bf16 autocast
+    exercises the dtype handling of the attention hook (RoPE promotes q and k to float32 under autocast)."""
+    _, results = world
+    for parallel, full in results[0]["other_meshes"]["data_parallel"]:
+        assert abs(parallel - full) <= 1e-4 * abs(full)
+    for parallel, full in results[0]["other_meshes"]["bf16"]:
+        assert abs(parallel - full) <= 2e-2 * abs(full)
