@@ -41,7 +41,6 @@ import transformers
 
 from ..functional import ring_attention
 from ..llama3 import llama3_flash_attn_prepare_cu_seqlens, llama3_flash_attn_varlen_func
-from ..module import gather_sequence
 from ..ring.layouts import get_layout
 from ..validation import check_unsupported, group_rank_and_size
 from ._versions import require_version
@@ -175,19 +174,41 @@ def gather_logits(logits_local: torch.Tensor, *, variant: str = "zigzag",
     from the gathered logits, average parameter gradients over the group (as DDP does). A loss summed over
     the local slices (divided by the global token count) needs no gather at all.
     """
+    rank, world_size = group_rank_and_size(group)
     if position_ids is None:
         last_forward = _SETTINGS.get(IMPLEMENTATION_NAME)
         if last_forward is not None and last_forward.checked[2] is not None:
             raise ValueError("position_ids: the last forward ran packed sequences; pass the full batch's "
                              "position_ids so that each sequence is put back in order")
-        return gather_sequence(logits_local, variant, group, dim=1)
-    from torch.distributed.nn.functional import all_gather
-
-    _, world_size = group_rank_and_size(group)
+        position_ids = torch.arange(world_size * logits_local.shape[1], device=logits_local.device)
+        position_ids = position_ids.expand(logits_local.shape[0], -1)
     order = _token_order(position_ids, get_layout(variant), world_size).flatten(1)
-    gathered = torch.cat(all_gather(logits_local.contiguous(), group=group), dim=1)
+    gathered = _AllGatherSequence.apply(logits_local, group, rank, world_size)
     index = order.argsort(dim=1).view(*order.shape, *([1] * (logits_local.dim() - 2)))
     return gathered.gather(1, index.expand(*order.shape, *logits_local.shape[2:]))
+
+
+class _AllGatherSequence(torch.autograd.Function):
+    """Every rank's ``[batch, seqlen_local, ...]`` slice, concatenated along dim 1 in group-rank order.
+
+    Not torch.distributed.nn.functional.all_gather: on gloo its backward fails for a group that is not the
+    whole world (it passes group ranks where global ranks are expected). The backward sums the gradients of
+    all ranks with an all-reduce (gloo has no reduce-scatter) and keeps this rank's part.
+    """
+
+    @staticmethod
+    def forward(ctx, local, group, rank, world_size):
+        ctx.group, ctx.rank, ctx.seqlen_local = group, rank, local.shape[1]
+        shards = [torch.empty_like(local) for _ in range(world_size)]
+        dist.all_gather(shards, local.contiguous(), group=group)
+        return torch.cat(shards, dim=1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        start = ctx.rank * ctx.seqlen_local
+        return grad[:, start:start + ctx.seqlen_local], None, None, None
 
 
 # --------------------------------------------------------------------------------------------------------------

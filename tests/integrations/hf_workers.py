@@ -127,33 +127,43 @@ def packed_reference_run(model, input_ids, labels, lengths_per_row=PACKED_LENGTH
     return logits.detach(), loss.detach(), grads_of(model)
 
 
-def packed_errors(rank, world_size, variant, seed):
+def packed_errors(rank, world_size, variant, seed, group=None):
     """Packed rows through shard_batch/gather_logits (Mistral: GQA, sliding window) against every sequence
-    run on its own by the exact reference."""
+    run on its own by the exact reference, on the ring of ``group`` (default: all ranks)."""
     from ring_flash_attn.integrations.hf import gather_logits, register_ring_attention, shard_batch
 
-    name = register_ring_attention(variant=variant)
+    ring_size = dist.get_world_size(group)
+    name = register_ring_attention(group=group, variant=variant)
     exact, ring = make_models("mistral", seed, EXACT_EAGER, name)
     input_ids, position_ids, labels = make_packed_batch(seed + 1)
     ref_logits, ref_loss, ref_grads = packed_reference_run(exact, input_ids, labels)
-    local = shard_batch(input_ids, labels, position_ids, variant=variant)
+    local = shard_batch(input_ids, labels, position_ids, variant=variant, group=group)
     logits_local = ring(input_ids=local["input_ids"], position_ids=local["position_ids"]).logits
-    logits = gather_logits(logits_local, variant=variant, position_ids=position_ids)
+    logits = gather_logits(logits_local, variant=variant, group=group, position_ids=position_ids)
     loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
     loss.backward()
     return {"logits": rel_err(logits, ref_logits), "loss": rel_err(loss, ref_loss),
-            "grads": worst_grad_error(reduce_grads(ring, average_over=world_size), ref_grads),
-            "gather_without_position_ids": outcome_of(lambda: gather_logits(logits_local, variant=variant))}
+            "grads": worst_grad_error(reduce_grads(ring, average_over=ring_size, group=group), ref_grads),
+            "gather_without_position_ids": outcome_of(
+                lambda: gather_logits(logits_local, variant=variant, group=group))}
+
+
+def two_rings_errors(rank, world_size, seed):
+    """Two rings of half the world each (ranks [0, P/2) and [P/2, P)), as with data parallelism beside
+    context parallelism: the packed check on each ring."""
+    half = world_size // 2
+    rings = [dist.new_group(list(range(half))), dist.new_group(list(range(half, world_size)))]
+    return packed_errors(rank, world_size, "zigzag", seed, group=rings[rank // half])
 
 
 def grads_of(model) -> dict:
     return {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
-def reduce_grads(model, average_over: int) -> dict:
+def reduce_grads(model, average_over: int, group=None) -> dict:
     grads = grads_of(model)
     for g in grads.values():
-        dist.all_reduce(g)
+        dist.all_reduce(g, group=group)
         g.div_(average_over)
     return grads
 
@@ -340,6 +350,7 @@ def zhuzilin_compat_errors(rank, world_size, seed):
 def world_checks(rank, world_size, cases, misc_seed=None):
     """Every model case, and with ``misc_seed`` the other checks too: one world start for all of them."""
     results = {"models": model_errors(rank, world_size, cases),
+               "two_rings": two_rings_errors(rank, world_size, cases[0][2] + 700) if world_size >= 4 else None,
                "packed": {variant: packed_errors(rank, world_size, variant, cases[0][2] + 500 + n)
                           for n, variant in enumerate(PACKED_VARIANTS)}}
     if misc_seed is not None:

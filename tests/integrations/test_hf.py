@@ -72,6 +72,14 @@ def test_packed_sequences_match_each_sequence_alone(results_by_world, world_size
         assert max(errors.values()) <= 1e-10, errors
 
 
+def test_two_rings_side_by_side(results_by_world):
+    """World of 4 split into two rings of 2 (data parallelism beside context parallelism)."""
+    for rank_result in results_by_world[4]:
+        errors = dict(rank_result["two_rings"])
+        errors.pop("gather_without_position_ids")
+        assert max(errors.values()) <= 1e-10, errors
+
+
 def test_report_largest_errors(model_errors_by_world, capsys):
     worst = {}
     for per_rank in model_errors_by_world.values():
