@@ -287,6 +287,11 @@ def _make_attention_forward(name: str):
                 raise ValueError(f"sliding_window: expected >= 1, got {sliding_window}")
             # transformers' window holds `sliding_window` keys including the query's own token
             window = (sliding_window - 1, -1 if causal else sliding_window - 1)
+        if torch.is_autocast_enabled(query.device.type):
+            # Under autocast, rotary embeddings computed in float32 leave q and k in float32 and v in the autocast
+            # dtype; cast all three as autocast casts the inputs of scaled_dot_product_attention.
+            dtype = torch.get_autocast_dtype(query.device.type)
+            query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
         q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
         common = dict(causal=causal, softmax_scale=scaling, window_size=window, softcap=softcap or 0.0,
                       group=settings.group, backend=settings.backend)

@@ -358,8 +358,26 @@ def world_checks(rank, world_size, cases, misc_seed=None):
     return results
 
 
+def autocast_error(rank, world_size, seed):
+    """A float32 model under bfloat16 autocast (as the trainer runs it): gathered logits against the float32
+    exact reference without autocast."""
+    from ring_flash_attn.integrations.hf import gather_logits, register_ring_attention, shard_batch
+
+    register_exact_eager()
+    name = register_ring_attention(variant="zigzag")
+    exact, ring = (model.float() for model in make_models("llama", seed, EXACT_EAGER, name))
+    input_ids, _ = make_batch(seed + 1)
+    local = shard_batch(input_ids, variant="zigzag")
+    with torch.no_grad():
+        ref = exact(input_ids=input_ids).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits_local = ring(input_ids=local["input_ids"], position_ids=local["position_ids"]).logits
+        got = gather_logits(logits_local.float(), variant="zigzag")
+    return rel_err(got, ref)
+
+
 def misc_checks(rank, world_size, seed):
-    return {"bad_inputs": bad_input_errors(rank, world_size, seed),
+    return {"autocast_bfloat16": autocast_error(rank, world_size, seed + 3),"bad_inputs": bad_input_errors(rank, world_size, seed),
             "right_padding": {variant: right_padding_error(rank, world_size, variant, seed + 1)
                               for variant in ("zigzag", "ring")},
             "zhuzilin": zhuzilin_compat_errors(rank, world_size, seed + 2)}

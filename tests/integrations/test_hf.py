@@ -17,6 +17,7 @@ pytest.importorskip("transformers", reason="transformers is not installed (pip i
 
 from tests.distributed.harness import run_world  # noqa: E402
 from tests.integrations import hf_workers  # noqa: E402
+from tests.tolerances import FORWARD  # noqa: E402
 
 SESSION_SEED = int.from_bytes(os.urandom(3), "little")
 KINDS = ("llama", "mistral", "gemma2")  # MHA; GQA + sliding window; GQA + alternating windows + soft-capping
@@ -102,6 +103,12 @@ def test_right_padding_is_exact_on_real_tokens(world_of_two_checks):
     for rank_result in world_of_two_checks:
         for variant, err in rank_result["right_padding"].items():
             assert err <= 1e-10, (variant, err)
+
+
+def test_bfloat16_autocast(world_of_two_checks):
+    """Runs under autocast (q/k/v of mixed dtypes reach the attention); bfloat16 rounding only."""
+    for rank_result in world_of_two_checks:
+        assert rank_result["autocast_bfloat16"] <= FORWARD[torch.bfloat16], rank_result["autocast_bfloat16"]
 
 
 BAD_INPUTS = {
