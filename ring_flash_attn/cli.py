@@ -1,4 +1,9 @@
-"""``ring-attn``: the command-line entry point (also ``python -m ring_flash_attn``)."""
+"""``ring-attn``: the command-line entry point (also ``python -m ring_flash_attn``).
+
+Sub-commands: ``check`` (ring vs full attention on the launched ranks), ``train``
+(long-context training), ``bench`` (one rank's ring schedule against the best
+kernel, on one device), ``env`` (what to attach to a bug report).
+"""
 
 from __future__ import annotations
 
@@ -6,16 +11,42 @@ import argparse
 import sys
 
 
+def _main_env(args) -> int:
+    from .train.envinfo import collect_env, format_env
+
+    if args.json:
+        import json
+
+        print(json.dumps(collect_env(), indent=1, default=str))
+    else:
+        print(format_env())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .check import add_check_parser
+    from .train import add_train_parser
 
     parser = argparse.ArgumentParser(prog="ring-attn", description="Context-parallel ring attention")
     sub = parser.add_subparsers(dest="command", required=True)
     add_check_parser(sub)
+    add_train_parser(sub)
+    # Listed for --help only: main() hands ``bench``'s arguments to the benchmark's own parser.
+    sub.add_parser("bench", help="one rank's ring schedule vs the best kernel on one device "
+                                 "(`ring-attn bench --help` for its options)", add_help=False)
+    env = sub.add_parser("env", help="device, backends, versions, ranks and environment for a bug report")
+    env.add_argument("--json", action="store_true", help="print as JSON")
+    env.set_defaults(handler=_main_env)
     return parser
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:
+        from .bench import main as bench_main
+
+        bench_main(argv[1:])
+        return 0
     args = build_parser().parse_args(argv)
     return int(args.handler(args) or 0)
 

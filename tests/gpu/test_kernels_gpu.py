@@ -21,12 +21,14 @@ CAUSAL = dict(causal=True, window=(-1, -1), q_offset=0, k_offset=0)
 CAUSAL_OFFSET = dict(causal=True, window=(-1, -1), q_offset=384, k_offset=0)   # query block later: a band
 WINDOW = dict(causal=False, window=(100, 37), q_offset=64, k_offset=0)
 EMPTY_ROWS = dict(causal=True, window=(-1, -1), q_offset=0, k_offset=200)     # first rows see nothing
+STRICT_CAUSAL = dict(causal=True, window=(-1, -1), q_offset=-1, k_offset=0)   # stripe: keys j < i, fused causal op
 
 # (backend, sdpa op or None, dtype, head_dim, heads, heads_k, seqlen_q, seqlen_k, mask)
 CASES = []
 for op in ("cudnn", "flash"):
     for dtype in (BF16, FP16):
-        CASES += [("sdpa", op, dtype, 128, 8, 2, 512, 768, PLAIN), ("sdpa", op, dtype, 64, 8, 8, 640, 640, CAUSAL)]
+        CASES += [("sdpa", op, dtype, 128, 8, 2, 512, 768, PLAIN), ("sdpa", op, dtype, 64, 8, 8, 640, 640, CAUSAL),
+                  ("sdpa", op, dtype, 128, 8, 2, 640, 640, STRICT_CAUSAL)]
 # Half-precision bands: sdpa declines them (test_sdpa_declines_half_precision_bands), triton serves them.
 CASES += [("sdpa", None, FP32, 128, 8, 2, 500, 700, m) for m in (CAUSAL_OFFSET, WINDOW, EMPTY_ROWS)]
 CASES += [("sdpa", None, FP32, 64, 4, 4, 300, 300, PLAIN)]

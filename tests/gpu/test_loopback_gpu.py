@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.gpu,
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "triton"])
-@pytest.mark.parametrize("variant,causal", [("ring", False), ("zigzag", True)])
+@pytest.mark.parametrize("variant,causal", [("ring", False), ("zigzag", True), ("stripe", True)])
 def test_loopback_ring_matches_oracle(backend, variant, causal):
     world_size, seqlen, h, hk, d, dtype = 4, 4 * 512, 8, 2, 128, torch.bfloat16
     g = torch.Generator(device="cuda").manual_seed(int(torch.randint(0, 2 ** 31 - 1, ()).item()))

@@ -1,0 +1,63 @@
+"""The ``ring-attn`` command line: check (under torchrun), bench, env."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(args, timeout=240):
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+
+
+def _torchrun(nproc, *args):
+    # --standalone: a local rendezvous on a free port, so tests never collide on 29500.
+    return _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+                 "-m", "ring_flash_attn", *args])
+
+
+def test_check_passes_on_three_ranks():
+    result = _torchrun(3, "check", "--device", "cpu", "--seqlen", "96", "--heads", "4", "--heads-k", "2",
+                       "--head-dim", "16")
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.rstrip().endswith("OK")]
+    assert len(lines) == 3 * 4, result.stdout  # every rank, every variant
+    assert "all ranks match full attention" in result.stdout
+
+
+def test_check_fails_loudly_on_mismatch():
+    """A tolerance below float32 rounding must turn into a non-zero exit on every rank."""
+    result = _torchrun(2, "check", "--device", "cpu", "--seqlen", "64", "--heads", "2", "--heads-k", "1",
+                       "--head-dim", "16", "--rtol", "1e-12", "--variants", "zigzag")
+    assert result.returncode != 0
+    assert "MISMATCH" in result.stdout
+
+
+def test_check_rejects_unsplittable_length():
+    result = _torchrun(2, "check", "--device", "cpu", "--seqlen", "30")
+    assert result.returncode != 0
+    assert "--seqlen: must be a multiple of 2 x world size = 4 (zigzag's chunks), got 30" in result.stdout + result.stderr
+
+
+def test_bench_writes_json_and_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    result = _run([sys.executable, "-m", "ring_flash_attn", "bench", "--device", "cpu", "--seqlens", "64",
+                   "--world-sizes", "2", "--heads", "2", "--heads-k", "1", "--head-dim", "16", "--rounds", "1",
+                   "--reps", "1", "--warmup", "1", "--out-dir", str(tmp_path)])
+    assert result.returncode == 0, result.stderr
+    data = json.loads((tmp_path / "ring_step.json").read_text())
+    assert {row["schedule"] for row in data["rows"]} == {"ring", "zigzag"}
+    assert all(row["sdpa-fused_fwd_eff"] > 0 for row in data["rows"])
+    assert (tmp_path / "ring_step.png").stat().st_size > 0
+
+
+def test_env_json():
+    result = _run([sys.executable, "-m", "ring_flash_attn", "env", "--json"])
+    assert result.returncode == 0, result.stderr
+    info = json.loads(result.stdout)
+    assert info["versions"]["torch"]
