@@ -68,8 +68,8 @@ setup(
         # numpy >= 2.4 (triton-lang/triton#9171). Its bfloat16 dots are wrong in 3.7.1 too; the
         # kernels upcast them when interpreted.
         "triton": ["triton>=3.6"],
-        "hf": ["transformers>=4.56"],
-        "megatron": ["megatron-core>=0.14"],
+        "hf": ["transformers>=4.56,<6"],
+        "megatron": ["megatron-core>=0.15,<0.17"],
         "plot": ["matplotlib>=3.8"],
     },
     entry_points={"console_scripts": ["ring-attn=ring_flash_attn.cli:main"]},

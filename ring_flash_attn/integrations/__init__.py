@@ -1,0 +1,33 @@
+"""Model patching: Hugging Face transformers (:mod:`.hf`) and Megatron-Core (:mod:`.megatron`).
+
+Both are optional extras (``pip install .[hf]`` / ``.[megatron]``). Names are
+resolved lazily, so ``import ring_flash_attn`` (or this package) never imports
+transformers or megatron-core; the first use of a name imports its module and
+checks the installed version.
+"""
+
+from importlib import import_module
+
+_EXPORTS = {
+    "register_ring_attention": ".hf",
+    "shard_batch": ".hf",
+    "gather_logits": ".hf",
+    "substitute_hf_flash_attn": ".hf",
+    "update_ring_flash_attn_params": ".hf",
+    "RingCoreAttention": ".megatron",
+    "ring_gpt_layer_spec": ".megatron",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
