@@ -62,11 +62,14 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.8", "pyyaml>=6", "tqdm>=4.66"],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6", "numpy"],
-        # 3.6.0 ran the kernels on H100 (benchmarks/RESULTS.md). CPU CI interprets them
-        # (TRITON_INTERPRET=1) and needs triton==3.7.1 there: the 3.5/3.6 interpreter breaks with
-        # numpy >= 2.4 (triton-lang/triton#9171). Its bfloat16 dots are wrong in 3.7.1 too; the
-        # kernels upcast them when interpreted.
+        # Everything the whole test suite needs on a CPU machine, pinned so CI is reproducible: the
+        # Triton kernels run interpreted (TRITON_INTERPRET=1), which needs triton==3.7.1 (the 3.5/3.6
+        # interpreter breaks with numpy >= 2.4, triton-lang/triton#9171; its bfloat16 dots are wrong in
+        # 3.7.1 too, so the kernels upcast them when interpreted); the integration tests run the newest
+        # transformers and megatron-core of the supported ranges below.
+        "test": ["pytest>=8", "hypothesis>=6", "numpy", "triton==3.7.1", "transformers==5.24.0",
+                 "megatron-core==0.16.1", "matplotlib>=3.8", "ninja"],
+        # 3.6.0 ran the kernels on H100 (benchmarks/RESULTS.md).
         "triton": ["triton>=3.6"],
         "hf": ["transformers>=4.56,<6"],
         "megatron": ["megatron-core>=0.15,<0.17"],

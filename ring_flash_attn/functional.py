@@ -82,8 +82,10 @@ def ring_attention(q, k, v, *, variant: str = "ring", causal: bool = False, soft
         comm = RingComm(group)
     layout.check(q.shape[1], comm.world_size, causal)
     band = Band.from_kernel_args(causal, window)
-    tasks = [t for src in range(comm.world_size)
-             for t in plan_step(layout, comm.rank, src, comm.world_size, q.shape[1], band, alibi_slopes is not None)]
+    # Judged over every rank's calls, not just this rank's: all ranks must pick the same backend (or raise the
+    # same error), or some would wait in the ring for ranks that refused.
+    tasks = [t for rank in range(comm.world_size) for src in range(comm.world_size)
+             for t in plan_step(layout, rank, src, comm.world_size, q.shape[1], band, alibi_slopes is not None)]
     features = Features(q.device.type, q.dtype, q.shape[-1], band=needs_band_mask(tasks), softcap=softcap > 0,
                         alibi=alibi_slopes is not None)
     kernel = select_backend(features, backend)
@@ -105,11 +107,13 @@ def _allgather(q, k, v, layout, *, causal, window, softmax_scale, softcap, group
     if alibi_slopes is not None and alibi_slopes.dim() == 2 and batch > 1:
         raise NotImplementedError("alibi_slopes: per-batch slopes ([batch, heads]) with exchange='allgather' "
                                   "(which packs the batch into one row); pass one slope per head")
-    tasks = allgather_tasks(packed, rank, world_size, batch * seqlen, Band.from_kernel_args(causal, window),
-                            keep_positions=alibi_slopes is not None)
-    out, lse = allgather_attention(*flat, tasks, softmax_scale=softmax_scale, softcap=softcap, group=group,
-                                   backend=backend, heads_k_stride=heads_k_stride, world_size=world_size,
-                                   alibi_slopes=alibi_slopes)
+    band = Band.from_kernel_args(causal, window)
+    tasks_by_rank = [allgather_tasks(packed, r, world_size, batch * seqlen, band, keep_positions=alibi_slopes is not None)
+                     for r in range(world_size)]
+    out, lse = allgather_attention(*flat, tasks_by_rank[rank], softmax_scale=softmax_scale, softcap=softcap,
+                                   group=group, backend=backend, heads_k_stride=heads_k_stride,
+                                   world_size=world_size, alibi_slopes=alibi_slopes,
+                                   needs_band=any(needs_band_mask(t) for t in tasks_by_rank))
     heads = q.shape[2]
     return out.view(q.shape), lse.view(heads, batch, seqlen).transpose(0, 1)
 

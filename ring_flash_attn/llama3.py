@@ -94,9 +94,12 @@ def llama3_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqle
     cumulative = lambda lengths: [sum(lengths[:i]) for i in range(len(lengths) + 1)]  # noqa: E731
     tasks = _llama3_tasks(cumulative(cu_q), cumulative(cu_k), local_k_slice, rank * q.shape[0],
                           Band.from_kernel_args(causal, window))
+    # Whether a call needs a band mask depends on where this rank's sequence pieces sit, which other ranks
+    # do not know: decide from the arguments alike on every rank, so that all choose the same backend.
+    needs_band = causal or window != (-1, -1)
     out, lse = allgather_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), tasks, softmax_scale=softmax_scale,
                                    softcap=softcap, group=group, backend=backend, heads_k_stride=heads_k_stride,
-                                   world_size=world_size, alibi_slopes=alibi_slopes)
+                                   world_size=world_size, needs_band=needs_band, alibi_slopes=alibi_slopes)
     out, lse = out.squeeze(0), lse.squeeze(0)
     return (out, lse, None) if return_attn_probs else out
 

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .comm.collectives import all_gather_sequence
 from .functional import ring_attention
 from .ring.layouts import get_layout
 
@@ -31,10 +32,9 @@ def gather_sequence(x_local: torch.Tensor, variant: str, group: Optional[dist.Pr
 
     Differentiable (the gradient flows back to each rank's slice).
     """
-    from torch.distributed.nn.functional import all_gather
-
-    shards = all_gather(x_local.contiguous(), group=group)
-    return unshard_sequence(shards, variant, dim)
+    gathered = all_gather_sequence(x_local.movedim(dim, 1), group)
+    shards = gathered.chunk(dist.get_world_size(group), dim=1)
+    return unshard_sequence(shards, variant, 1).movedim(1, dim)
 
 
 class RingAttention(nn.Module):

@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 import transformers
 
+from ..comm.collectives import all_gather_sequence
 from ..functional import ring_attention
 from ..llama3 import llama3_flash_attn_prepare_cu_seqlens, llama3_flash_attn_varlen_func
 from ..ring.layouts import get_layout
@@ -183,32 +184,9 @@ def gather_logits(logits_local: torch.Tensor, *, variant: str = "zigzag",
         position_ids = torch.arange(world_size * logits_local.shape[1], device=logits_local.device)
         position_ids = position_ids.expand(logits_local.shape[0], -1)
     order = _token_order(position_ids, get_layout(variant), world_size).flatten(1)
-    gathered = _AllGatherSequence.apply(logits_local, group, rank, world_size)
+    gathered = all_gather_sequence(logits_local, group)
     index = order.argsort(dim=1).view(*order.shape, *([1] * (logits_local.dim() - 2)))
     return gathered.gather(1, index.expand(*order.shape, *logits_local.shape[2:]))
-
-
-class _AllGatherSequence(torch.autograd.Function):
-    """Every rank's ``[batch, seqlen_local, ...]`` slice, concatenated along dim 1 in group-rank order.
-
-    Not torch.distributed.nn.functional.all_gather: on gloo its backward fails for a group that is not the
-    whole world (it passes group ranks where global ranks are expected). The backward sums the gradients of
-    all ranks with an all-reduce (gloo has no reduce-scatter) and keeps this rank's part.
-    """
-
-    @staticmethod
-    def forward(ctx, local, group, rank, world_size):
-        ctx.group, ctx.rank, ctx.seqlen_local = group, rank, local.shape[1]
-        shards = [torch.empty_like(local) for _ in range(world_size)]
-        dist.all_gather(shards, local.contiguous(), group=group)
-        return torch.cat(shards, dim=1)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
-        start = ctx.rank * ctx.seqlen_local
-        return grad[:, start:start + ctx.seqlen_local], None, None, None
 
 
 # --------------------------------------------------------------------------------------------------------------

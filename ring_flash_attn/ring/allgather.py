@@ -27,7 +27,7 @@ from ..kernels import Features, select_backend
 from ..kernels.base import KernelBackend
 from ..merge import new_accumulators
 from .engine import ContextParallelAttention, kernel_kwargs
-from .planner import BlockTask, needs_band_mask, plan_step
+from .planner import BlockTask, plan_step
 
 
 @dataclass(frozen=True)
@@ -150,9 +150,10 @@ def allgather_tasks(layout, rank: int, world_size: int, seqlen_local: int, band,
 
 
 def allgather_attention(q, k, v, tasks, *, softmax_scale, softcap, group, backend, heads_k_stride, world_size,
-                        alibi_slopes=None):
-    """Choose the kernel for ``tasks`` and run the all-gather exchange on packed ``[1, T, H, D]`` tensors."""
-    features = Features(q.device.type, q.dtype, q.shape[-1], band=needs_band_mask(tasks), softcap=softcap > 0,
+                        needs_band: bool, alibi_slopes=None):
+    """Choose the kernel and run the all-gather exchange for this rank's ``tasks`` on packed ``[1, T, H, D]``
+    tensors. ``needs_band`` must be the same on every rank (every rank must choose the same backend)."""
+    features = Features(q.device.type, q.dtype, q.shape[-1], band=needs_band, softcap=softcap > 0,
                         alibi=alibi_slopes is not None)
     kernel = select_backend(features, backend)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)

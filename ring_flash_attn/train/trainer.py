@@ -21,7 +21,7 @@ from torch import nn
 
 from ..comm import choose_backend, default_device_type, detect_launch, init_distributed
 from . import checkpoint
-from ._hf_compat import register_ring_attention, shard_batch
+from ..integrations.hf import register_ring_attention, shard_batch
 from .config import DEFAULT_CHECK_RTOL, ConfigError, RunConfig, validate_for_world
 from .data import Batch, BatchPlan, PackedDataset
 from .faults import FaultInjector

@@ -1,0 +1,39 @@
+"""Differentiable collectives used around the ring (gathering per-rank slices back into a sequence)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from ..validation import group_rank_and_size
+
+
+class _AllGatherSequence(torch.autograd.Function):
+    """Every rank's ``[batch, seqlen_local, ...]`` slice, concatenated along dim 1 in group-rank order.
+
+    Not torch.distributed.nn.functional.all_gather: on gloo its backward fails for a group that is not the
+    whole world (it passes group ranks where global ranks are expected), and it is deprecated. The backward
+    sums every rank's gradient with an all-reduce (gloo has no reduce-scatter) and keeps this rank's part.
+    """
+
+    @staticmethod
+    def forward(ctx, local, group, rank, world_size):
+        ctx.group, ctx.rank, ctx.seqlen_local = group, rank, local.shape[1]
+        shards = [torch.empty_like(local) for _ in range(world_size)]
+        dist.all_gather(shards, local.contiguous(), group=group)
+        return torch.cat(shards, dim=1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        start = ctx.rank * ctx.seqlen_local
+        return grad[:, start:start + ctx.seqlen_local], None, None, None
+
+
+def all_gather_sequence(local: torch.Tensor, group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
+    """Concatenate every rank's ``[batch, seqlen_local, ...]`` along dim 1 (group-rank order); differentiable."""
+    rank, world_size = group_rank_and_size(group)
+    return _AllGatherSequence.apply(local, group, rank, world_size)
