@@ -13,11 +13,11 @@ exits with 128 + the signal number after saving a checkpoint.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import traceback
 from typing import List, Optional
 
+from ..comm.launch import detect_launch
 from .config import ConfigError, load_config, parse_overrides
 
 EXIT_CONFIG_ERROR = 2
@@ -77,10 +77,12 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _rank_prefix() -> str:
-    for name in ("RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID"):
-        if os.environ.get(name):
-            return f"[rank {os.environ[name]}] "
-    return ""
+    """"[rank N] " under a launcher (the same variables comm.launch reads), "" otherwise."""
+    try:
+        launch = detect_launch()
+    except ValueError:  # a malformed launcher environment is reported by the run itself
+        return ""
+    return f"[rank {launch.rank}] " if launch.launcher != "none" else ""
 
 
 def main_train(args: argparse.Namespace) -> int:
