@@ -26,7 +26,7 @@ from .kernels.mask import Band, check_window
 from .ring.allgather import allgather_attention, allgather_tasks
 from .ring.engine import ContextParallelAttention, RingPlan
 from .ring.layouts import Layout, PackedLayout, get_layout
-from .ring.planner import needs_band_mask, plan_step
+from .ring.planner import layout_needs_band_mask
 from .validation import (check_alibi_slopes, check_cu_seqlens, check_packed_alibi_slopes, check_heads_k_stride, check_max_seqlen, check_qkv, check_softcap, check_unsupported,
                          group_rank_and_size)
 
@@ -82,12 +82,9 @@ def ring_attention(q, k, v, *, variant: str = "ring", causal: bool = False, soft
         comm = RingComm(group)
     layout.check(q.shape[1], comm.world_size, causal)
     band = Band.from_kernel_args(causal, window)
-    # Judged over every rank's calls, not just this rank's: all ranks must pick the same backend (or raise the
-    # same error), or some would wait in the ring for ranks that refused.
-    tasks = [t for rank in range(comm.world_size) for src in range(comm.world_size)
-             for t in plan_step(layout, rank, src, comm.world_size, q.shape[1], band, alibi_slopes is not None)]
-    features = Features(q.device.type, q.dtype, q.shape[-1], band=needs_band_mask(tasks), softcap=softcap > 0,
-                        alibi=alibi_slopes is not None)
+    features = Features(q.device.type, q.dtype, q.shape[-1],
+                        band=layout_needs_band_mask(layout, comm.world_size, q.shape[1], band, alibi_slopes is not None),
+                        softcap=softcap > 0, alibi=alibi_slopes is not None)
     kernel = select_backend(features, backend)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     plan = RingPlan(layout=layout, band=band, scale=scale, softcap=softcap, backend=kernel, comm=comm,
@@ -107,13 +104,13 @@ def _allgather(q, k, v, layout, *, causal, window, softmax_scale, softcap, group
     if alibi_slopes is not None and alibi_slopes.dim() == 2 and batch > 1:
         raise NotImplementedError("alibi_slopes: per-batch slopes ([batch, heads]) with exchange='allgather' "
                                   "(which packs the batch into one row); pass one slope per head")
-    band = Band.from_kernel_args(causal, window)
-    tasks_by_rank = [allgather_tasks(packed, r, world_size, batch * seqlen, band, keep_positions=alibi_slopes is not None)
-                     for r in range(world_size)]
-    out, lse = allgather_attention(*flat, tasks_by_rank[rank], softmax_scale=softmax_scale, softcap=softcap,
-                                   group=group, backend=backend, heads_k_stride=heads_k_stride,
-                                   world_size=world_size, alibi_slopes=alibi_slopes,
-                                   needs_band=any(needs_band_mask(t) for t in tasks_by_rank))
+    band, keep_positions = Band.from_kernel_args(causal, window), alibi_slopes is not None
+    tasks = allgather_tasks(packed, rank, world_size, batch * seqlen, band, keep_positions)
+    out, lse = allgather_attention(*flat, tasks, softmax_scale=softmax_scale, softcap=softcap, group=group,
+                                   backend=backend, heads_k_stride=heads_k_stride, world_size=world_size,
+                                   alibi_slopes=alibi_slopes,
+                                   needs_band=layout_needs_band_mask(packed, world_size, batch * seqlen, band,
+                                                                     keep_positions))
     heads = q.shape[2]
     return out.view(q.shape), lse.view(heads, batch, seqlen).transpose(0, 1)
 

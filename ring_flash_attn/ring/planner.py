@@ -86,9 +86,8 @@ def _coalesce(tasks: list, keep_positions: bool) -> list:
     return tasks
 
 
-@lru_cache(maxsize=4096)
-def plan_step(layout: Layout, rank: int, src: int, world_size: int, seqlen_local: int,
-              band: Band, keep_positions: bool = False) -> Tuple[BlockTask, ...]:
+def _plan_step(layout: Layout, rank: int, src: int, world_size: int, seqlen_local: int,
+               band: Band, keep_positions: bool = False) -> Tuple[BlockTask, ...]:
     """The kernel calls rank ``rank`` makes on the K/V of rank ``src`` under the position-space ``band``.
 
     ``keep_positions`` joins blocks only where their token positions stay one
@@ -111,6 +110,18 @@ def plan_step(layout: Layout, rank: int, src: int, world_size: int, seqlen_local
                                    None if full else index_band,
                                    (q_run.global_start - k_run.global_start, q_run.stride)))
     return tuple(_coalesce(tasks, keep_positions))
+
+
+plan_step = lru_cache(maxsize=4096)(_plan_step)
+
+
+@lru_cache(maxsize=256)
+def layout_needs_band_mask(layout: Layout, world_size: int, seqlen_local: int, band: Band,
+                           keep_positions: bool = False) -> bool:
+    """:func:`needs_band_mask` over the calls of EVERY rank: the same answer on all ranks, so that all pick the
+    same kernel backend (or raise the same error) and none is left waiting in the ring."""
+    return any(needs_band_mask(_plan_step(layout, rank, src, world_size, seqlen_local, band, keep_positions))
+               for rank in range(world_size) for src in range(world_size))
 
 
 def needs_band_mask(tasks) -> bool:
