@@ -56,7 +56,7 @@ class ComputeOnlyComm:
     def __init__(self, comm: RingComm):
         self.rank, self.world_size = comm.rank, comm.world_size
 
-    def exchange(self, send, recv):
+    def exchange(self, send, recv, kind="kv"):
         return _Done()
 
 

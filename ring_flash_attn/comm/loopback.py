@@ -8,17 +8,14 @@ multi-process run (tests/test_loopback.py).
 
 What each exchange hands back:
 
-* **K/V exchanges** (buffers of the K/V dtype): the K/V block rank ``rank - n``
-  holds, at the n-th exchange of a forward or backward call (n = 1 .. P-1), the
-  same block a real ring would deliver, made locally beforehand and copied in.
-* **dK/dV exchanges** (buffers of the float32/float64 accumulator dtype): a copy
-  of what this rank sends, i.e. as if the predecessor had accumulated exactly
-  this rank's partial sums. The shape, dtype and memory traffic are those of
-  the real exchange; the values are not, so dK/dV of a loopback run are
-  meaningless. out, LSE and dQ depend only on K/V exchanges and are exact.
-
-The two kinds are told apart by dtype, which is why K/V must be float16 or
-bfloat16 (the accumulators are float32).
+* **K/V exchanges** (``kind="kv"``): the K/V block rank ``rank - n`` holds, at
+  the n-th exchange of a forward or backward call (n = 1 .. P-1), the same block
+  a real ring would deliver, made locally beforehand and copied in.
+* **dK/dV exchanges** (``kind="grad"``): a copy of what this rank sends, i.e. as
+  if the predecessor had accumulated exactly this rank's partial sums. The
+  shape, dtype and memory traffic are those of the real exchange; the values
+  are not, so dK/dV of a loopback run are meaningless. out, LSE and dQ depend
+  only on K/V exchanges and are exact.
 
 On a GPU the copy runs on a side stream, as a collective would, ordered after
 the work queued so far; ``wait()`` makes the current stream wait for it. The
@@ -31,9 +28,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-
-_KV_DTYPES = (torch.float16, torch.bfloat16)
-
 
 class PendingLoopback:
     """A copy in flight; ``wait()`` orders the current stream after it."""
@@ -55,12 +49,7 @@ class LoopbackComm:
         self.world_size = len(kv_by_rank)
         if not 0 <= rank < self.world_size:
             raise ValueError(f"rank: expected 0 <= rank < {self.world_size}, got {rank}")
-        dtypes = {kv.dtype for kv in kv_by_rank}
-        if len(dtypes) != 1 or next(iter(dtypes)) not in _KV_DTYPES:
-            raise ValueError(f"kv_by_rank: expected float16 or bfloat16 K/V of one dtype (the loopback tells K/V "
-                             f"from dK/dV exchanges by dtype), got {sorted(map(str, dtypes))}")
         self.rank = rank
-        self.kv_dtype = next(iter(dtypes))
         self._kv_by_rank = list(kv_by_rank)
         self._kv_exchanges = 0
         device = kv_by_rank[0].device
@@ -72,11 +61,13 @@ class LoopbackComm:
         self._kv_exchanges += 1
         return self._kv_by_rank[(self.rank - hop) % self.world_size]
 
-    def exchange(self, send: torch.Tensor, recv: torch.Tensor) -> PendingLoopback:
+    def exchange(self, send: torch.Tensor, recv: torch.Tensor, kind: str = "kv") -> PendingLoopback:
         if send.shape != recv.shape or send.dtype != recv.dtype:
             raise ValueError(f"recv: expected the shape and dtype of send {tuple(send.shape)} {send.dtype}, "
                              f"got {tuple(recv.shape)} {recv.dtype}")
-        source = self._kv_source() if send.dtype == self.kv_dtype else send
+        if kind not in ("kv", "grad"):
+            raise ValueError(f"kind: expected 'kv' or 'grad', got {kind!r}")
+        source = self._kv_source() if kind == "kv" else send
         if self._side_stream is None:
             recv.copy_(source)
             return PendingLoopback(None, ())

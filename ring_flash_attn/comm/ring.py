@@ -47,8 +47,12 @@ class RingComm:
             return group_rank
         return dist.get_global_rank(self.group, group_rank)
 
-    def exchange(self, send: torch.Tensor, recv: torch.Tensor) -> PendingExchange:
-        """Start sending ``send`` to the successor and receiving the predecessor's into ``recv``."""
+    def exchange(self, send: torch.Tensor, recv: torch.Tensor, kind: str = "kv") -> PendingExchange:
+        """Start sending ``send`` to the successor and receiving the predecessor's into ``recv``.
+
+        ``kind`` says what travels: ``"kv"`` (K/V blocks) or ``"grad"`` (dK/dV partial sums). The process
+        group moves both alike; stand-in communicators (the loopback) need to tell them apart.
+        """
         ops = [dist.P2POp(dist.isend, send, self.send_peer, self.group),
                dist.P2POp(dist.irecv, recv, self.recv_peer, self.group)]
         return PendingExchange(dist.batch_isend_irecv(ops), (send, recv))

@@ -41,7 +41,7 @@ class RingPlan:
     scale: float
     softcap: float
     backend: KernelBackend
-    comm: Any  # RingComm or any object with rank, world_size and exchange(send, recv)
+    comm: Any  # RingComm or any object with rank, world_size and exchange(send, recv, kind)
     alibi_slopes: Optional[torch.Tensor] = None
 
     def tasks(self, src: int, seqlen_local: int):
@@ -116,7 +116,7 @@ def ring_backward(dout, q, k, v, out, lse, plan: RingPlan):
             dkv[0][0][:, task.k] += dk
             dkv[0][1][:, task.k] += dv
         if comm.world_size > 1:
-            pending_dkv = comm.exchange(dkv[0], dkv[1])
+            pending_dkv = comm.exchange(dkv[0], dkv[1], kind="grad")
             dkv.reverse()
         if pending_kv is not None:
             pending_kv.wait()

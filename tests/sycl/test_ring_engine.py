@@ -33,7 +33,7 @@ class EchoComm:
     def __init__(self, rank: int, world_size: int):
         self.rank, self.world_size = rank, world_size
 
-    def exchange(self, send, recv):
+    def exchange(self, send, recv, kind="kv"):
         recv.copy_(send)
         return _Done()
 
