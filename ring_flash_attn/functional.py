@@ -27,7 +27,8 @@ from .ring.allgather import allgather_attention, allgather_tasks
 from .ring.engine import ContextParallelAttention, RingPlan
 from .ring.layouts import Layout, PackedLayout, get_layout
 from .ring.planner import layout_needs_band_mask
-from .validation import (check_alibi_slopes, check_cu_seqlens, check_packed_alibi_slopes, check_heads_k_stride, check_max_seqlen, check_qkv, check_softcap, check_unsupported,
+from .validation import (check_alibi_slopes, check_cu_seqlens, check_heads_k_stride, check_max_seqlen,
+                         check_packed_alibi_slopes, check_packed_qkv, check_qkv, check_softcap, check_unsupported,
                          group_rank_and_size)
 
 
@@ -59,10 +60,7 @@ def ring_attention(q, k, v, *, variant: str = "ring", causal: bool = False, soft
     if exchange not in ("ring", "allgather"):
         raise ValueError(f"exchange: expected 'ring' or 'allgather', got {exchange!r}")
     if cu_seqlens is not None:
-        for name, t in (("q", q), ("k", k), ("v", v)):
-            if not isinstance(t, torch.Tensor) or t.dim() != 3:
-                shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                raise ValueError(f"{name}: with cu_seqlens expected [total_tokens, heads, head_dim], got {shape}")
+        check_packed_qkv(q, k, v)
         seqlens = check_cu_seqlens(cu_seqlens, q.shape[0])
         check_packed_alibi_slopes(alibi_slopes, q)
         out, lse = ring_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), variant=PackedLayout(

@@ -21,8 +21,8 @@ from .functional import ring_attention
 from .kernels.mask import Band, check_window
 from .ring.allgather import allgather_attention
 from .ring.planner import BlockTask
-from .validation import (check_cu_seqlens, check_packed_alibi_slopes, check_heads_k_stride, check_max_seqlen, check_qkv, check_softcap, check_unsupported,
-                         group_rank_and_size)
+from .validation import (check_cu_seqlens, check_heads_k_stride, check_max_seqlen, check_packed_alibi_slopes,
+                         check_packed_qkv, check_softcap, check_unsupported, group_rank_and_size)
 
 
 def llama3_flash_attn_prepare_cu_seqlens(cu_seqlens, causal, rank, world_size):
@@ -51,14 +51,6 @@ def llama3_flash_attn_prepare_cu_seqlens(cu_seqlens, causal, rank, world_size):
     return as_tensor(cu_q), as_tensor(cu_k), max_q, max_k, slice(k_start, k_stop)
 
 
-def _check_varlen_qkv(q, k, v):
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 3:
-            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"{name}: expected [total_tokens, heads, head_dim], got {shape}")
-    check_qkv(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0))
-
-
 def _llama3_tasks(cu_q, cu_k, local_k_slice, q_start: int, band: Band):
     """One task per sequence piece, positions taken from where the piece really sits."""
     tasks = []
@@ -79,20 +71,20 @@ def llama3_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqle
     """All-gather attention for this rank's contiguous piece of a packed batch; arguments from
     :func:`llama3_flash_attn_prepare_cu_seqlens`. q ``[tokens_local, heads, head_dim]``; lse ``[heads, tokens_local]``."""
     check_unsupported(dropout_p)
-    _check_varlen_qkv(q, k, v)
+    check_packed_qkv(q, k, v)
     alibi_slopes = check_packed_alibi_slopes(alibi_slopes, q)
     window, softcap = check_window(window_size), check_softcap(softcap)
     check_heads_k_stride(heads_k_stride, k.shape[1])
     rank, world_size = group_rank_and_size(group)
-    cu_q = check_cu_seqlens(cu_seqlens_q, q.shape[0], "cu_seqlens_q")
+    q_lengths = check_cu_seqlens(cu_seqlens_q, q.shape[0], "cu_seqlens_q")
     if not isinstance(local_k_slice, slice) or not 0 <= local_k_slice.start <= local_k_slice.stop <= world_size * k.shape[0]:
         raise ValueError(f"local_k_slice: expected a slice within the {world_size * k.shape[0]} gathered tokens, "
                          f"got {local_k_slice!r}")
-    cu_k = check_cu_seqlens(cu_seqlens_k, local_k_slice.stop - local_k_slice.start, "cu_seqlens_k")
-    if len(cu_k) != len(cu_q):
-        raise ValueError(f"cu_seqlens_k: expected {len(cu_q) + 1} entries like cu_seqlens_q, got {len(cu_k) + 1}")
-    cumulative = lambda lengths: [sum(lengths[:i]) for i in range(len(lengths) + 1)]  # noqa: E731
-    tasks = _llama3_tasks(cumulative(cu_q), cumulative(cu_k), local_k_slice, rank * q.shape[0],
+    k_lengths = check_cu_seqlens(cu_seqlens_k, local_k_slice.stop - local_k_slice.start, "cu_seqlens_k")
+    if len(k_lengths) != len(q_lengths):
+        raise ValueError(f"cu_seqlens_k: expected {len(q_lengths) + 1} entries like cu_seqlens_q, "
+                         f"got {len(k_lengths) + 1}")
+    tasks = _llama3_tasks(cu_seqlens_q.tolist(), cu_seqlens_k.tolist(), local_k_slice, rank * q.shape[0],
                           Band.from_kernel_args(causal, window))
     # Whether a call needs a band mask depends on where this rank's sequence pieces sit, which other ranks
     # do not know: decide from the arguments alike on every rank, so that all choose the same backend.

@@ -35,6 +35,15 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"k, v: expected q's device {q.device}, got k on {k.device} and v on {v.device}")
 
 
+def check_packed_qkv(q, k, v) -> None:
+    """Packed sequences: q/k/v ``[total_tokens, heads, head_dim]``, otherwise as :func:`check_qkv`."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name}: with cu_seqlens expected [total_tokens, heads, head_dim], got {shape}")
+    check_qkv(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0))
+
+
 def check_unsupported(dropout_p: float) -> None:
     """Arguments of the flash-attn API this library does not implement: refuse them rather than ignore them."""
     if dropout_p:

@@ -42,7 +42,7 @@ import transformers
 from ..comm.collectives import all_gather_sequence
 from ..functional import ring_attention
 from ..llama3 import llama3_flash_attn_prepare_cu_seqlens, llama3_flash_attn_varlen_func
-from ..ring.layouts import get_layout
+from ..ring.layouts import PackedLayout, get_layout
 from ..validation import check_unsupported, group_rank_and_size
 from ._versions import require_version
 
@@ -103,10 +103,9 @@ def _token_order(position_ids: torch.Tensor, layout, world_size: int) -> torch.T
             if length % unit:
                 raise ValueError(f"position_ids: the {layout.name!r} layout splits each sequence into {unit} equal "
                                  f"parts over {world_size} ranks; sequence {n} of row {row} has length {length}")
-        starts = [sum(lengths[:n]) for n in range(len(lengths))]
-        rows.append(torch.stack([torch.cat([start + layout.positions(rank, world_size, length // world_size)
-                                            for start, length in zip(starts, lengths)])
-                                 for rank in range(world_size)]))
+        packed = PackedLayout(layout, tuple(length // world_size for length in lengths))
+        seqlen_local = sum(packed.seqlens_local)
+        rows.append(torch.stack([packed.positions(rank, world_size, seqlen_local) for rank in range(world_size)]))
     return torch.stack(rows).to(position_ids.device)
 
 
