@@ -1,8 +1,12 @@
 """Context-parallel ("ring") attention for long-context training.
 
 A drop-in for zhuzilin/ring-flash-attention (same import name and function
-signatures) that runs on Intel GPUs (XPU), NVIDIA GPUs and the CPU.
+signatures, and the same import paths: its per-variant modules such as
+``ring_flash_attn.zigzag_ring_flash_attn`` and ``ring_flash_attn.adapters``) that
+runs on Intel GPUs (XPU), NVIDIA GPUs and the CPU.
 """
+
+from importlib import import_module
 
 from .functional import (
     ring_attention,
@@ -30,6 +34,28 @@ from .llama3 import (
     zigzag_llama3_flash_attn_varlen_func,
 )
 from .module import RingAttention, gather_sequence, shard_sequence, unshard_sequence
+
+# The replaced project's per-variant modules, importable as there (aliases of the functions above).
+from . import (  # noqa: E402,F401  (isort: skip)
+    llama3_flash_attn_varlen,
+    ring_flash_attn,
+    ring_flash_attn_varlen,
+    stripe_flash_attn,
+    zigzag_ring_flash_attn,
+    zigzag_ring_flash_attn_varlen,
+)
+
+# Its Hugging Face helpers at the top level, resolved on first use so that ``import ring_flash_attn`` does
+# not import transformers.
+_LAZY = {"substitute_hf_flash_attn": ".integrations.hf", "update_ring_flash_attn_params": ".integrations.hf"}
+
+
+def __getattr__(name):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(_LAZY[name], __name__), name)
+    globals()[name] = value
+    return value
 
 __version__ = "0.1.0"
 
@@ -59,4 +85,6 @@ __all__ = [
     "gather_sequence",
     "shard_sequence",
     "unshard_sequence",
+    "substitute_hf_flash_attn",
+    "update_ring_flash_attn_params",
 ]

@@ -312,7 +312,8 @@ def zhuzilin_compat_errors(rank, world_size, seed):
     "flash_attention_2"."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    from ring_flash_attn.integrations import substitute_hf_flash_attn, update_ring_flash_attn_params
+    # The import path the replaced project documents (its README): the top-level package.
+    from ring_flash_attn import substitute_hf_flash_attn, update_ring_flash_attn_params
 
     group = dist.new_group(list(range(world_size)))
     substitute_hf_flash_attn(group, heads_k_stride=1)
