@@ -60,7 +60,9 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["ring_flash_attn", "ring_flash_attn.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.8", "pyyaml>=6", "tqdm>=4.66"],
+    # numpy: torch's object collectives (all_gather_object) and tensor.numpy() need it, and torch does not
+    # require it; packaging: the integrations' version gates.
+    install_requires=["torch>=2.8", "numpy", "packaging", "pyyaml>=6", "tqdm>=4.66"],
     extras_require={
         # Everything the whole test suite needs on a CPU machine, pinned so CI is reproducible: the
         # Triton kernels run interpreted (TRITON_INTERPRET=1), which needs triton==3.7.1 (the 3.5/3.6

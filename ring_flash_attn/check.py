@@ -14,10 +14,12 @@ import time
 import torch
 import torch.distributed as dist
 
+from .cli import HelpFormatter
 from .functional import ring_attention
 from .kernels import get_backend
 from .ring.layouts import get_layout
 
+DEFAULT_MIN_SEQLEN = 1024
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 CHECKS = (("ring", False), ("ring", True), ("zigzag", True), ("stripe", True))
@@ -34,12 +36,19 @@ def _agreed_seed(device) -> int:
     return int(seed.item())
 
 
+def default_seqlen(world_size: int) -> int:
+    """The shortest length of at least DEFAULT_MIN_SEQLEN that every variant splits over ``world_size`` ranks
+    (zigzag needs 2 x world size equal chunks): 1024 at 4 or 8 ranks, 1032 at 12."""
+    unit = 2 * world_size
+    return -(-DEFAULT_MIN_SEQLEN // unit) * unit
+
+
 def run_check(args, device) -> int:
     rank, world = dist.get_rank(), dist.get_world_size()
     dtype = DTYPES[args.dtype]
-    seqlen = args.seqlen
+    seqlen = default_seqlen(world) if args.seqlen is None else args.seqlen
     unit = 2 * world
-    if seqlen % unit:
+    if seqlen < unit or seqlen % unit:
         raise SystemExit(f"--seqlen: must be a multiple of 2 x world size = {unit} (zigzag's chunks), got {seqlen}")
     g = torch.Generator().manual_seed(_agreed_seed(device))
     shape_q = (args.batch, seqlen, args.heads, args.head_dim)
@@ -96,12 +105,23 @@ def run_check(args, device) -> int:
 
 
 def add_check_parser(subparsers) -> None:
-    p = subparsers.add_parser("check", help="compare ring attention with full attention on the launched ranks")
-    p.add_argument("--seqlen", type=int, default=1024, help="global sequence length (multiple of 2 x ranks)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--heads", type=int, default=8)
+    p = subparsers.add_parser(
+        "check", help="compare ring attention with full attention on the launched ranks",
+        description="Run every variant (ring causal and not, zigzag, stripe) on the ranks this command is\n"
+                    "launched on (torchrun, mpiexec, srun) and compare each rank's output, log-sum-exp and\n"
+                    "gradients with full attention computed in float64. Prints one line per variant and rank\n"
+                    "and exits non-zero if any error exceeds the tolerance. The first thing to run on a new\n"
+                    "cluster; it works at any number of ranks with no arguments:\n\n"
+                    "  torchrun --standalone --nproc_per_node 4 --no-python ring-attn check --device cpu\n"
+                    "  mpiexec -n 12 ring-attn check",
+        formatter_class=HelpFormatter)
+    p.add_argument("--seqlen", type=int, default=None,
+                   help=f"global sequence length, a multiple of 2 x ranks (default: the smallest such length "
+                        f"of at least {DEFAULT_MIN_SEQLEN})")
+    p.add_argument("--batch", type=int, default=1, help="sequences per batch")
+    p.add_argument("--heads", type=int, default=8, help="query heads")
     p.add_argument("--heads-k", type=int, default=2, help="K/V heads (GQA); must divide --heads")
-    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--head-dim", type=int, default=64, help="dimension of each head")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="default: float32 on CPU, bfloat16 on accelerators")
     p.add_argument("--backend", default=None, help="kernel backend (default: automatic)")

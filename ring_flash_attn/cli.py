@@ -11,6 +11,16 @@ import argparse
 import sys
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps a description's line breaks and shows each option's default after its help, except where there
+    is none to show (``None``: the help says what happens then)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _main_env(args) -> int:
     from .train.envinfo import collect_env, format_env
 
@@ -27,13 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
     from .check import add_check_parser
     from .train import add_train_parser
 
-    parser = argparse.ArgumentParser(prog="ring-attn", description="Context-parallel ring attention")
+    parser = argparse.ArgumentParser(prog="ring-attn", description="Context-parallel (ring) attention: check it "
+                                     "on a cluster, train with it, time it, report the environment.")
     sub = parser.add_subparsers(dest="command", required=True)
     add_check_parser(sub)
     add_train_parser(sub)
     # Listed for --help only: main() hands ``bench``'s arguments to the benchmark's own parser.
-    sub.add_parser("bench", help="one rank's ring schedule vs the best kernel on one device "
-                                 "(`ring-attn bench --help` for its options)", add_help=False)
+    sub.add_parser("bench", help="time one rank's ring schedule against the best kernel on one device "
+                                 "(ring-attn bench --help for its options)", add_help=False)
     env = sub.add_parser("env", help="device, backends, versions, ranks and environment for a bug report")
     env.add_argument("--json", action="store_true", help="print as JSON")
     env.set_defaults(handler=_main_env)

@@ -30,6 +30,31 @@ def test_check_passes_on_three_ranks():
     assert "all ranks match full attention" in result.stdout
 
 
+def test_check_default_length_splits_at_any_world_size():
+    from ring_flash_attn.check import DEFAULT_MIN_SEQLEN, default_seqlen
+
+    for world_size in range(1, 65):
+        seqlen, unit = default_seqlen(world_size), 2 * world_size
+        assert seqlen % unit == 0 and DEFAULT_MIN_SEQLEN <= seqlen < DEFAULT_MIN_SEQLEN + unit, world_size
+
+
+def test_check_without_a_length_at_a_world_size_that_does_not_divide_1024():
+    """3 ranks (like 6 or 12, one Aurora node) cannot split 1024 into 2P chunks: the default length adapts."""
+    result = _torchrun(3, "check", "--device", "cpu", "--heads", "2", "--heads-k", "1", "--head-dim", "8")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "seqlen 1026" in result.stdout
+    assert "all ranks match full attention" in result.stdout
+
+
+def test_help_texts_are_plain_text():
+    """No reStructuredText markup or internal module paths in what users read first."""
+    for command in (["--help"], ["check", "--help"], ["bench", "--help"], ["train", "--help"]):
+        result = _run([sys.executable, "-m", "ring_flash_attn", *command])
+        assert result.returncode == 0, result.stderr
+        for markup in ("``", ":func:", ":mod:", ":class:", "ring_flash_attn/"):
+            assert markup not in result.stdout, (command, markup)
+
+
 def test_check_fails_loudly_on_mismatch():
     """A tolerance below float32 rounding must turn into a non-zero exit on every rank."""
     result = _torchrun(2, "check", "--device", "cpu", "--seqlen", "64", "--heads", "2", "--heads-k", "1",

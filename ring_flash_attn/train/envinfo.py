@@ -11,6 +11,7 @@ import importlib
 import importlib.metadata
 import os
 import platform
+import re
 import sys
 from typing import Dict, Optional
 
@@ -34,6 +35,26 @@ def _version(distribution: str, module: Optional[str] = None) -> Optional[str]:
         except ImportError:
             return None
     return None
+
+
+# Distributions the package may use that its metadata cannot name: Intel's deprecated fallbacks (never required).
+OPTIONAL_ELSEWHERE = ("pytorch-triton-xpu", "oneccl_bind_pt", "intel_extension_for_pytorch")
+
+
+def _requirement_name(requirement: str) -> str:
+    """``"triton==3.7.1; extra == 'test'"`` -> ``"triton"``."""
+    return re.split(r"[\s<>=!~;\[(]", requirement, maxsplit=1)[0]
+
+
+def dependencies() -> list:
+    """Every distribution ring_flash_attn requires or offers as an extra, from its installed metadata (the
+    single list of them is setup.py), then the optional Intel packages."""
+    try:
+        requires = importlib.metadata.requires("ring-attention-xpu") or []
+    except importlib.metadata.PackageNotFoundError:  # running from a checkout that was never installed
+        requires = []
+    names = dict.fromkeys(["torch", *(_requirement_name(r) for r in requires), *OPTIONAL_ELSEWHERE])
+    return list(names)
 
 
 def _devices(torch) -> Dict[str, object]:
@@ -73,15 +94,9 @@ def collect_env(environ: Optional[Dict[str, str]] = None) -> dict:
         "devices": _devices(torch),
         "dist_backend": backend,
         "xccl_available": bool(getattr(dist, "is_xccl_available", lambda: False)()),
-        "versions": {
-            "torch": torch.__version__,
-            "ring_flash_attn": _version("ring-attention-xpu", "ring_flash_attn"),
-            "transformers": _version("transformers"),
-            "triton": _version("triton") or _version("pytorch-triton-xpu"),
-            "oneccl_bindings_for_pytorch": _version("oneccl_bind_pt"),
-            "intel_extension_for_pytorch": _version("intel_extension_for_pytorch"),
-            "matplotlib": _version("matplotlib"),
-        },
+        "versions": {"ring_flash_attn": _version("ring-attention-xpu", "ring_flash_attn"),
+                     "torch": torch.__version__,
+                     **{name: _version(name) for name in dependencies() if name != "torch"}},
         "ranks": ranks,
         "environment": {k: v for k, v in sorted(environ.items()) if k.startswith(ENV_PREFIXES)},
     }
