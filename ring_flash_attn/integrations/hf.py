@@ -78,6 +78,23 @@ class _RingSettings:
 _SETTINGS: Dict[str, _RingSettings] = {}
 
 
+@dataclass
+class _RingUse:
+    """Whether ring attention ran since :func:`shard_batch` cut the last batch (see :func:`gather_logits`).
+
+    A model that quietly runs another attention on the sharded inputs (e.g. one of two models built from one
+    config object, after the other was reset to eager: they share ``config._attn_implementation``) computes
+    each rank's slice against that slice alone: wrong logits, no error. Every rank runs the same model code,
+    so every rank counts the same calls and reaches the same verdict without communicating.
+    """
+
+    calls: int = 0  # ring attention layer calls in this process
+    calls_at_shard: Optional[int] = None  # ``calls`` when the batch was sharded or its logits last gathered
+
+
+_RING_USE = _RingUse()
+
+
 def _sequence_lengths(position_ids: torch.Tensor) -> list:
     """Per row, the lengths of the packed sequences: each runs 0, 1, ..., length-1 (a row without restarts is
     one sequence)."""
@@ -161,6 +178,7 @@ def shard_batch(input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
             raise ValueError(f"{name}: expected the shape of input_ids {tuple(input_ids.shape)}, "
                              f"got {tuple(tensor.shape)}")
     mine = _token_order(position_ids, layout, world_size)[:, rank]
+    _RING_USE.calls_at_shard = _RING_USE.calls
     return {name: tensor.gather(1, mine) for name, tensor in full.items()}
 
 
@@ -173,6 +191,10 @@ def gather_logits(logits_local: torch.Tensor, *, variant: str = "zigzag",
     The backward sums every rank's gradient into each rank's slice: when every rank computes the same loss
     from the gathered logits, average parameter gradients over the group (as DDP does). A loss summed over
     the local slices (divided by the global token count) needs no gather at all.
+
+    Raises ``RuntimeError`` when no ring attention layer ran since :func:`shard_batch` cut the batch (or
+    since the last ``gather_logits``): the logits then come from another attention implementation run on
+    one rank's slice alone, and are wrong.
     """
     rank, world_size = group_rank_and_size(group)
     if position_ids is None:
@@ -182,6 +204,14 @@ def gather_logits(logits_local: torch.Tensor, *, variant: str = "zigzag",
                              "position_ids so that each sequence is put back in order")
         position_ids = torch.arange(world_size * logits_local.shape[1], device=logits_local.device)
         position_ids = position_ids.expand(logits_local.shape[0], -1)
+    if _RING_USE.calls_at_shard is not None and _RING_USE.calls == _RING_USE.calls_at_shard:
+        raise RuntimeError(
+            "gather_logits: no ring attention ran since shard_batch cut this batch (or since the last "
+            "gather_logits), so the model computed these logits with another attention implementation on "
+            "this rank's slice alone: they are wrong. Check model.config._attn_implementation (two models "
+            "built from one config object share it) and set it with "
+            "model.set_attn_implementation(register_ring_attention(...)), then run the forward again")
+    _RING_USE.calls_at_shard = _RING_USE.calls
     order = _token_order(position_ids, get_layout(variant), world_size).flatten(1)
     gathered = all_gather_sequence(logits_local, group)
     index = order.argsort(dim=1).view(*order.shape, *([1] * (logits_local.dim() - 2)))
@@ -256,6 +286,7 @@ def _make_attention_forward(name: str):
                                scaling: Optional[float] = None, sliding_window: Optional[int] = None,
                                softcap: Optional[float] = None, is_causal: Optional[bool] = None, **kwargs):
         settings = _SETTINGS[name]
+        _RING_USE.calls += 1
         _refuse_unsupported(module, query, key, attention_mask, dropout, kwargs)
         causal = bool(module.is_causal if is_causal is None else is_causal)
         window = (-1, -1)

@@ -301,7 +301,34 @@ def bad_input_errors(rank, world_size, seed):
     outcomes["attention_dropout"] = outcome_of(with_attention_dropout)
     outcomes["non_causal_zigzag"] = outcome_of(
         lambda: ALL_ATTENTION_FUNCTIONS[name](attention, q, q, q, None, position_ids=pos, is_causal=False))
+    outcomes.update(silently_eager_outcomes(seed, name))
     outcomes["good_call_after"] = outcome_of(lambda: ring(input_ids=ids, position_ids=pos))
+    return outcomes
+
+
+def silently_eager_outcomes(seed, name):
+    """Two models built from one config object share ``config._attn_implementation``: resetting the second
+    to eager silently turns the first to eager too, which then attends within each rank's slice only.
+    gather_logits must refuse those logits, and accept them once the ring runs again."""
+    from transformers import AutoModelForCausalLM
+
+    from ring_flash_attn.integrations.hf import gather_logits, shard_batch
+
+    config = tiny_config("llama")
+    torch.manual_seed(seed)
+    first = AutoModelForCausalLM.from_config(config, attn_implementation=name, dtype=torch.float64)
+    second = AutoModelForCausalLM.from_config(config, attn_implementation=name, dtype=torch.float64)
+    second.set_attn_implementation("eager")
+    assert first.config._attn_implementation == "eager"  # the trap this guards against
+    input_ids, _ = make_batch(seed + 2)
+    local = shard_batch(input_ids, variant="zigzag")
+    run = lambda: first(input_ids=local["input_ids"], position_ids=local["position_ids"]).logits  # noqa: E731
+    outcomes = {"silently_eager_model": outcome_of(lambda: gather_logits(run(), variant="zigzag"))}
+    first.set_attn_implementation(name)
+    outcomes["gather_after_ring_forward"] = outcome_of(lambda: gather_logits(run(), variant="zigzag"))
+    logits = run()
+    gather_logits(logits, variant="zigzag")
+    outcomes["second_gather_without_forward"] = outcome_of(lambda: gather_logits(logits, variant="zigzag"))
     return outcomes
 
 

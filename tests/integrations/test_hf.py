@@ -123,6 +123,9 @@ BAD_INPUTS = {
     "non_causal_zigzag": ("ValueError", "causal=True"),
     "kv_cache_generation": ("NotImplementedError", "KV cache"),
     "attention_dropout": ("NotImplementedError", "dropout"),
+    "silently_eager_model": ("RuntimeError", "no ring attention ran since shard_batch cut this batch"),
+    "gather_after_ring_forward": ("none", ""),
+    "second_gather_without_forward": ("RuntimeError", "or since the last gather_logits"),
     "good_call_after": ("none", ""),
 }
 
