@@ -76,6 +76,8 @@ setup(
         "hf": ["transformers>=4.56,<6"],
         "megatron": ["megatron-core>=0.15,<0.17"],
         "plot": ["matplotlib>=3.8"],
+        # What `ring-attn train` uses beyond the core: models and tokenizers, the loss plot.
+        "train": ["transformers>=4.56,<6", "matplotlib>=3.8"],
     },
     entry_points={"console_scripts": ["ring-attn=ring_flash_attn.cli:main"]},
     ext_modules=ext_modules,
