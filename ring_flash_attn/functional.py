@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from .comm.ring import RingComm
+from .docstrings import compat_docstring
 from .kernels import Features, select_backend
 from .kernels.mask import Band, check_window
 from .ring.allgather import allgather_attention, allgather_tasks
@@ -162,7 +163,7 @@ def _make_api(variant: str):
     prefix = _api_prefix(variant)
     for fn, suffix in ((func, "func"), (kvpacked_func, "kvpacked_func"), (qkvpacked_func, "qkvpacked_func")):
         fn.__name__ = fn.__qualname__ = f"{prefix}_{suffix}"
-        fn.__doc__ = f"{variant!r} ring attention ({suffix}); see :mod:`ring_flash_attn.functional`."
+        fn.__doc__ = compat_docstring(fn.__name__, variant, suffix)
     return func, kvpacked_func, qkvpacked_func
 
 
@@ -209,7 +210,7 @@ def _make_varlen_api(variant: str):
     for fn, suffix in ((varlen_func, "varlen_func"), (varlen_kvpacked_func, "varlen_kvpacked_func"),
                        (varlen_qkvpacked_func, "varlen_qkvpacked_func")):
         fn.__name__ = fn.__qualname__ = f"{prefix}_{suffix}"
-        fn.__doc__ = f"{variant!r} ring attention over packed sequences ({suffix}); see :func:`ring_attention`."
+        fn.__doc__ = compat_docstring(fn.__name__, variant, suffix)
     return varlen_func, varlen_kvpacked_func, varlen_qkvpacked_func
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from .docstrings import llama3_docstring, prepare_cu_seqlens_docstring, zigzag_llama3_docstring
 from .functional import ring_attention
 from .kernels.mask import Band, check_window
 from .ring.allgather import allgather_attention
@@ -138,3 +139,11 @@ def llama3_flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens_q, cu_seqlens_k, max
                                          heads_k_stride, local_k_slice, dropout_p, softmax_scale, causal, window_size,
                                          alibi_slopes, deterministic, return_attn_probs, group, softcap=softcap,
                                          backend=backend)
+
+
+llama3_flash_attn_prepare_cu_seqlens.__doc__ = prepare_cu_seqlens_docstring()
+zigzag_llama3_flash_attn_varlen_func.__doc__ = zigzag_llama3_docstring()
+for _fn, _suffix in ((llama3_flash_attn_varlen_func, "varlen_func"),
+                     (llama3_flash_attn_varlen_kvpacked_func, "varlen_kvpacked_func"),
+                     (llama3_flash_attn_varlen_qkvpacked_func, "varlen_qkvpacked_func")):
+    _fn.__doc__ = llama3_docstring(_fn.__name__, _suffix)

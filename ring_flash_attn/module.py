@@ -38,12 +38,32 @@ def gather_sequence(x_local: torch.Tensor, variant: str, group: Optional[dist.Pr
 
 
 class RingAttention(nn.Module):
-    """Attention over a sequence split across the ranks of ``group``.
+    """Attention over a sequence split across the ranks of ``group``: a drop-in for a model's attention core.
 
-    ``forward(q, k, v)`` takes this rank's ``[batch, seqlen_local, heads, head_dim]``
-    slices (K/V may have fewer heads: GQA) in the variant's layout and returns this
-    rank's output slice. Use :meth:`shard` / :meth:`gather` to go from a full
-    sequence to slices and back.
+    Constructor arguments (each also an attribute):
+        variant: "ring", "zigzag" or "stripe": which tokens each rank holds (see :meth:`shard`); zigzag and
+            stripe balance causal work and need ``causal=True``.
+        causal: bool: causal mask by true token positions across ranks.
+        softmax_scale: float or None: scaling of QK^T (default 1 / sqrt(head_dim)).
+        window_size: (left, right): sliding window by true positions, -1 = unbounded.
+        softcap: float: logit soft-capping (0 = off).
+        group: torch.distributed.ProcessGroup or None: the context-parallel ranks (default: the world).
+        backend: str or None: force a kernel backend ("sdpa", "triton", "sycl", "reference").
+        exchange: "ring" (K/V passed around the ring, flat memory) or "allgather" (llama3 style).
+        heads_k_stride: int or None: with exchange="allgather", K/V heads gathered at a time.
+
+    ``forward(q, k, v, cu_seqlens=None, return_lse=False)``:
+        q: (batch, seqlen_local, heads, head_dim); k, v: (batch, seqlen_local, heads_k, head_dim), heads_k
+            dividing heads (GQA/MQA); this rank's slices in the variant's layout, float16, bfloat16,
+            float32 or float64. With ``cu_seqlens`` (this rank's int32 cumulative lengths of packed
+            sequences) q/k/v are (total_tokens_local, heads, head_dim) and no attention crosses sequences.
+        Returns this rank's output, shaped like q; with ``return_lse=True`` also the float32 log-sum-exp,
+        (batch, heads, seqlen_local) or (heads, total_tokens_local) with cu_seqlens.
+        Raises ValueError/TypeError naming the argument on every rank before any communication, and
+        NotImplementedError for what the chosen backend cannot serve.
+
+    :meth:`shard` / :meth:`gather` go from a full sequence to this rank's slice and back (the gather is
+    differentiable).
     """
 
     def __init__(self, variant: str = "zigzag", causal: bool = True, softmax_scale: Optional[float] = None,
