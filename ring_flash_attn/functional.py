@@ -40,23 +40,31 @@ def ring_attention(q, k, v, *, variant: str = "ring", causal: bool = False, soft
                    alibi_slopes: Optional[torch.Tensor] = None, comm=None):
     """Context-parallel attention of this rank's ``q`` over every rank's ``k``/``v``; returns ``(out, lse)``.
 
-    ``variant`` is the layout (``ring``, ``zigzag``, ``stripe``). ``exchange``
-    is how K/V reach every rank: ``"ring"`` (passed around the ring, flat
-    memory) or ``"allgather"`` (llama3 style: all-gathered ``heads_k_stride`` K/V
-    heads at a time, dK/dV reduce-scattered).
+    The engine behind every public function, with all options as keywords.
 
-    With ``cu_seqlens`` (this rank's cumulative lengths of packed sequences,
-    int32), q/k/v are ``[total_tokens_local, heads, head_dim]``, each sequence
-    is laid out over the ranks by ``variant`` on its own, no attention crosses a
-    sequence boundary, and ``lse`` is ``[heads, total_tokens_local]``.
+    Arguments:
+        q: (batch, seqlen_local, heads, head_dim); k, v: (batch, seqlen_local, heads_k, head_dim), heads_k
+            dividing heads; float16, bfloat16, float32 or float64, this rank's slices in ``variant``'s layout.
+        variant: "ring", "zigzag" or "stripe" (a :class:`~ring_flash_attn.ring.layouts.Layout` also works).
+        causal, softmax_scale, window_size, softcap, alibi_slopes, group, backend: as in
+            :func:`ring_flash_attn.ring_flash_attn_func` (causal mask and windows by true token positions;
+            ``alibi_slopes`` float32 (heads,) or (batch, heads), served by the "reference" backend).
+        cu_seqlens: this rank's cumulative lengths of packed sequences (int32); q/k/v are then
+            (total_tokens_local, heads, head_dim), each sequence is laid out over the ranks by ``variant``
+            on its own and no attention crosses a sequence boundary.
+        exchange: how K/V reach every rank: "ring" (passed around the ring, flat memory) or "allgather"
+            (llama3 style: all-gathered ``heads_k_stride`` K/V heads at a time, dK/dV reduce-scattered).
+        heads_k_stride: with exchange="allgather", K/V heads gathered at a time (default: all).
+        comm: replaces the process-group communicator of the ring exchange (e.g. a loopback one for
+            single-device runs).
 
-    ``alibi_slopes`` (float32 ``[heads]`` or ``[batch, heads]``) adds
-    ``-slope * |distance|`` by true token distance (backends that implement it:
-    ``reference``).
+    Returns:
+        (out, lse): out shaped like q in q's dtype; lse float32 (batch, heads, seqlen_local), or
+        (heads, total_tokens_local) with cu_seqlens.
 
-    All validation happens here, before any communication. ``comm`` replaces the
-    process-group communicator of the ring exchange (e.g. with a loopback one
-    for single-device runs).
+    Raises:
+        ValueError, TypeError naming the argument, NotImplementedError for what the backend cannot serve:
+        all validation happens here, before any communication, alike on every rank.
     """
     if exchange not in ("ring", "allgather"):
         raise ValueError(f"exchange: expected 'ring' or 'allgather', got {exchange!r}")

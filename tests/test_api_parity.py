@@ -48,3 +48,16 @@ def test_public_name_and_signature(name):
             assert p.default is inspect.Parameter.empty, f"{name}: {p.name} must be required"
     extras = [p for p in params if p not in positional]
     assert all(p.kind == p.KEYWORD_ONLY and p.default is not inspect.Parameter.empty for p in extras)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED) + ["ring_attention", "RingAttention"])
+def test_docstring_documents_every_argument(name):
+    """help(fn) is enough to call it: every parameter named, with what is returned and what raises."""
+    fn = getattr(ring_flash_attn, name)
+    doc = inspect.getdoc(fn) or ""
+    target = fn.__init__ if inspect.isclass(fn) else fn
+    for param in inspect.signature(target).parameters:
+        if param != "self":
+            assert param in doc, f"{name}: argument {param!r} is not documented"
+    assert "Returns" in doc or "returns" in doc.lower(), name
+    assert "Raises" in doc or "raises" in doc.lower(), name
