@@ -84,8 +84,9 @@ class SdpaBackend(KernelBackend):
                 return f"the CUDA fused ops need head_dim a multiple of 8 and <= 256, got {f.head_dim}"
             if f.band and f.dtype in _HALF:
                 # Measured on H100, torch 2.11 (tests/gpu; the one-off probe benchmarks/efficient_bias_probe.py
-                # of commit 7c0ab60): given an LSE it did not compute itself (the ring's global one), the memory-efficient op's half-precision
-                # backward returns wrong dQ/dK (rel. err 0.13 to inf); float32 is right.
+                # of commit 7c0ab60): given an LSE it did not compute itself (the ring's global one), the
+                # memory-efficient op's half-precision backward returns wrong dQ/dK (rel. err 0.13 to inf);
+                # float32 is right.
                 return ("a band mask in half precision needs the memory-efficient op, whose half-precision "
                         "backward is wrong given the ring's global LSE (torch 2.11); use the triton backend")
             return None
