@@ -24,7 +24,8 @@ _REGISTRY: Dict[str, KernelBackend] = {}
 # Most preferred first. ``reference`` is last everywhere: always correct, never fast.
 PREFERENCE: Dict[str, tuple] = {
     "cpu": ("sdpa", "reference"),
-    "cuda": ("sdpa", "reference"),
+    # flex before reference: it serves soft-capping, which sdpa cannot (the order awaits measurement).
+    "cuda": ("sdpa", "flex", "reference"),
     # sycl after sdpa: PyTorch's XPU flash op (SYCL-TLA) serves plain fp16/bf16, and is
     # presumably faster than our kernels, but nobody has measured either on an Intel GPU
     # (none is reachable from this project). sycl serves what sdpa cannot there: float32
@@ -46,9 +47,15 @@ PREFERENCE: Dict[str, tuple] = {
 # On XPU (unmeasured: no Intel GPU here) PyTorch's flash op takes no band at all. The SYCL kernels take
 # any band; they come after Triton, as on CUDA, and serve bands where Triton is not installed. Neither
 # has been timed against the other on an Intel GPU.
+# flex (PyTorch's FlexAttention, compiled) comes right after triton, so for now it serves what triton cannot
+# (soft-capping, head_dim > 256). The order awaits measurement: one H200 anchor (shared/anchors/anchor_flex.py,
+# 8k x 8k block, window (4096, 0)) had FlexAttention at 394 / 370 TFLOP/s fwd / fwd+bwd against triton's
+# 334 / 184, but this backend (which recomputes the block forward in its backward) has not been timed on a
+# GPU; benchmarks/band_mask.py is the measurement that decides. On XPU it also comes after sycl, whose
+# kernels take soft-capping too: neither is measured there.
 BAND_PREFERENCE: Dict[str, tuple] = {
-    "cuda": ("triton", "sdpa", "reference"),
-    "xpu": ("triton", "sycl", "sdpa", "reference"),
+    "cuda": ("triton", "flex", "sdpa", "reference"),
+    "xpu": ("triton", "sycl", "flex", "sdpa", "reference"),
 }
 
 
@@ -102,6 +109,12 @@ def select_backend(features: Features, name: Optional[str] = None) -> KernelBack
 register_backend(ReferenceBackend())
 register_backend(SdpaBackend())
 register_backend(SyclBackend())  # placed in PREFERENCE / BAND_PREFERENCE["xpu"] above, never first
+try:
+    from .flex import FlexBackend
+except ImportError:  # torch < 2.5 has no FlexAttention
+    FlexBackend = None
+if FlexBackend is not None:
+    register_backend(FlexBackend())  # placed in PREFERENCE["cuda"] / BAND_PREFERENCE above, never first
 try:
     from .triton_attention import TritonBackend
 except ImportError:  # Triton is an optional extra ("pip install ring-attention-xpu[triton]")
