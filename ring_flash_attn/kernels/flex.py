@@ -3,7 +3,8 @@
 * The mask is a block mask built once per (block shape, band) from the band
   ``lo <= (q_offset + i) - (k_offset + j) <= hi`` (:mod:`.mask`); the band's
   bounds are tensors the mask reads, so one compiled kernel serves every band
-  of a block shape (with Python ints, each band would be a recompilation).
+  of a block shape (with Python ints, each band would be a recompilation). The
+  soft-cap value is a tensor too.
   A block the band leaves fully visible runs with no mask at all.
 * Soft-capping is a ``score_mod``: ``softcap * tanh(score / softcap)``, where
   ``score`` is already multiplied by ``scale``, as in the reference.
@@ -78,11 +79,10 @@ def _flex_with_lse(q, k, v, block_mask, score_mod, scale):
         kwargs["return_aux"] = _flex_module.AuxRequest(lse=True)
     else:
         kwargs["return_lse"] = True
-    if q.device.type == "cpu":
-        result = _flex_module.flex_attention(q, k, v, **kwargs)
-    else:
-        with torch._dynamo.config.patch(**{_recompile_limit_name(): _RECOMPILE_LIMIT}):
-            result = _compiled_flex_attention()(q, k, v, **kwargs)
+    # Eager FlexAttention (the CPU) is traced by dynamo too, so the limit applies to both.
+    attend = _flex_module.flex_attention if q.device.type == "cpu" else _compiled_flex_attention()
+    with torch._dynamo.config.patch(**{_recompile_limit_name(): _RECOMPILE_LIMIT}):
+        result = attend(q, k, v, **kwargs)
     out, aux = result
     return out, (aux.lse if _HAS_AUX else aux)
 
@@ -103,9 +103,13 @@ def _block_mask(seqlen_q: int, seqlen_k: int, offset: int, lo: int, hi: int, dev
 
 
 @functools.lru_cache(maxsize=None)
-def _softcap_score_mod(softcap: float):
+def _softcap_score_mod(softcap: float, device: torch.device):
+    """``softcap * tanh(score / softcap)``; the cap is a tensor the score_mod reads, as the band's bounds are:
+    as a Python float, dynamo makes a changed value a symbolic float, which FlexAttention's tracing rejects."""
+    cap = torch.tensor(softcap, dtype=torch.float32, device=device)
+
     def soft_cap(score, b, h, i, j):
-        return softcap * torch.tanh(score / softcap)
+        return cap * torch.tanh(score / cap)
     return soft_cap
 
 
@@ -141,7 +145,7 @@ class FlexBackend(KernelBackend):
         else:
             block_mask = _block_mask(sq, sk, band.offset, -_UNBOUNDED if band.lo is None else band.lo,
                                      _UNBOUNDED if band.hi is None else band.hi, q.device)
-        score_mod = _softcap_score_mod(float(softcap)) if softcap else None
+        score_mod = _softcap_score_mod(float(softcap), q.device) if softcap else None
         out, lse = _flex_with_lse(_bhsd(q), _bhsd(k), _bhsd(v), block_mask, score_mod, scale)
         return _bhsd(out), lse
 
