@@ -165,14 +165,30 @@ class FlexBackend(KernelBackend):
         q_in, k_in, v_in = (x.detach().requires_grad_() for x in (q, k, v))
         with torch.enable_grad():
             out_b, lse_b = self._attend(q_in, k_in, v_in, band, scale, softcap)
-        lse = lse.float()
-        # The block's weight in the merged softmax; a row that saw no key anywhere (lse = -inf) has
-        # lse_b = -inf too, and any finite stand-in for lse gives it weight 0 instead of NaN.
-        weight = torch.exp(lse_b.detach() - lse.masked_fill(lse == -math.inf, 0.0))          # [B, H, Sq]
-        dout32 = dout.float()
-        grad_out_b = (dout32 * weight.transpose(1, 2).unsqueeze(-1)).to(q.dtype)             # [B, Sq, H, D]
-        rowsum_block = (grad_out_b.float() * out_b.detach().float()).sum(-1).transpose(1, 2)  # [B, H, Sq]
-        rowsum_global = (dout32 * out.float()).sum(-1).transpose(1, 2)
-        grad_lse_b = rowsum_block - weight * rowsum_global
+        gradients = _block_output_gradients if q.device.type == "cpu" else _compiled_block_output_gradients()
+        with torch._dynamo.config.patch(**{_recompile_limit_name(): _RECOMPILE_LIMIT}):
+            grad_out_b, grad_lse_b = gradients(dout, out, lse, out_b.detach(), lse_b.detach())
         dq, dk, dv = torch.autograd.grad((out_b, lse_b), (q_in, k_in, v_in), (grad_out_b, grad_lse_b))
         return dq, dk, dv
+
+
+def _block_output_gradients(dout, out, lse, out_b, lse_b):
+    """``(dL/d out_b, dL/d lse_b)`` of one block from the global ``dout``, ``out``, ``lse`` (module docstring).
+
+    Flash layout: dout/out/out_b ``[B, Sq, H, D]``, lse/lse_b ``[B, H, Sq]``.
+    """
+    lse = lse.float()
+    # The block's weight in the merged softmax; a row that saw no key anywhere (lse = -inf) has
+    # lse_b = -inf too, and any finite stand-in for lse gives it weight 0 instead of NaN.
+    weight = torch.exp(lse_b - lse.masked_fill(lse == -math.inf, 0.0))
+    dout32 = dout.float()
+    grad_out_b = (dout32 * weight.transpose(1, 2).unsqueeze(-1)).to(dout.dtype)
+    rowsum_block = (grad_out_b.float() * out_b.float()).sum(-1).transpose(1, 2)
+    rowsum_global = (dout32 * out.float()).sum(-1).transpose(1, 2)
+    return grad_out_b, rowsum_block - weight * rowsum_global
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_block_output_gradients():
+    # Six elementwise passes and two row sums over [B, Sq, H, D] in eager mode; one fused kernel compiled.
+    return torch.compile(_block_output_gradients, dynamic=False)
