@@ -1,13 +1,13 @@
 """PyTorch's FlexAttention as a kernel backend for band masks and soft-capping.
 
 * The mask is a block mask built once per (block shape, band) from the band
-  ``lo <= (q_offset + i) - (k_offset + j) <= hi`` (:mod:`.mask`); the band's
+  ``lo <= (q_offset + i) - (k_offset + j) <= hi`` (:mod:`.mask`). The band's
   bounds are tensors the mask reads, so one compiled kernel serves every band
-  of a block shape (with Python ints, each band would be a recompilation). The
-  soft-cap value is a tensor too.
-  A block the band leaves fully visible runs with no mask at all.
+  of a block shape (with Python ints, each band would be a recompilation). A
+  block the band leaves fully visible runs with no mask at all.
 * Soft-capping is a ``score_mod``: ``softcap * tanh(score / softcap)``, where
-  ``score`` is already multiplied by ``scale``, as in the reference.
+  ``score`` is already multiplied by ``scale``, as in the reference; the cap is
+  a tensor too, for the same reason.
 * GQA/MQA through ``enable_gqa=True``: K/V heads are never repeated.
 * ``forward`` asks for the LSE (``return_aux=AuxRequest(lse=True)``, or the
   older ``return_lse=True``); PyTorch converts it to the natural log. A row
@@ -23,15 +23,17 @@
 
   FlexAttention folds the LSE gradient into its row term,
   ``delta = rowsum(out_b * dL/d out_b) - dL/d lse_b = w * rowsum(dout * out)``,
-  so its score gradient is ``exp(s - lse) * (dout . v - rowsum(dout * out))``:
-  the flash backward with the global statistics. The LSE gradient below is
+  so its score gradient is ``exp(s - lse) * (dout . v - rowsum(dout * out))``
+  (times the soft-cap's derivative): the flash backward with the global
+  statistics. The LSE gradient below is
   computed from the rounded ``dL/d out_b`` that FlexAttention sees, so the two
   ``rowsum(dout * out_b)`` terms cancel exactly rather than to within rounding.
   Cost: one extra block forward per block backward.
 
 On CUDA and XPU ``flex_attention`` is compiled (``dynamic=False``: static shapes
-give the fastest kernels; dynamo keeps one entry per block shape, dtype,
-soft-cap and grad mode). On the CPU, PyTorch runs FlexAttention unfused (the
+give the fastest kernels; dynamo keeps one entry per block shape, dtype, mask
+kind (none / band, soft-capped or not) and grad mode, so packed batches whose
+blocks take many distinct lengths compile many times). On the CPU, PyTorch runs FlexAttention unfused (the
 whole score matrix in memory) and refuses its backward (torch 2.13), so this
 backend declines the CPU; the tests lift both limits to check it there.
 """
@@ -51,7 +53,7 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Stands in for an unbounded side of the band: |d| never comes near it (d is bounded by the token count).
 _UNBOUNDED = 1 << 30
 # Dynamo's default of 8 compiled entries per function is too few for a ring run: every block shape, dtype,
-# soft-cap value and grad mode (the backward's recompute) is its own entry, and past the limit dynamo falls
+# mask kind and grad mode (the backward's recompute) is its own entry, and past the limit dynamo falls
 # back to the unfused eager FlexAttention. The limit is raised only around our own calls.
 _RECOMPILE_LIMIT = 64
 # return_aux replaces the deprecated return_lse in newer torch; use it where it exists.
@@ -182,7 +184,7 @@ def _block_output_gradients(dout, out, lse, out_b, lse_b):
     # lse_b = -inf too, and any finite stand-in for lse gives it weight 0 instead of NaN.
     weight = torch.exp(lse_b - lse.masked_fill(lse == -math.inf, 0.0))
     dout32 = dout.float()
-    grad_out_b = (dout32 * weight.transpose(1, 2).unsqueeze(-1)).to(dout.dtype)
+    grad_out_b = (dout32 * weight.transpose(1, 2).unsqueeze(-1)).to(out_b.dtype)
     rowsum_block = (grad_out_b.float() * out_b.float()).sum(-1).transpose(1, 2)
     rowsum_global = (dout32 * out.float()).sum(-1).transpose(1, 2)
     return grad_out_b, rowsum_block - weight * rowsum_global
