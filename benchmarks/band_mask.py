@@ -36,6 +36,7 @@ import statistics
 import sys
 import time
 from datetime import datetime, timezone
+from functools import partial
 
 import torch
 
@@ -180,82 +181,95 @@ def measure(row: dict, make_calls, pairs: int, args, device) -> dict:
     return row
 
 
-def add_ratios(rows, baseline_of) -> None:
-    """``ratio_fwd`` / ``ratio_fwd_bwd``: TFLOP/s over the baseline's, for rows whose baseline ran."""
+def add_ratios(rows, base) -> None:
+    """``ratio_fwd`` / ``ratio_fwd_bwd``: TFLOP/s over ``base``'s, for the other rows that ran."""
+    if "fwd_bwd_tflops" not in base:
+        return
     for row in rows:
-        base = baseline_of(row)
-        if base is None or "fwd_bwd_tflops" not in row or "fwd_bwd_tflops" not in base:
+        if row is base or "fwd_bwd_tflops" not in row:
             continue
         row["baseline"] = base["candidate"] + (f" ({base['layout']})" if "layout" in base else "")
         row["ratio_fwd"] = row["fwd_tflops"] / base["fwd_tflops"]
         row["ratio_fwd_bwd"] = row["fwd_bwd_tflops"] / base["fwd_bwd_tflops"]
 
 
-def run(args) -> list:
+def block_rows(args, seqlen, device, dtype) -> list:
+    """One S x S block with the band on its diagonal; the baseline first."""
+    b, h, hk, d = args.batch, args.heads, args.heads_k, args.head_dim
+    q = torch.randn(b, seqlen, h, d, device=device, dtype=dtype)
+    k, v = (torch.randn(b, seqlen, hk, d, device=device, dtype=dtype) for _ in range(2))
+    dout = torch.randn_like(q)
+    positions = torch.arange(seqlen)
+    pairs = visible_pairs(positions, seqlen, True, (-1, -1))
+    rows = [measure(dict(part="block", seqlen_local=seqlen, mask="plain causal", candidate="default (sdpa)",
+                         visible_pairs=pairs), partial(block_calls, "sdpa", q, k, v, dout, PLAIN_CAUSAL),
+                    pairs, args, device)]
+    for mask_name in args.masks:
+        mask = MASKS[mask_name]
+        pairs = visible_pairs(positions, seqlen, mask["causal"], mask["window"])
+        for candidate in args.candidates + (["flex-native"] if "flex" in args.candidates else []):
+            make = (partial(flex_native_calls, q, k, v, dout, mask) if candidate == "flex-native"
+                    else partial(block_calls, candidate, q, k, v, dout, mask))
+            rows.append(measure(dict(part="block", seqlen_local=seqlen, mask=mask_name, candidate=candidate,
+                                     visible_pairs=pairs), make, pairs, args, device))
+    add_ratios(rows, rows[0])
+    return rows
+
+
+def ring_rows(args, seqlen, device, dtype) -> list:
+    """Rank RANK's whole schedule over the loopback; the baseline (plain causal zigzag) first."""
+    b, h, hk, d, world_size = args.batch, args.heads, args.heads_k, args.head_dim, args.world_size
+    q = torch.randn(b, seqlen, h, d, device=device, dtype=dtype)
+    dout = torch.randn_like(q)
+    kv_by_rank = [torch.randn(2, b, seqlen, hk, d, device=device, dtype=dtype) for _ in range(world_size)]
+    rows = []
+    for layout_name in ("zigzag", "ring"):
+        pairs = visible_pairs(get_layout(layout_name).positions(RANK, world_size, seqlen), world_size * seqlen,
+                              True, (-1, -1))
+        rows.append(measure(dict(part="ring", layout=layout_name, world_size=world_size, seqlen_local=seqlen,
+                                 mask="plain causal", candidate="default", visible_pairs=pairs),
+                            partial(ring_calls, None, layout_name, world_size, q, kv_by_rank, dout, PLAIN_CAUSAL),
+                            pairs, args, device))
+    for mask_name in args.masks:
+        mask = MASKS[mask_name]
+        pairs = visible_pairs(get_layout("ring").positions(RANK, world_size, seqlen), world_size * seqlen,
+                              mask["causal"], mask["window"])
+        for candidate in args.candidates:
+            rows.append(measure(dict(part="ring", layout="ring", world_size=world_size, seqlen_local=seqlen,
+                                     mask=mask_name, candidate=candidate, visible_pairs=pairs),
+                                partial(ring_calls, candidate, "ring", world_size, q, kv_by_rank, dout, mask),
+                                pairs, args, device))
+    add_ratios(rows, rows[0])
+    return rows
+
+
+def run(args) -> tuple:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
-    b, h, hk, d, world_size = args.batch, args.heads, args.heads_k, args.head_dim, args.world_size
-    default_for = {name: select_backend(Features(device.type, dtype, d, band=True, softcap=bool(m["softcap"]))).name
-                   for name, m in MASKS.items()}
+    default_for = {name: select_backend(Features(device.type, dtype, args.head_dim, band=True,
+                                                 softcap=bool(m["softcap"]))).name for name, m in MASKS.items()}
     log(f"default backend per band mask: {default_for}")
     rows = []
     for seqlen in args.seqlens:
         torch.manual_seed(seqlen)
-        # One block: S x S with the band on its diagonal.
-        q = torch.randn(b, seqlen, h, d, device=device, dtype=dtype)
-        k, v = (torch.randn(b, seqlen, hk, d, device=device, dtype=dtype) for _ in range(2))
-        dout = torch.randn_like(q)
-        positions = torch.arange(seqlen)
-        block_rows = []
-        causal_row = dict(part="block", seqlen_local=seqlen, mask="plain causal", candidate="default (sdpa)")
-        causal_row["visible_pairs"] = visible_pairs(positions, seqlen, True, (-1, -1))
-        block_rows.append(measure(causal_row, lambda: block_calls("sdpa", q, k, v, dout, PLAIN_CAUSAL),
-                                  causal_row["visible_pairs"], args, device))
-        for mask_name in args.masks:
-            mask = MASKS[mask_name]
-            pairs = visible_pairs(positions, seqlen, mask["causal"], mask["window"])
-            for candidate in args.candidates + ["flex-native"]:
-                row = dict(part="block", seqlen_local=seqlen, mask=mask_name, candidate=candidate, visible_pairs=pairs)
-                if candidate == "flex-native":
-                    if "flex" not in args.candidates:
-                        continue
-                    make = (lambda m=mask: flex_native_calls(q, k, v, dout, m))
-                else:
-                    make = (lambda c=candidate, m=mask: block_calls(c, q, k, v, dout, m))
-                block_rows.append(measure(row, make, pairs, args, device))
-        add_ratios(block_rows, lambda r, base=block_rows[0]: base if r is not base else None)
-        rows += block_rows
-        del q, k, v, dout
-
-        # Rank RANK's whole schedule over the loopback.
-        q = torch.randn(b, seqlen, h, d, device=device, dtype=dtype)
-        dout = torch.randn_like(q)
-        kv_by_rank = [torch.randn(2, b, seqlen, hk, d, device=device, dtype=dtype) for _ in range(world_size)]
-        ring_rows = []
-        for layout_name in ("zigzag", "ring"):
-            row = dict(part="ring", layout=layout_name, world_size=world_size, seqlen_local=seqlen,
-                       mask="plain causal", candidate="default")
-            row["visible_pairs"] = visible_pairs(get_layout(layout_name).positions(RANK, world_size, seqlen),
-                                                 world_size * seqlen, True, (-1, -1))
-            ring_rows.append(measure(row, lambda n=layout_name: ring_calls(None, n, world_size, q, kv_by_rank, dout,
-                                                                           PLAIN_CAUSAL),
-                                     row["visible_pairs"], args, device))
-        for mask_name in args.masks:
-            mask = MASKS[mask_name]
-            pairs = visible_pairs(get_layout("ring").positions(RANK, world_size, seqlen), world_size * seqlen,
-                                  mask["causal"], mask["window"])
-            for candidate in args.candidates:
-                row = dict(part="ring", layout="ring", world_size=world_size, seqlen_local=seqlen, mask=mask_name,
-                           candidate=candidate, visible_pairs=pairs)
-                ring_rows.append(measure(row, lambda c=candidate, m=mask: ring_calls(c, "ring", world_size, q,
-                                                                                     kv_by_rank, dout, m),
-                                         pairs, args, device))
-        add_ratios(ring_rows, lambda r, base=ring_rows[0]: base if r is not base else None)
-        rows += ring_rows
-        del q, dout, kv_by_rank
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        for part in (block_rows, ring_rows):
+            rows += part(args, seqlen, device, dtype)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     return rows, default_for
+
+
+def summary(rows) -> str:
+    """Markdown table of every row (stderr): TFLOP/s and the ratio to the part's baseline."""
+    lines = ["| part | layout | S_local | mask | candidate | fwd TFLOP/s | fwd+bwd TFLOP/s | ratio fwd | "
+             "ratio fwd+bwd |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        figures = ([f"{r['fwd_tflops']:.1f}", f"{r['fwd_bwd_tflops']:.1f}"] if "fwd_bwd_tflops" in r
+                   else [r["error"][:60], ""])
+        ratios = [f"{r['ratio_fwd']:.3f}", f"{r['ratio_fwd_bwd']:.3f}"] if "ratio_fwd_bwd" in r else ["", ""]
+        lines.append("| " + " | ".join([r["part"], r.get("layout", ""), str(r["seqlen_local"]), r["mask"],
+                                         r["candidate"], *figures, *ratios]) + " |")
+    return "\n".join(lines)
 
 
 def environment(device) -> dict:
@@ -300,6 +314,7 @@ def main(argv=None):
                   masks={n: MASKS[n] for n in args.masks}, default_backend_for_band=default_for,
                   goal="ring rows: ratio_fwd_bwd >= 0.8 against the default backend's plain causal zigzag schedule",
                   seconds=round(time.perf_counter() - started, 1), rows=rows)
+    print(summary(rows), file=sys.stderr, flush=True)
     line = json.dumps(result)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

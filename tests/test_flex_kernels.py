@@ -77,9 +77,12 @@ MASKS = {
 }
 # (mask, dtype, heads, heads_k, seqlen_q, seqlen_k, softcap)
 CASES = [(m, torch.float32, 4, 2, 40, 56, 0.0) for m in MASKS]
-CASES += [("window-both-sides", torch.float32, 4, 2, 40, 56, 5.0), ("causal-empty-rows", torch.float32, 4, 1, 40, 56, 3.0),
-          ("causal-window", torch.float32, 2, 2, 33, 33, 0.0), ("causal-q-later", torch.float32, 4, 1, 56, 24, 0.0),
-          ("causal-window", torch.bfloat16, 4, 2, 40, 56, 0.0), ("window-both-sides", torch.bfloat16, 4, 1, 40, 56, 5.0)]
+CASES += [("window-both-sides", torch.float32, 4, 2, 40, 56, 5.0),
+          ("causal-empty-rows", torch.float32, 4, 1, 40, 56, 3.0),    # MQA
+          ("causal-window", torch.float32, 2, 2, 33, 33, 0.0),
+          ("causal-q-later", torch.float32, 4, 1, 56, 24, 0.0),
+          ("causal-window", torch.bfloat16, 4, 2, 40, 56, 0.0),
+          ("window-both-sides", torch.bfloat16, 4, 1, 40, 56, 5.0)]
 HEAD_DIM = 16
 
 
@@ -156,7 +159,8 @@ def test_unsupported_reasons(features, reason):
 
 
 def test_preference_puts_flex_after_triton_and_before_the_oracle():
-    assert get_backend("flex").unsupported_reason(Features("cuda", torch.bfloat16, 128, band=True, softcap=True)) is None
+    soft_capped_band = Features("cuda", torch.bfloat16, 128, band=True, softcap=True)
+    assert get_backend("flex").unsupported_reason(soft_capped_band) is None
     band = kernels.BAND_PREFERENCE["cuda"]
     assert band.index("flex") == band.index("triton") + 1 and band[-1] == "reference"
     assert kernels.PREFERENCE["cuda"][:2] == ("sdpa", "flex")

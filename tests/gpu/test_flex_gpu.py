@@ -26,7 +26,8 @@ EMPTY_ROWS = dict(causal=True, window=(-1, -1), q_offset=0, k_offset=200)  # fir
 PLAIN = dict(causal=False, window=(-1, -1), q_offset=0, k_offset=0)          # no block mask
 
 # (dtype, head_dim, heads, heads_k, seqlen_q, seqlen_k, mask, softcap)
-CASES = [(dt, d, 8, 2, 500, 700, m, 0.0) for dt in (BF16, FP16, FP32) for d in (64, 128)
+# Few shapes and dtypes: each (shape, dtype, mask kind, grad mode) is a compilation of its own.
+CASES = [(dt, d, 8, 2, 500, 700, m, 0.0) for dt, d in ((BF16, 64), (BF16, 128), (FP16, 128), (FP32, 128))
          for m in (CAUSAL_OFFSET, WINDOW, EMPTY_ROWS)]
 CASES += [(BF16, 128, 8, 2, 500, 700, m, 50.0) for m in (SLIDING, EMPTY_ROWS, PLAIN)]
 CASES += [(BF16, 128, 8, 1, 640, 640, SLIDING, 0.0), (FP32, 96, 4, 4, 300, 300, WINDOW, 30.0)]
@@ -75,7 +76,7 @@ def test_flex_matches_oracle_with_global_statistics(case):
         assert errors[n] <= FORWARD[dtype], n
     for n in ("lse", "acc_lse"):
         assert errors[n] <= FORWARD[FP32], n
-    for n, x in zip(("dq", "dk", "dv"), (q, k, v)):
+    for n in ("dq", "dk", "dv"):
         assert errors[n] <= GRADIENT[dtype], n
     if mask is EMPTY_ROWS:
         assert bool((lse[:, :, :200] == float("-inf")).all()) and bool((out[:, :200] == 0).all())
@@ -95,7 +96,8 @@ def test_one_compiled_kernel_serves_every_band_of_a_block_shape():
     assert counters["stats"]["unique_graphs"] == graphs
 
 
-@pytest.mark.parametrize("variant,causal,window,softcap", [("ring", True, (700, 0), 50.0), ("zigzag", True, (700, -1), 0.0),
+@pytest.mark.parametrize("variant,causal,window,softcap", [("ring", True, (700, 0), 50.0),
+                                                           ("zigzag", True, (700, -1), 0.0),
                                                            ("stripe", True, (-1, -1), 30.0)])
 def test_loopback_ring_with_flex_matches_oracle(variant, causal, window, softcap):
     world_size, seqlen, h, hk, d, dtype = 4, 4 * 512, 8, 2, 128, BF16
@@ -115,7 +117,8 @@ def test_loopback_ring_with_flex_matches_oracle(variant, causal, window, softcap
                                   window_size=window, softcap=softcap, backend="flex",
                                   comm=LoopbackComm(rank, kv_by_rank))
         out.backward(shard(dout, rank).to(dtype))
-        errors = (rel_err(out, shard(ref_out, rank)), rel_err(lse, shard(ref_lse, rank, 2)), rel_err(ql.grad, shard(ref_dq, rank)))
+        errors = (rel_err(out, shard(ref_out, rank)), rel_err(lse, shard(ref_lse, rank, 2)),
+                  rel_err(ql.grad, shard(ref_dq, rank)))
         print(variant, window, softcap, rank, [f"{e:.2e}" for e in errors])
         assert errors[0] <= FORWARD[dtype] and errors[1] <= FORWARD[FP32] and errors[2] <= GRADIENT[dtype]
 
