@@ -171,9 +171,10 @@ def test_preference_puts_flex_after_triton_and_before_the_oracle():
 # -- the ring engine end to end
 
 
+# zigzag runs on the gloo ranks below (it has the most block shapes, each a trace of its own here).
 RING_CASES = [
-    dict(variant="zigzag", causal=True, window=(11, -1), softcap=0.0, dtype=torch.float32),
     dict(variant="ring", causal=False, window=(9, 4), softcap=4.0, dtype=torch.float32),
+    dict(variant="ring", causal=True, window=(11, -1), softcap=0.0, dtype=torch.float32),
     dict(variant="stripe", causal=True, window=(-1, -1), softcap=3.0, dtype=torch.bfloat16),
 ]
 
