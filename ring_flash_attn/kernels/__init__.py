@@ -24,7 +24,7 @@ _REGISTRY: Dict[str, KernelBackend] = {}
 # Most preferred first. ``reference`` is last everywhere: always correct, never fast.
 PREFERENCE: Dict[str, tuple] = {
     "cpu": ("sdpa", "reference"),
-    # flex before reference: it serves soft-capping, which sdpa cannot (the order awaits measurement).
+    # flex before reference: it serves soft-capping, which sdpa cannot (measured: benchmarks/RESULTS.md).
     "cuda": ("sdpa", "flex", "reference"),
     # sycl after sdpa: PyTorch's XPU flash op (SYCL-TLA) serves plain fp16/bf16, and is
     # presumably faster than our kernels, but nobody has measured either on an Intel GPU
@@ -47,12 +47,12 @@ PREFERENCE: Dict[str, tuple] = {
 # On XPU (unmeasured: no Intel GPU here) PyTorch's flash op takes no band at all. The SYCL kernels take
 # any band; they come after Triton, as on CUDA, and serve bands where Triton is not installed. Neither
 # has been timed against the other on an Intel GPU.
-# flex (PyTorch's FlexAttention, compiled) comes right after triton, so for now it serves what triton cannot
-# (soft-capping, head_dim > 256). The order awaits measurement: one H200 anchor (shared/anchors/anchor_flex.py,
-# 8k x 8k block, window (4096, 0)) had FlexAttention at 394 / 370 TFLOP/s fwd / fwd+bwd against triton's
-# 334 / 184, but this backend (which recomputes the block forward in its backward) has not been timed on a
-# GPU; benchmarks/band_mask.py is the measurement that decides. On XPU it also comes after sycl, whose
-# kernels take soft-capping too: neither is measured there.
+# flex (PyTorch's FlexAttention, compiled) comes right after triton and serves what triton cannot (soft-capping,
+# head_dim > 256). Measured on one H200, torch 2.11.0+cu130 (benchmarks/band_mask.py, RESULTS.md): with a
+# window (4096, 0) across the blocks of a P = 8 ring, flex beats triton in fwd+bwd (191 vs 149 TFLOP/s at
+# S_local 8192, 132 vs 127 at 4096) but loses the forward at 4096 (127 vs 195), and it compiles once per
+# block shape, which packed batches of many lengths would pay at every new length: triton stays first.
+# On XPU it also comes after sycl, whose kernels take soft-capping too: neither is measured there.
 BAND_PREFERENCE: Dict[str, tuple] = {
     "cuda": ("triton", "flex", "sdpa", "reference"),
     "xpu": ("triton", "sycl", "flex", "sdpa", "reference"),
