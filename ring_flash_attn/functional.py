@@ -81,7 +81,7 @@ def ring_attention(q, k, v, *, variant: str = "ring", causal: bool = False, soft
     layout.check(q.shape[1], comm.world_size, causal)
     band = Band.from_kernel_args(causal, window)
     features = Features(q.device.type, q.dtype, q.shape[-1],
-                        band=layout_needs_band_mask(layout, comm.world_size, q.shape[1], band, alibi_slopes is not None),
+                        band=layout_needs_band_mask(layout, comm.world_size, q.shape[1], band),
                         softcap=softcap > 0, alibi=alibi_slopes is not None)
     kernel = select_backend(features, backend)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
@@ -107,8 +107,7 @@ def _allgather(q, k, v, layout, *, causal, window, softmax_scale, softcap, group
     out, lse = allgather_attention(*flat, tasks, softmax_scale=softmax_scale, softcap=softcap, group=group,
                                    backend=backend, heads_k_stride=heads_k_stride, world_size=world_size,
                                    alibi_slopes=alibi_slopes,
-                                   needs_band=layout_needs_band_mask(packed, world_size, batch * seqlen, band,
-                                                                     keep_positions))
+                                   needs_band=layout_needs_band_mask(packed, world_size, batch * seqlen, band))
     heads = q.shape[2]
     return out.view(q.shape), lse.view(heads, batch, seqlen).transpose(0, 1)
 
