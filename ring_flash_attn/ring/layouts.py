@@ -18,16 +18,16 @@ merge and backward are shared.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, NamedTuple, Tuple
 
 import torch
 
 
-@dataclass(frozen=True)
-class Run:
+class Run(NamedTuple):
     """``length`` local tokens from ``local_start``, at positions ``global_start + stride * i``.
 
-    Tokens of different ``segment`` s (packed sequences) never see each other.
+    Tokens of different ``segment`` s (packed sequences) never see each other. (A named tuple: the planner
+    makes a few per sequence and step.)
     """
 
     local_start: int

@@ -25,7 +25,7 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 
-from ..kernels.mask import Band, ceil_div, strided_band
+from ..kernels.mask import Band, ceil_div
 from .layouts import Layout, PackedLayout
 
 
@@ -60,8 +60,8 @@ class BlockTask(NamedTuple):
 
     def shifted(self, q_by: int, k_by: int) -> "BlockTask":
         """The same call on rows moved by ``q_by`` / ``k_by`` (bands and positions are relative to the block)."""
-        return BlockTask(self.q_start + q_by, self.q_stop + q_by, self.k_start + k_by, self.k_stop + k_by,
-                         self.band, self.positions)
+        return tuple.__new__(BlockTask, (self.q_start + q_by, self.q_stop + q_by, self.k_start + k_by,
+                                         self.k_stop + k_by, self.band, self.positions))
 
 
 def _order(task: BlockTask):
@@ -160,13 +160,13 @@ def _coalesce(tasks: list, keep_positions: bool) -> list:
 def _block_task(q_run, k_run, band: Band) -> Optional[BlockTask]:
     if q_run.stride != k_run.stride:
         raise ValueError("layouts with different strides on different ranks are not supported")
-    index_band = strided_band(band, q_run.global_start, k_run.global_start, q_run.stride)
-    if index_band.is_empty(q_run.length, k_run.length):
+    delta = q_run.global_start - k_run.global_start
+    lo, hi, somewhere, everywhere = _index_bands(q_run.length, k_run.length, delta, q_run.stride, band)
+    if not somewhere:
         return None
-    full = index_band.is_full(q_run.length, k_run.length)
     return BlockTask(q_run.local_start, q_run.local_start + q_run.length,
                      k_run.local_start, k_run.local_start + k_run.length,
-                     None if full else index_band, (q_run.global_start - k_run.global_start, q_run.stride))
+                     None if everywhere else Band(lo, hi, 0), (delta, q_run.stride))
 
 
 def _plan_runs(layout: Layout, rank: int, src: int, world_size: int, seqlen_local: int, band: Band,
@@ -190,14 +190,16 @@ def _plan_packed(layout: PackedLayout, rank: int, src: int, world_size: int, ban
     The calls come out in (q_start, k_start) order because sequences are in local order.
     """
     plans, tasks, local_start = {}, [], 0
+    make = tuple.__new__  # BlockTask(...) without the named tuple's argument handling: a third of the time
     for length in layout.seqlens_local:
         if length:
             base_plan = plans.get(length)
             if base_plan is None:
                 base_plan = plans[length] = _base_plan(layout.base, rank, src, world_size, length, band,
                                                        keep_positions)
-            for task in base_plan:
-                tasks.append(task.shifted(local_start, local_start))
+            for q_start, q_stop, k_start, k_stop, task_band, positions in base_plan:
+                tasks.append(make(BlockTask, (q_start + local_start, q_stop + local_start, k_start + local_start,
+                                              k_stop + local_start, task_band, positions)))
         local_start += length
     return tuple(tasks)
 
@@ -249,35 +251,33 @@ def layout_needs_band_mask(layout: Layout, world_size: int, seqlen_local: int, b
 
 
 def _index_bands(q_len, k_len, delta, stride, band: Band):
-    """Elementwise over (query run, key run) pairs, on int64 tensors: ``(lo, hi, somewhere, everywhere)``, the
-    index-space bounds on ``i - j`` (None where ``band`` has none) and whether some / every key is visible.
+    """``(lo, hi, somewhere, everywhere)`` of the block of a (query run, key run) pair: the index-space bounds
+    on ``i - j`` (None where ``band`` has none) and whether some / every key is visible. On ints, or on int64
+    tensors elementwise (many blocks at once).
 
     The arithmetic of :func:`~ring_flash_attn.kernels.mask.strided_band`, ``Band.is_empty`` and
-    ``Band.is_full`` for many blocks at once (tests/test_planner.py holds it to the previous planner).
+    ``Band.is_full``, in one function for both (tests/test_planner.py holds it to the previous planner,
+    which used those).
     """
-    q_len, k_len = torch.as_tensor(q_len), torch.as_tensor(k_len)
     shift = delta + band.offset
     lo = None if band.lo is None else ceil_div(band.lo - shift, stride)
     hi = None if band.hi is None else (band.hi - shift) // stride
     d_min, d_max = 1 - k_len, q_len - 1
-    somewhere = (q_len > 0) & (k_len > 0)
-    everywhere = torch.ones_like(somewhere)
+    somewhere, everywhere = (q_len > 0) & (k_len > 0), True
     if lo is not None:
-        somewhere = somewhere & (d_max >= lo)
-        everywhere = everywhere & (d_min >= lo)
+        somewhere, everywhere = somewhere & (d_max >= lo), everywhere & (d_min >= lo)
     if hi is not None:
-        somewhere = somewhere & (d_min <= hi)
-        everywhere = everywhere & (d_max <= hi)
+        somewhere, everywhere = somewhere & (d_min <= hi), everywhere & (d_max <= hi)
     if lo is not None and hi is not None:
         somewhere = somewhere & (lo <= hi)
     return lo, hi, somewhere, everywhere
 
 
 def _pairs_need_band(q_len, k_len, delta, stride, band: Band) -> torch.Tensor:
-    """Elementwise over (query run, key run) pairs: would the pair's call need a band mask
+    """Elementwise over (query run, key run) pairs given as tensors: would the pair's call need a band mask
     (:func:`needs_band_mask`)?"""
     lo, hi, somewhere, everywhere = _index_bands(q_len, k_len, delta, stride, band)
-    needs = somewhere & ~everywhere
+    needs = somewhere & ~torch.as_tensor(everywhere)
     if lo is not None and hi is None:
         # causal on a square block, shifted by 0 or 1: PyTorch's fused causal ops serve it
         needs &= ~((q_len == k_len) & ((lo == 0) | (lo == 1)))
