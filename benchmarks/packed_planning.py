@@ -19,7 +19,8 @@ communicator (ring_flash_attn/comm/loopback.py: the K/V blocks of the other rank
 sequences of ``--call-seqlen`` tokens each; first call (planning included) and repeated call. Against it:
 the same rank's queries over the same tokens as one sequence of the total length with a block-diagonal
 (document) mask, in one call of PyTorch's fused attention (``--baseline sdpa``: a dense boolean mask;
-``--baseline flex``: FlexAttention with a document block mask, compiled), forward + backward.
+``--baseline flex``: FlexAttention with a document block mask, compiled; GPU only, it has no CPU
+backward), forward + backward.
 
     python benchmarks/packed_planning.py                       # CPU, the figures in benchmarks/RESULTS.md
     python benchmarks/packed_planning.py --device cuda --baseline flex --calls-max-seqs 4096
@@ -218,6 +219,8 @@ def main(argv=None):
     parser.add_argument("--head-dim", type=int, default=16)
     parser.add_argument("--out", default=None, help="write the rows and the environment as JSON here")
     args = parser.parse_args(argv)
+    if args.baseline == "flex" and args.device == "cpu":
+        parser.error("--baseline flex: FlexAttention has no backward on the CPU (torch 2.13); use --device cuda")
     torch.set_num_threads(1)  # planning is one thread; tiny tensor ops gain nothing from more
     env = dict(torch=torch.__version__, python=platform.python_version(), machine=platform.machine(),
                processor=platform.processor(), cpus=os.cpu_count(), device=args.device,
