@@ -45,7 +45,7 @@ def ring_attention(q, k, v, *, variant: str = "ring", causal: bool = False, soft
     heads at a time, dK/dV reduce-scattered).
 
     With ``cu_seqlens`` (this rank's cumulative lengths of packed sequences,
-    int32), q/k/v are ``[total_tokens_local, heads, head_dim]``, each sequence
+    int32 or int64; a repeated offset is a sequence of length 0), q/k/v are ``[total_tokens_local, heads, head_dim]``, each sequence
     is laid out over the ranks by ``variant`` on its own, no attention crosses a
     sequence boundary, and ``lse`` is ``[heads, total_tokens_local]``.
 

@@ -2,12 +2,13 @@
 
 At ring step ``t`` rank ``r`` holds the K/V of rank ``src = r - t (mod P)``.
 For every (query run of ``r``, key run of ``src``) pair of the same segment the
-position-space mask becomes an index-space band
-(:func:`~ring_flash_attn.kernels.mask.strided_band`); empty pairs are dropped
+position-space mask becomes an index-space band (the arithmetic of
+:func:`~ring_flash_attn.kernels.mask.strided_band`); empty pairs are dropped
 (no launch), fully visible pairs that touch are merged into one call, and partly
 visible pairs carry the kernel's mask arguments.
 
-Planning is linear in the number of runs plus the number of calls, because each
+Planning takes time linear in the number of sequences plus the number of calls
+(merging adds a log factor where one sequence has many runs), because each
 training batch brings new ``cu_seqlens`` and is planned afresh: key runs are
 grouped by segment, so a query run meets only the key runs of its own sequence;
 fully visible blocks are merged without rescanning; a packed batch is planned once
@@ -205,7 +206,7 @@ def _plan_packed(layout: PackedLayout, rank: int, src: int, world_size: int, ban
 
 
 def plan_step(layout: Layout, rank: int, src: int, world_size: int, seqlen_local: int,
-               band: Band, keep_positions: bool = False) -> Tuple[BlockTask, ...]:
+              band: Band, keep_positions: bool = False) -> Tuple[BlockTask, ...]:
     """The kernel calls rank ``rank`` makes on the K/V of rank ``src`` under the position-space ``band``.
 
     ``keep_positions`` joins blocks only where their token positions stay one
@@ -217,10 +218,10 @@ def plan_step(layout: Layout, rank: int, src: int, world_size: int, seqlen_local
     return _base_plan(layout, rank, src, world_size, seqlen_local, band, keep_positions)
 
 
-# A packed plan holds a call per sequence and step (megabytes for thousands of sequences) and is reused by the
-# layers and the backward of one batch; a base plan is a few calls, reused by every sequence of its length in
-# later batches too.
-_packed_plan = lru_cache(maxsize=128)(_plan_packed)
+# A packed plan holds a call per sequence (up to a megabyte for thousands of sequences) and is reused by the
+# layers and the backward of one batch: room for one batch's P sources at P <= 256. A base plan is a few
+# calls, reused by every sequence of its length in later batches too.
+_packed_plan = lru_cache(maxsize=256)(_plan_packed)
 _base_plan = lru_cache(maxsize=1 << 16)(_plan_runs)
 
 
