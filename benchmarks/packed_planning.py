@@ -1,8 +1,8 @@
 """Packed batches (issue 19): host planning time and time per call against the number of sequences.
 
-Planning (no ranks, no tensors; process CPU time, the fastest of ``--reps``): one rank's planning for one call, i.e. the all-ranks band answer
-(``layout_needs_band_mask``) and the calls of every ring step (``plan_step`` for every source), for
-rank P - 1 (the busiest under a causal mask), three ways:
+Planning (no ranks, no tensors; process CPU time, the fastest of ``--reps``): one rank's planning for one
+call, i.e. the all-ranks band answer (``layout_needs_band_mask``) and the calls of every ring step
+(``plan_step`` for every source), for rank P - 1 (the busiest under a causal mask), three ways:
 
 * ``cold``     every plan cache emptied first: the first call of a fresh process;
 * ``new batch`` a new packed layout (the same lengths in another order, as the next training batch brings)
@@ -101,8 +101,8 @@ def planning_rows(args):
                         random.Random(len(shuffled)).shuffle(shuffled)
                         return PackedLayout(get_layout(name), tuple(shuffled))
                     batches = [new_batch() for _ in range(args.reps)]
-                    warm = min(host_ms(lambda b=b: plan_one_call(b, world_size, band, plan_step, layout_needs_band_mask),
-                                       1) for b in batches)
+                    warm = min(host_ms(lambda b=b: plan_one_call(b, world_size, band, plan_step,
+                                                                 layout_needs_band_mask), 1) for b in batches)
                     old = None
                     if count <= args.old_max_seqs:
                         old = host_ms(lambda: plan_one_call(layout, world_size, band, old_plan_step,

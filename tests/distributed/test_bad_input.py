@@ -38,7 +38,7 @@ EXPECTED = {
     "cu_seqlens not splittable": (ValueError, r"^cu_seqlens: sequence 0 \(local length 3\) .*zigzag.*even"),
     "max_seqlen too small": (ValueError, r"^max_seqlen: expected at least the longest local sequence \(8\), got 4"),
     "max_seqlen not an int": (TypeError, r"^max_seqlen: expected an int, got NoneType"),
-    "llama3 empty batch": (ValueError, r"^cu_seqlens: the packed length 0 must split evenly over 3 ranks, at least one"),
+    "llama3 empty batch": (ValueError, r"^cu_seqlens: the packed length 0 must split evenly over 3 ranks, at least"),
     "varlen 4-d input": (ValueError, r"^q: with cu_seqlens expected \[total_tokens, heads, head_dim\]"),
     "heads_k_stride does not divide": (ValueError, r"^heads_k_stride: expected a positive divisor of the K/V heads \(2\), got 3"),
     "llama3 cu_seqlens not splittable": (ValueError, r"^cu_seqlens: the packed length 22 must split evenly over 3"),

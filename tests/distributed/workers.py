@@ -231,7 +231,8 @@ def llama3_errors(rank, world_size, cases):
         else:
             layout = PackedLayout(get_layout("zigzag"), tuple(n // world_size for n in seqlens))
             local = lambda x, dim=1: layout.shard(x, rank, world_size, dim)  # noqa: E731
-            cu = torch.tensor(_cumsum([n // world_size for n in seqlens]), dtype=CU_DTYPES[case.get("cu_dtype", "int32")])
+            cu = torch.tensor(_cumsum([n // world_size for n in seqlens]),
+                              dtype=CU_DTYPES[case.get("cu_dtype", "int32")])
             call = lambda ql, kl, vl: rfa.zigzag_llama3_flash_attn_varlen_func(  # noqa: E731
                 ql, kl, vl, cu, max(seqlens), case["heads_k_stride"], causal=True, window_size=window,
                 alibi_slopes=slopes, return_attn_probs=True, backend=case["backend"])
