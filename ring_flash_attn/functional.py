@@ -49,7 +49,8 @@ def ring_attention(q, k, v, *, variant: str = "ring", causal: bool = False, soft
         causal, softmax_scale, window_size, softcap, alibi_slopes, group, backend: as in
             :func:`ring_flash_attn.ring_flash_attn_func` (causal mask and windows by true token positions;
             ``alibi_slopes`` float32 (heads,) or (batch, heads), served by the "reference" backend).
-        cu_seqlens: this rank's cumulative lengths of packed sequences (int32); q/k/v are then
+        cu_seqlens: this rank's cumulative lengths of packed sequences (int32 or int64; a repeated offset
+            is a sequence of length 0); q/k/v are then
             (total_tokens_local, heads, head_dim), each sequence is laid out over the ranks by ``variant``
             on its own and no attention crosses a sequence boundary.
         exchange: how K/V reach every rank: "ring" (passed around the ring, flat memory) or "allgather"
@@ -90,7 +91,7 @@ def ring_attention(q, k, v, *, variant: str = "ring", causal: bool = False, soft
     layout.check(q.shape[1], comm.world_size, causal)
     band = Band.from_kernel_args(causal, window)
     features = Features(q.device.type, q.dtype, q.shape[-1],
-                        band=layout_needs_band_mask(layout, comm.world_size, q.shape[1], band, alibi_slopes is not None),
+                        band=layout_needs_band_mask(layout, comm.world_size, q.shape[1], band),
                         softcap=softcap > 0, alibi=alibi_slopes is not None)
     kernel = select_backend(features, backend)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
@@ -116,8 +117,7 @@ def _allgather(q, k, v, layout, *, causal, window, softmax_scale, softcap, group
     out, lse = allgather_attention(*flat, tasks, softmax_scale=softmax_scale, softcap=softcap, group=group,
                                    backend=backend, heads_k_stride=heads_k_stride, world_size=world_size,
                                    alibi_slopes=alibi_slopes,
-                                   needs_band=layout_needs_band_mask(packed, world_size, batch * seqlen, band,
-                                                                     keep_positions))
+                                   needs_band=layout_needs_band_mask(packed, world_size, batch * seqlen, band))
     heads = q.shape[2]
     return out.view(q.shape), lse.view(heads, batch, seqlen).transpose(0, 1)
 

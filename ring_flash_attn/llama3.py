@@ -15,6 +15,8 @@ rank does the same causal work.
 
 from __future__ import annotations
 
+from itertools import accumulate
+
 import torch
 
 from .docstrings import llama3_docstring, prepare_cu_seqlens_docstring, zigzag_llama3_docstring
@@ -34,13 +36,14 @@ def llama3_flash_attn_prepare_cu_seqlens(cu_seqlens, causal, rank, world_size):
     sequence the piece touches to the piece's end (causal) or to the end of the
     last sequence it touches (non-causal).
     """
-    total = int(cu_seqlens[-1])
-    check_cu_seqlens(cu_seqlens, total)
-    if total % world_size:
-        raise ValueError(f"cu_seqlens: the packed length {total} must split evenly over {world_size} ranks")
+    bounds = [0, *accumulate(check_cu_seqlens(cu_seqlens, None))]
+    total = bounds[-1]
+    if total == 0 or total % world_size:
+        raise ValueError(f"cu_seqlens: the packed length {total} must split evenly over {world_size} ranks, "
+                         f"at least one token each")
     piece = total // world_size
     q_start, q_stop = rank * piece, (rank + 1) * piece
-    bounds = cu_seqlens.tolist()
+    # a sequence of length 0 inside the piece stays in (a repeated offset, as given); one on its edge is left out
     touched = [(a, b) for a, b in zip(bounds, bounds[1:]) if a < q_stop and b > q_start]
     k_start = touched[0][0]
     k_stop = q_stop if causal else touched[-1][1]
@@ -85,7 +88,7 @@ def llama3_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqle
     if len(k_lengths) != len(q_lengths):
         raise ValueError(f"cu_seqlens_k: expected {len(q_lengths) + 1} entries like cu_seqlens_q, "
                          f"got {len(k_lengths) + 1}")
-    tasks = _llama3_tasks(cu_seqlens_q.tolist(), cu_seqlens_k.tolist(), local_k_slice, rank * q.shape[0],
+    tasks = _llama3_tasks([0, *accumulate(q_lengths)], [0, *accumulate(k_lengths)], local_k_slice, rank * q.shape[0],
                           Band.from_kernel_args(causal, window))
     # Whether a call needs a band mask depends on where this rank's sequence pieces sit, which other ranks
     # do not know: decide from the arguments alike on every rank, so that all choose the same backend.

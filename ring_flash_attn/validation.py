@@ -8,6 +8,9 @@ expected and what was given.
 
 from __future__ import annotations
 
+import operator
+from typing import Optional
+
 import torch
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -72,20 +75,26 @@ def check_softcap(softcap: float) -> float:
     return softcap
 
 
-def check_cu_seqlens(cu_seqlens, total_tokens: int, name: str = "cu_seqlens") -> tuple:
-    """Validate flash-attn style cumulative sequence lengths; return the sequence lengths."""
+def check_cu_seqlens(cu_seqlens, total_tokens: Optional[int], name: str = "cu_seqlens") -> tuple:
+    """Validate flash-attn style cumulative sequence lengths; return the sequence lengths.
+
+    As in flash-attn, int32 and int64 are taken, and repeated offsets (sequences of length 0, as padding
+    makes) are allowed. The values are read to the host once, here. ``total_tokens=None`` takes any end.
+    """
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1:
-        raise ValueError(f"{name}: expected a 1-D int32 tensor, got "
-                         f"{type(cu_seqlens).__name__ if not isinstance(cu_seqlens, torch.Tensor) else tuple(cu_seqlens.shape)}")
-    if cu_seqlens.dtype != torch.int32:
-        raise TypeError(f"{name}: expected dtype torch.int32, got {cu_seqlens.dtype}")
+        got = tuple(cu_seqlens.shape) if isinstance(cu_seqlens, torch.Tensor) else type(cu_seqlens).__name__
+        raise ValueError(f"{name}: expected a 1-D int32 or int64 tensor, got {got}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name}: expected dtype torch.int32 or torch.int64, got {cu_seqlens.dtype}")
     values = cu_seqlens.tolist()
     if len(values) < 2 or values[0] != 0:
         raise ValueError(f"{name}: expected to start at 0 and hold at least one sequence, got {values[:8]}")
     lengths = tuple(b - a for a, b in zip(values, values[1:]))
-    if any(n <= 0 for n in lengths):
-        raise ValueError(f"{name}: expected strictly increasing values, got {values[:16]}")
-    if values[-1] != total_tokens:
+    if any(n < 0 for n in lengths):
+        first = next(i for i, n in enumerate(lengths) if n < 0)
+        raise ValueError(f"{name}: expected non-decreasing values, got {values[first]} then {values[first + 1]} "
+                         f"at index {first}: {values[:16]}")
+    if total_tokens is not None and values[-1] != total_tokens:
         raise ValueError(f"{name}: expected to end at the number of tokens {total_tokens}, got {values[-1]}")
     return lengths
 
@@ -109,10 +118,19 @@ def group_rank_and_size(group) -> tuple:
 
 
 def check_max_seqlen(max_seqlen, cu_seqlens) -> None:
-    """``max_seqlen`` is not needed (lengths come from ``cu_seqlens``), but a wrong one signals a caller bug."""
-    if isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.dim() == 1 and cu_seqlens.numel() > 1:
+    """``max_seqlen`` is not needed (lengths come from ``cu_seqlens``), but a wrong one signals a caller bug.
+
+    Only a ``cu_seqlens`` that :func:`check_cu_seqlens` would take is looked at; anything else is left to it,
+    so that the error names the argument at fault.
+    """
+    try:
+        max_seqlen = operator.index(max_seqlen)
+    except TypeError:
+        raise TypeError(f"max_seqlen: expected an int, got {type(max_seqlen).__name__}") from None
+    if isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.dim() == 1 and cu_seqlens.numel() > 1 \
+            and cu_seqlens.dtype in (torch.int32, torch.int64):
         longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
-        if int(max_seqlen) < longest:
+        if max_seqlen < longest:
             raise ValueError(f"max_seqlen: expected at least the longest local sequence ({longest}), got {max_seqlen}")
 
 

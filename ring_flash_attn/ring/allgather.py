@@ -143,10 +143,9 @@ def _finish_scatter(in_flight, dk, dv) -> None:
 def allgather_tasks(layout, rank: int, world_size: int, seqlen_local: int, band,
                     keep_positions: bool = False) -> Tuple[BlockTask, ...]:
     """The ring planner's tasks for every source rank, with key ranges moved into the gathered K/V."""
-    return tuple(BlockTask(t.q_start, t.q_stop, src * seqlen_local + t.k_start, src * seqlen_local + t.k_stop, t.band,
-                           t.positions)
+    return tuple(task.shifted(0, src * seqlen_local)
                  for src in range(world_size)
-                 for t in plan_step(layout, rank, src, world_size, seqlen_local, band, keep_positions))
+                 for task in plan_step(layout, rank, src, world_size, seqlen_local, band, keep_positions))
 
 
 def allgather_attention(q, k, v, tasks, *, softmax_scale, softcap, group, backend, heads_k_stride, world_size,

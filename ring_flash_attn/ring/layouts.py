@@ -18,16 +18,16 @@ merge and backward are shared.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, NamedTuple, Tuple
 
 import torch
 
 
-@dataclass(frozen=True)
-class Run:
+class Run(NamedTuple):
     """``length`` local tokens from ``local_start``, at positions ``global_start + stride * i``.
 
-    Tokens of different ``segment`` s (packed sequences) never see each other.
+    Tokens of different ``segment`` s (packed sequences) never see each other. (A named tuple: the planner
+    makes a few per sequence and step.)
     """
 
     local_start: int
@@ -52,6 +52,29 @@ class Layout:
 
     def runs(self, rank: int, world_size: int, seqlen_local: int) -> Tuple[Run, ...]:
         raise NotImplementedError
+
+    def pair_geometries(self, world_size: int, seqlens_local: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """``(q_len, k_len, delta, stride)``, int64 tensors ``[len(seqlens_local), pairs]``: for each local
+        length, every (query run of any rank, key run of any rank) pair of one segment, as lengths, position
+        offset ``q.global_start - k.global_start`` and stride; pairs absent for a length have length 0.
+
+        All that decides whether a pair's call needs a mask (ring.planner.layout_needs_band_mask). This
+        default enumerates the runs of every rank; the built-in layouts give the same pairs in closed form.
+        """
+        rows = []
+        for seqlen_local in seqlens_local.tolist():
+            runs = [run for rank in range(world_size) for run in self.runs(rank, world_size, seqlen_local)]
+            row = []
+            for q in runs:
+                for k in runs:
+                    if q.segment == k.segment:
+                        if q.stride != k.stride:
+                            raise ValueError("layouts with different strides on different ranks are not supported")
+                        row.append((q.length, k.length, q.global_start - k.global_start, q.stride))
+            rows.append(row)
+        width = max(len(row) for row in rows)
+        table = torch.tensor([row + [(0, 0, 0, 1)] * (width - len(row)) for row in rows], dtype=torch.int64)
+        return tuple(table.unbind(-1))
 
     def positions(self, rank: int, world_size: int, seqlen_local: int, device=None) -> torch.Tensor:
         """Global positions of this rank's local tokens, in local order."""
@@ -92,6 +115,12 @@ class ContiguousLayout(Layout):
     def runs(self, rank, world_size, seqlen_local):
         return (Run(0, seqlen_local, rank * seqlen_local),)
 
+    def pair_geometries(self, world_size, seqlens_local):
+        # rank r against rank s: two runs of L tokens, (r - s) * L apart
+        length = seqlens_local.view(-1, 1)
+        apart = torch.arange(1 - world_size, world_size).view(1, -1)
+        return _geometry(length, length, apart * length, 1)
+
 
 class ZigzagLayout(Layout):
     name = "zigzag"
@@ -109,6 +138,12 @@ class ZigzagLayout(Layout):
         chunk = seqlen_local // 2
         return (Run(0, chunk, rank * chunk), Run(chunk, chunk, (2 * world_size - 1 - rank) * chunk))
 
+    def pair_geometries(self, world_size, seqlens_local):
+        # every chunk a against every chunk b (the ranks together hold all 2P): (a - b) * chunk apart
+        chunk = (seqlens_local // 2).view(-1, 1)
+        apart = torch.arange(1 - 2 * world_size, 2 * world_size).view(1, -1)
+        return _geometry(chunk, chunk, apart * chunk, 1)
+
 
 class StripeLayout(Layout):
     name = "stripe"
@@ -118,6 +153,17 @@ class StripeLayout(Layout):
     def runs(self, rank, world_size, seqlen_local):
         return (Run(0, seqlen_local, rank, world_size),)
 
+    def pair_geometries(self, world_size, seqlens_local):
+        # rank r against rank s: L tokens each, strided by P, starting r - s apart
+        length = seqlens_local.view(-1, 1)
+        apart = torch.arange(1 - world_size, world_size).view(1, -1)
+        return _geometry(length, length, apart, world_size)
+
+
+def _geometry(q_len, k_len, delta, stride):
+    """Broadcast to one ``[lengths, pairs]`` shape, as :meth:`Layout.pair_geometries` returns."""
+    return torch.broadcast_tensors(q_len, k_len, delta, torch.as_tensor(stride, dtype=torch.int64))
+
 
 @dataclass(frozen=True)
 class PackedLayout(Layout):
@@ -126,7 +172,9 @@ class PackedLayout(Layout):
     ``seqlens_local`` are the per-rank lengths of the packed sequences (every
     rank holds the same share of each sequence: 1/P of it), i.e. the
     differences of the local ``cu_seqlens``. Positions are global positions in
-    the packed batch; ``segment`` keeps sequences apart.
+    the packed batch; ``segment`` keeps sequences apart. A sequence of length 0
+    (a repeated offset in ``cu_seqlens``, as padding makes) holds no token and
+    has no runs.
     """
 
     base: Layout
@@ -145,6 +193,8 @@ class PackedLayout(Layout):
             raise ValueError(f"cu_seqlens: expected to end at the local token count {seqlen_local}, "
                              f"got {sum(self.seqlens_local)}")
         for n, length in enumerate(self.seqlens_local):
+            if length == 0:
+                continue
             try:
                 self.base.check(length, world_size, causal)
             except ValueError as exc:
@@ -155,7 +205,7 @@ class PackedLayout(Layout):
         runs, local_start = [], 0
         for segment, length in enumerate(self.seqlens_local):
             global_start = local_start * world_size
-            for run in self.base.runs(rank, world_size, length):
+            for run in self.base.runs(rank, world_size, length) if length else ():
                 runs.append(Run(local_start + run.local_start, run.length, global_start + run.global_start,
                                 run.stride, segment))
             local_start += length

@@ -23,6 +23,11 @@ CASES = [
     dict(layout="llama3", causal=True, seqlens=(20, 3, 49), heads_k=2, heads_k_stride=1, dtype="bfloat16"),
     dict(layout="llama3", causal=False, seqlens=(40, 2, 30), heads_k=2, heads_k_stride=1, dtype="float64",
          alibi=True, backend=None),
+    # zero-length sequences (repeated offsets: inside a rank's piece, on a piece's edge, at both ends) and int64
+    dict(layout="llama3", causal=True, seqlens=(0, 5, 0, 7, 0, 12, 0, 24, 0, 6, 0, 18, 0), heads_k=2, heads_k_stride=1,
+         dtype="float64", cu_dtype="int64", window=(6, -1)),
+    dict(layout="llama3", causal=False, seqlens=(12, 0, 12, 0, 24, 24, 0), heads_k=2, heads_k_stride=2,
+         dtype="float64"),
     # load-balanced (zigzag) layout over the same all-gather exchange
     dict(layout="zigzag", causal=True, seqlens=(48, 24), heads_k=2, heads_k_stride=1, dtype="float64"),
     dict(layout="zigzag", causal=True, seqlens=(24, 72), heads_k=4, heads_k_stride=4, dtype="float64",
@@ -30,6 +35,8 @@ CASES = [
     dict(layout="zigzag", causal=True, seqlens=(48, 48), heads_k=2, heads_k_stride=2, dtype="bfloat16"),
     dict(layout="zigzag", causal=True, seqlens=(24, 48), heads_k=2, heads_k_stride=1, dtype="float64", alibi=True,
          backend=None),
+    dict(layout="zigzag", causal=True, seqlens=(0, 24, 0, 48, 0), heads_k=2, heads_k_stride=1, dtype="float64",
+         cu_dtype="int64"),
 ]
 CASES = [dict(dict(BASE, seed=SEED + n), **c) for n, c in enumerate(CASES)]
 WORLD_SIZES = (1, 2, 3, 4)
@@ -63,3 +70,16 @@ def test_prepare_cu_seqlens_splits_crossing_sequences():
     assert cu_q.tolist() == [0, 3, 6] and cu_k.tolist() == [0, 3, 10] and k_slice == slice(0, 10)
     with pytest.raises(ValueError, match="split evenly over 5 ranks"):
         prepare(cu, True, 0, 5)
+
+
+def test_prepare_cu_seqlens_takes_zero_length_sequences_and_int64():
+    from ring_flash_attn import llama3_flash_attn_prepare_cu_seqlens as prepare
+
+    # lengths 0, 3, 0, 3, 0, 6 over 2 ranks of 6 tokens: the empty sequence at 3 sits inside rank 0's piece,
+    # the one at 6 on the edge between the pieces
+    cu = torch.tensor([0, 0, 3, 3, 6, 6, 12], dtype=torch.int64)
+    cu_q, cu_k, max_q, max_k, k_slice = prepare(cu, True, 0, 2)
+    assert cu_q.dtype == torch.int32 and cu_q.tolist() == [0, 3, 3, 6] and cu_k.tolist() == [0, 3, 3, 6]
+    assert (max_q, max_k, k_slice) == (3, 3, slice(0, 6))
+    cu_q, cu_k, _, _, k_slice = prepare(cu, True, 1, 2)
+    assert cu_q.tolist() == [0, 6] and cu_k.tolist() == [0, 6] and k_slice == slice(6, 12)

@@ -46,6 +46,10 @@ def _cases():
         dict(variant="zigzag", causal=True, seqlens=(24, 144, 48)),
         dict(variant="zigzag", causal=True, seqlens=(48, 24), window=(7, -1)),
         dict(variant="stripe", causal=True, seqlens=(72, 24)),
+        # zero-length sequences (repeated offsets, as padding makes) and int64 cu_seqlens, as flash-attn takes
+        dict(variant="zigzag", causal=True, seqlens=(0, 48, 0, 0, 24, 0), cu_dtype="int64"),
+        dict(variant="ring", causal=False, seqlens=(24, 0, 48), window=(5, 3)),
+        dict(variant="stripe", causal=True, seqlens=(0, 72), cu_dtype="int64"),
         # ALiBi by true token distance; backend=None checks the automatic choice falls back to one that has it.
         dict(variant="ring", causal=False, alibi=True, backend=None),
         dict(variant="zigzag", causal=True, alibi=True, backend=None),
@@ -75,6 +79,8 @@ def _case_id(case):
         tags.append("alibi")
     if "seqlens" in case:
         tags.append("varlen" + "+".join(map(str, case["seqlens"])))
+    if "cu_dtype" in case:
+        tags.append(case["cu_dtype"])
     return "-".join(tags)
 
 

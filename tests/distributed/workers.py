@@ -10,6 +10,8 @@ from ring_flash_attn.ring.layouts import get_layout
 from tests.tolerances import rel_err
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# cu_seqlens may be int32 or int64 (flash-attn's convention)
+CU_DTYPES = {"int32": torch.int32, "int64": torch.int64}
 
 
 def oracle(q, k, v, dout, *, causal, window, scale, softcap=0.0, alibi_slopes=None):
@@ -42,7 +44,8 @@ def make_inputs(case):
 
 def packed_oracle(q, k, v, dout, seqlens, **kw):
     """The oracle for packed sequences [1, total, H, D]: each sequence attends only to itself."""
-    parts = [oracle(*(t[:, a:b] for t in (q, k, v, dout)), **kw) for a, b in zip(_cumsum(seqlens), _cumsum(seqlens)[1:])]
+    bounds = _cumsum(seqlens)
+    parts = [oracle(*(t[:, a:b] for t in (q, k, v, dout)), **kw) for a, b in zip(bounds, bounds[1:]) if b > a]
     return tuple(torch.cat([p[i] for p in parts], dim=2 if i == 1 else 1) for i in range(5))
 
 
@@ -84,7 +87,7 @@ def ring_errors(rank, world_size, cases):
 
         ql, kl, vl = (local(t).to(dtype).requires_grad_() for t in (q, k, v))
         if seqlens:
-            cu = torch.tensor(_cumsum(local_lengths), dtype=torch.int32)
+            cu = torch.tensor(_cumsum(local_lengths), dtype=CU_DTYPES[case.get("cu_dtype", "int32")])
             out, lse = ring_attention(ql[0], kl[0], vl[0], variant=case["variant"], causal=case["causal"],
                                       window_size=window, softcap=case.get("softcap", 0.0), backend=case["backend"],
                                       cu_seqlens=cu, alibi_slopes=slopes)
@@ -142,13 +145,16 @@ def _bad_inputs(rank, world_size):
     tokens = lambda n: (t(n, 4, 16), t(n, 2, 16), t(n, 2, 16))  # noqa: E731
     i32 = lambda xs: torch.tensor(xs, dtype=torch.int32)  # noqa: E731
     cases += [
-        ("cu_seqlens not int32", lambda: rfa.ring_flash_attn_varlen_func(*tokens(8), torch.tensor([0, 8]), 8)),
+        ("cu_seqlens not integer", lambda: rfa.ring_flash_attn_varlen_func(*tokens(8), torch.tensor([0.0, 8.0]), 8)),
         ("cu_seqlens not from 0", lambda: rfa.ring_flash_attn_varlen_func(*tokens(8), i32([1, 8]), 8)),
         ("cu_seqlens not increasing", lambda: rfa.ring_flash_attn_varlen_func(*tokens(8), i32([0, 5, 3, 8]), 8)),
         ("cu_seqlens not ending at total", lambda: rfa.ring_flash_attn_varlen_func(*tokens(8), i32([0, 6]), 8)),
         ("cu_seqlens not splittable", lambda: rfa.zigzag_ring_flash_attn_varlen_func(*tokens(8), i32([0, 3, 8]), 5,
                                                                                     causal=True)),
         ("max_seqlen too small", lambda: rfa.ring_flash_attn_varlen_func(*tokens(8), i32([0, 8]), 4)),
+        ("max_seqlen not an int", lambda: rfa.ring_flash_attn_varlen_func(*tokens(8), i32([0, 8]), None)),
+        ("llama3 empty batch", lambda: rfa.llama3_flash_attn_prepare_cu_seqlens(i32([0, 0, 0]), True, rank,
+                                                                               world_size)),
         ("varlen 4-d input", lambda: rfa.ring_flash_attn_varlen_func(q, k, k, i32([0, 8]), 8)),
         ("heads_k_stride does not divide", lambda: rfa.zigzag_llama3_flash_attn_varlen_func(
             *tokens(8), i32([0, 8]), 8, 3)),
@@ -217,7 +223,7 @@ def llama3_errors(rank, world_size, cases):
         if case["layout"] == "llama3":
             piece = total // world_size
             local = lambda x, dim=1: x.narrow(dim, rank * piece, piece)  # noqa: E731
-            cu = torch.tensor(_cumsum(seqlens), dtype=torch.int32)
+            cu = torch.tensor(_cumsum(seqlens), dtype=CU_DTYPES[case.get("cu_dtype", "int32")])
             args = rfa.llama3_flash_attn_prepare_cu_seqlens(cu, case["causal"], rank, world_size)
             call = lambda ql, kl, vl: rfa.llama3_flash_attn_varlen_func(  # noqa: E731
                 ql, kl, vl, *args[:4], case["heads_k_stride"], args[4], causal=case["causal"], window_size=window,
@@ -225,7 +231,8 @@ def llama3_errors(rank, world_size, cases):
         else:
             layout = PackedLayout(get_layout("zigzag"), tuple(n // world_size for n in seqlens))
             local = lambda x, dim=1: layout.shard(x, rank, world_size, dim)  # noqa: E731
-            cu = torch.tensor(_cumsum([n // world_size for n in seqlens]), dtype=torch.int32)
+            cu = torch.tensor(_cumsum([n // world_size for n in seqlens]),
+                              dtype=CU_DTYPES[case.get("cu_dtype", "int32")])
             call = lambda ql, kl, vl: rfa.zigzag_llama3_flash_attn_varlen_func(  # noqa: E731
                 ql, kl, vl, cu, max(seqlens), case["heads_k_stride"], causal=True, window_size=window,
                 alibi_slopes=slopes, return_attn_probs=True, backend=case["backend"])
