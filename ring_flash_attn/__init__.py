@@ -30,6 +30,7 @@ from .llama3 import (
     zigzag_llama3_flash_attn_varlen_func,
 )
 from .module import RingAttention, gather_sequence, shard_sequence, unshard_sequence
+from .ulysses import UspGroups, ulysses_attention, usp_attention, usp_process_groups
 
 __version__ = "0.1.0"
 
@@ -59,4 +60,8 @@ __all__ = [
     "gather_sequence",
     "shard_sequence",
     "unshard_sequence",
+    "ulysses_attention",
+    "usp_attention",
+    "usp_process_groups",
+    "UspGroups",
 ]

@@ -1,0 +1,131 @@
+"""Ulysses / USP workers: every mesh of a 4-rank world runs the whole case matrix in one process group.
+
+Meshes (ulysses x ring): 4x1 and 2x2 over all four ranks; 2x1 and 1x2 on two pairs of ranks side by side
+(each pair solving the same problem); 1x1 on every rank alone, the world-size-1 error each mesh is compared
+with.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ring_flash_attn import RingAttention, ulysses_attention, usp_attention, usp_process_groups
+from ring_flash_attn.ring.layouts import PackedLayout, get_layout
+from tests.distributed.workers import DTYPES, _cumsum, alibi_slopes_for, make_inputs, oracle, packed_oracle
+from tests.tolerances import rel_err
+
+MESHES = ("1x1", "4x1", "2x2", "2x1", "1x2")  # ulysses x ring
+
+
+def _meshes(rank):
+    """{mesh: (attention(q, k, v, **kw), cp_rank, cp_size)}; 4x1 and 2x1 through ulysses_attention."""
+    pair = dist.new_group([0, 1] if rank < 2 else [2, 3], use_local_synchronization=True)
+    one = lambda **groups: lambda q, k, v, **kw: usp_attention(q, k, v, **groups, **kw)  # noqa: E731
+    four_by_one = lambda q, k, v, **kw: ulysses_attention(q, k, v, **kw)  # noqa: E731  (default group)
+    two_by_one = lambda q, k, v, **kw: ulysses_attention(q, k, v, group=pair, **kw)  # noqa: E731
+    return {"1x1": (one(ulysses_group=None, ring_group=None), 0, 1),
+            "4x1": (four_by_one, rank, 4),
+            "2x2": (one(**usp_process_groups(2).attention_groups()), rank, 4),
+            "2x1": (two_by_one, rank % 2, 2),
+            "1x2": (one(**usp_process_groups(1, pair).attention_groups()), rank % 2, 2)}, pair
+
+
+def _case_errors(case, ref, call, cp_rank, cp_size):
+    """Relative errors of out, lse, dq, dk, dv on this rank's slice."""
+    seqlens, window = case.get("seqlens"), tuple(case.get("window", (-1, -1)))
+    q, k, v, dout = case["inputs"]
+    if seqlens:
+        local_lengths = tuple(n // cp_size for n in seqlens)
+        layout = PackedLayout(get_layout(case["variant"]), local_lengths)
+    else:
+        layout = get_layout(case["variant"])
+    local = lambda x, dim=1: layout.shard(x, cp_rank, cp_size, dim)  # noqa: E731
+    dtype = DTYPES[case["dtype"]]
+    ql, kl, vl = (local(t).to(dtype).requires_grad_() for t in (q, k, v))
+    kw = dict(variant=case["variant"], causal=case["causal"], window_size=window, softcap=case.get("softcap", 0.0),
+              backend=case["backend"], alibi_slopes=alibi_slopes_for(case))
+    if seqlens:
+        cu = torch.tensor(_cumsum(local_lengths), dtype=torch.int32)
+        out, lse = call(ql[0], kl[0], vl[0], cu_seqlens=cu, **kw)
+        out, lse = out.unsqueeze(0), lse.unsqueeze(0)
+    else:
+        out, lse = call(ql, kl, vl, **kw)
+    out.backward(local(dout).to(dtype))
+    got = (out, lse, ql.grad, kl.grad, vl.grad)
+    want = (local(ref[0]), local(ref[1], dim=2), local(ref[2]), local(ref[3]), local(ref[4]))
+    return {name: rel_err(g, w) for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), got, want)}
+
+
+def _oracle_for(case):
+    kw = dict(causal=case["causal"], window=tuple(case.get("window", (-1, -1))), scale=case["head_dim"] ** -0.5,
+              softcap=case.get("softcap", 0.0), alibi_slopes=alibi_slopes_for(case))
+    seqlens = case.get("seqlens")
+    inputs = make_inputs(dict(case, seqlen=sum(seqlens)) if seqlens else case)
+    return inputs, (packed_oracle(*inputs, seqlens, **kw) if seqlens else oracle(*inputs, **kw))
+
+
+def _module_round_trip(rank, seed):
+    """RingAttention(ulysses_size=2) on 4 ranks: shard -> forward -> gather, gradients through the gather."""
+    case = dict(batch=2, seqlen=32, heads=4, heads_k=2, head_dim=8, seed=seed)
+    q, k, v, dout = make_inputs(case)
+    ref = oracle(q, k, v, dout, causal=True, window=(-1, -1), scale=8 ** -0.5)
+    attn = RingAttention(variant="zigzag", causal=True, ulysses_size=2)
+    qf, kf, vf = (t.clone().requires_grad_() for t in (q, k, v))
+    out_full = attn.gather(attn(attn.shard(qf), attn.shard(kf), attn.shard(vf)))
+    (attn.shard(out_full) * attn.shard(dout)).sum().backward()
+    grads = [g.clone() for g in (qf.grad, kf.grad, vf.grad)]
+    for g in grads:
+        dist.all_reduce(g)
+    return {"out": rel_err(out_full, ref[0]), "dq": rel_err(grads[0], ref[2]), "dk": rel_err(grads[1], ref[3]),
+            "dv": rel_err(grads[2], ref[4]), "repr": repr(attn)}
+
+
+def _bad_inputs(pair):
+    """(name, callable) pairs that must each raise before any communication, alike on every rank."""
+    t = lambda *shape: torch.randn(*shape, dtype=torch.float64)  # noqa: E731
+    q, k = t(1, 8, 4, 8), t(1, 8, 2, 8)
+    mesh = usp_process_groups(2).attention_groups()
+    usp = lambda *a, **kw: usp_attention(*a, **mesh, **kw)  # noqa: E731
+    return [
+        ("heads not divisible by U", lambda: usp(t(1, 8, 3, 8), t(1, 8, 1, 8), t(1, 8, 1, 8))),
+        ("heads not divisible by U=4", lambda: ulysses_attention(t(1, 8, 6, 8), t(1, 8, 2, 8), t(1, 8, 2, 8))),
+        ("k shape mismatch", lambda: usp(q, t(1, 6, 2, 8), t(1, 6, 2, 8))),
+        ("zigzag odd local length", lambda: usp(t(1, 3, 4, 8), t(1, 3, 2, 8), t(1, 3, 2, 8), variant="zigzag",
+                                                causal=True)),
+        ("zigzag non-causal", lambda: usp(q, k, k, variant="zigzag")),
+        ("softcap on sdpa", lambda: usp(q, k, k, softcap=3.0, backend="sdpa")),
+        ("cu_seqlens not int32", lambda: usp(q[0], k[0], k[0], cu_seqlens=torch.tensor([0, 8]))),
+        ("cu_seqlens not splittable", lambda: usp(q[0], k[0], k[0], cu_seqlens=torch.tensor(
+            [0, 3, 8], dtype=torch.int32), variant="zigzag", causal=True)),
+        ("alibi wrong shape", lambda: usp(q, k, k, alibi_slopes=torch.ones(3))),
+        ("ulysses_size does not divide", lambda: usp_process_groups(3)),
+        ("ulysses_size not positive", lambda: usp_process_groups(0)),
+        ("groups not a mesh", lambda: usp_attention(q, k, k, ulysses_group=dist.group.WORLD,
+                                                    ring_group=dist.group.WORLD)),
+        ("module ulysses with allgather", lambda: RingAttention(ulysses_size=2, exchange="allgather")),
+        ("module ulysses_size does not divide the group", lambda: RingAttention(ulysses_size=4, group=pair)),
+    ]
+
+
+def ulysses_checks(rank, world_size, cases, seed):
+    """{"errors": {mesh: [per-case errors]}, "module": ..., "bad_inputs": [(name, type, message)], "after": ...}"""
+    meshes, pair = _meshes(rank)
+    prepared = []
+    for case in cases:
+        inputs, ref = _oracle_for(case)
+        prepared.append((dict(case, inputs=inputs), ref))
+    errors = {name: [_case_errors(case, ref, call, cp_rank, cp_size) for case, ref in prepared]
+              for name, (call, cp_rank, cp_size) in meshes.items()}
+    report = []
+    for name, call in _bad_inputs(pair):
+        try:
+            call()
+        except (ValueError, TypeError, NotImplementedError) as exc:
+            report.append((name, type(exc).__name__, str(exc)))
+        else:
+            report.append((name, None, "no error raised"))
+    # No rank was left inside a collective: a good call on the 2x2 mesh still matches the oracle.
+    case, ref = prepared[0]
+    after = _case_errors(case, ref, meshes["2x2"][0], rank, 4)
+    return {"errors": errors, "module": _module_round_trip(rank, seed), "bad_inputs": report, "after": after}
