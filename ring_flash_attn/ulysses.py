@@ -267,8 +267,8 @@ def usp_process_groups(ulysses_size: int, group: Optional[dist.ProcessGroup] = N
     def sub(members):
         if len(members) == 1:
             return None
-        if len(members) == world_size:
-            return group
+        if len(members) == world_size:  # the whole group (never None here: None means a dimension of one rank)
+            return group if group is not None else dist.group.WORLD
         # Only the members take part (use_local_synchronization): ranks outside this context-parallel group
         # need not know its mesh; each member creates just its own two groups.
         return dist.new_group(members, use_local_synchronization=True)

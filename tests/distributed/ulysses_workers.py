@@ -19,13 +19,13 @@ MESHES = ("1x1", "4x1", "2x2", "2x1", "1x2")  # ulysses x ring
 
 
 def _meshes(rank):
-    """{mesh: (attention(q, k, v, **kw), cp_rank, cp_size)}; 4x1 and 2x1 through ulysses_attention."""
+    """{mesh: (attention(q, k, v, **kw), cp_rank, cp_size)}; 2x1 through ulysses_attention (ulysses_attention on
+    the default group runs in the check after the bad inputs)."""
     pair = dist.new_group([0, 1] if rank < 2 else [2, 3], use_local_synchronization=True)
     one = lambda **groups: lambda q, k, v, **kw: usp_attention(q, k, v, **groups, **kw)  # noqa: E731
-    four_by_one = lambda q, k, v, **kw: ulysses_attention(q, k, v, **kw)  # noqa: E731  (default group)
     two_by_one = lambda q, k, v, **kw: ulysses_attention(q, k, v, group=pair, **kw)  # noqa: E731
     return {"1x1": (one(ulysses_group=None, ring_group=None), 0, 1),
-            "4x1": (four_by_one, rank, 4),
+            "4x1": (one(**usp_process_groups(4).attention_groups()), rank, 4),
             "2x2": (one(**usp_process_groups(2).attention_groups()), rank, 4),
             "2x1": (two_by_one, rank % 2, 2),
             "1x2": (one(**usp_process_groups(1, pair).attention_groups()), rank % 2, 2)}, pair
@@ -125,7 +125,8 @@ def ulysses_checks(rank, world_size, cases, seed):
             report.append((name, type(exc).__name__, str(exc)))
         else:
             report.append((name, None, "no error raised"))
-    # No rank was left inside a collective: a good call on the 2x2 mesh still matches the oracle.
+    # No rank was left inside a collective: good calls on the 2x2 mesh and on Ulysses over the default group
+    # still match the oracle.
     case, ref = prepared[0]
-    after = _case_errors(case, ref, meshes["2x2"][0], rank, 4)
+    after = [_case_errors(case, ref, meshes["2x2"][0], rank, 4), _case_errors(case, ref, ulysses_attention, rank, 4)]
     return {"errors": errors, "module": _module_round_trip(rank, seed), "bad_inputs": report, "after": after}
