@@ -28,7 +28,7 @@ def _cases():
     cases = [dict(base, variant=variant, causal=causal, heads_k=heads_k, dtype="float64")
              for (variant, causal), heads_k in itertools.product(SCHEDULES, HEADS_K)]
     cases += [dict(base, variant=variant, causal=causal, heads_k=2, dtype=dtype)
-              for (variant, causal), dtype in itertools.product(SCHEDULES[1:3], ("float32", "bfloat16"))]
+              for (variant, causal), dtype in itertools.product(SCHEDULES[1:3], ("float32", "bfloat16", "float16"))]
     extra = [
         dict(variant="ring", causal=True, window=(5, -1)),
         dict(variant="ring", causal=False, window=(3, 7)),
