@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from functools import lru_cache
 from typing import Optional, Tuple
 
@@ -245,10 +246,13 @@ class UspGroups:
 _GROUPS: dict = {}
 
 
-def usp_process_groups(ulysses_size: int, group: Optional[dist.ProcessGroup] = None) -> UspGroups:
+def usp_process_groups(ulysses_size: int, group: Optional[dist.ProcessGroup] = None,
+                       timeout: Optional[timedelta] = None) -> UspGroups:
     """Split the context-parallel ``group`` (None: the default group) into a ``ulysses x ring`` mesh, the
     Ulysses dimension inner (consecutive group ranks: put it inside a node). Every member of ``group`` must
-    call it (it creates process groups); the groups are made once per (group, ulysses_size) and reused.
+    call it (it creates process groups); the groups are made once per (group, ulysses_size) and reused, so a
+    first call with ``timeout`` (the new groups' collective timeout; default: the backend's) sets it for
+    every later user (the module, the integrations).
 
     Raises ValueError on every rank if ``ulysses_size`` does not divide the group size.
     """
@@ -271,7 +275,7 @@ def usp_process_groups(ulysses_size: int, group: Optional[dist.ProcessGroup] = N
             return group if group is not None else dist.group.WORLD
         # Only the members take part (use_local_synchronization): ranks outside this context-parallel group
         # need not know its mesh; each member creates just its own two groups.
-        return dist.new_group(members, use_local_synchronization=True)
+        return dist.new_group(members, timeout=timeout, use_local_synchronization=True)
 
     groups = UspGroups(group, ulysses_size, ring_size,
                        ulysses_group=sub([ranks[r * ulysses_size + i] for i in range(ulysses_size)]),

@@ -123,6 +123,10 @@ def test_bad_inputs_raise_alike_on_every_rank(results):
             assert max(errs.values()) <= GRADIENT[DTYPES["float64"]], errs
 
 
+def test_mesh_groups_take_the_first_calls_timeout(results):
+    assert all(r["mesh_timeouts_s"] == [123.0, 123.0] for r in results), [r["mesh_timeouts_s"] for r in results]
+
+
 def test_report_largest_errors(results, capsys):
     """Print the largest error per mesh and dtype (quoted in the notes); asserts every mesh was measured."""
     worst = {}

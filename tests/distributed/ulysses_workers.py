@@ -7,6 +7,8 @@ with.
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import torch
 import torch.distributed as dist
 
@@ -22,6 +24,7 @@ def _meshes(rank):
     """{mesh: (attention(q, k, v, **kw), cp_rank, cp_size)}; 2x1 through ulysses_attention (ulysses_attention on
     the default group runs in the check after the bad inputs)."""
     pair = dist.new_group([0, 1] if rank < 2 else [2, 3], use_local_synchronization=True)
+    usp_process_groups(2, timeout=timedelta(seconds=123))  # the first call makes the groups; later ones reuse them
     one = lambda **groups: lambda q, k, v, **kw: usp_attention(q, k, v, **groups, **kw)  # noqa: E731
     two_by_one = lambda q, k, v, **kw: ulysses_attention(q, k, v, group=pair, **kw)  # noqa: E731
     return {"1x1": (one(ulysses_group=None, ring_group=None), 0, 1),
@@ -129,4 +132,8 @@ def ulysses_checks(rank, world_size, cases, seed):
     # still match the oracle.
     case, ref = prepared[0]
     after = [_case_errors(case, ref, meshes["2x2"][0], rank, 4), _case_errors(case, ref, ulysses_attention, rank, 4)]
-    return {"errors": errors, "module": _module_round_trip(rank, seed), "bad_inputs": report, "after": after}
+    mesh = usp_process_groups(2)
+    timeouts = [g._get_backend(torch.device("cpu")).options._timeout.total_seconds()
+                for g in (mesh.ulysses_group, mesh.ring_group)]
+    return {"errors": errors, "module": _module_round_trip(rank, seed), "bad_inputs": report, "after": after,
+            "mesh_timeouts_s": timeouts}
