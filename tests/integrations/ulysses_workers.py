@@ -63,8 +63,8 @@ def megatron_errors(rank, world_size, seed):
                                                           causal_mask)
 
     megatron_workers._init_parallel_state(world_size)
-    config = megatron_workers.tiny_config(world_size, cp_comm_type="a2a+p2p",
-                                          hierarchical_context_parallel_sizes=[ULYSSES_SIZE, world_size // ULYSSES_SIZE])
+    sizes = [ULYSSES_SIZE, world_size // ULYSSES_SIZE]
+    config = megatron_workers.tiny_config(world_size, cp_comm_type="a2a+p2p", hierarchical_context_parallel_sizes=sizes)
     usp = megatron_workers.build_gpt(config, ring_gpt_layer_spec(normalization="RMSNorm"))
     usp.load_state_dict(reference.state_dict())
     attention = usp.decoder.layers[0].self_attention.core_attention
