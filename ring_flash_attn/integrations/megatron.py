@@ -163,6 +163,9 @@ class RingCoreAttention(MegatronModule):
 
 def _ulysses_degree(config, cp_comm_type: Optional[str], ulysses_size: Optional[int], cp_size: int) -> int:
     """The Ulysses degree asked for by ``cp_comm_type`` (Megatron's) or ``ulysses_size`` (ours); 1: the ring."""
+    if ulysses_size is not None and (isinstance(ulysses_size, bool) or not isinstance(ulysses_size, int)
+                                     or ulysses_size < 1):
+        raise ValueError(f"ulysses_size: expected a positive int, got {ulysses_size!r}")
     if cp_comm_type == "a2a":
         implied = cp_size
     elif cp_comm_type == "a2a+p2p":

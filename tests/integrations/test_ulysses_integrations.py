@@ -24,7 +24,8 @@ def checks():
     return run_world(4, ulysses_workers.usp_integration_checks, SESSION_SEED, timeout_s=240)
 
 
-@pytest.mark.parametrize("case", [f"{kind}-{variant}" for kind, variant in ulysses_workers.HF_CASES])
+@pytest.mark.parametrize("case", [f"{kind}-{variant}" for kind, variant in ulysses_workers.HF_CASES]
+                         + ["mistral-zigzag-packed"])
 def test_hf_model_on_usp_matches_single_process(checks, case):
     errors = checks[0]["hf"][case]
     assert errors["n_params"] > 10
@@ -48,6 +49,7 @@ BAD_INPUTS = {
     "a2a+p2p without sizes": ("ValueError", "config.hierarchical_context_parallel_sizes: cp_comm_type 'a2a+p2p'"),
     "ulysses_size against a2a": ("ValueError", "implies a Ulysses degree of 4, got ulysses_size=2"),
     "ulysses_size not dividing heads": ("ValueError", "Ulysses degree 4 must divide the attention heads"),
+    "ulysses_size not positive": ("ValueError", "ulysses_size: expected a positive int, got 0"),
     "a2a good": ("none", ""),
 }
 

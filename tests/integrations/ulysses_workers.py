@@ -36,6 +36,20 @@ def hf_errors(seed):
         results[f"{kind}-{variant}"] = {"logits": rel_err(logits, ref_logits), "loss": rel_err(loss, ref_loss),
                                         "grads": hf_workers.worst_grad_error(grads, ref_grads),
                                         "n_params": len(grads)}
+    # Packed rows (Mistral): position ids restart per sequence; every sequence laid out over the 4 ranks alone.
+    name = register_ring_attention(variant="zigzag", ulysses_size=ULYSSES_SIZE)
+    exact, usp = hf_workers.make_models("mistral", seed + 50, hf_workers.EXACT_EAGER, name)
+    input_ids, position_ids, labels = hf_workers.make_packed_batch(seed + 51)
+    ref_logits, ref_loss, ref_grads = hf_workers.packed_reference_run(exact, input_ids, labels)
+    local = shard_batch(input_ids, labels, position_ids, variant="zigzag")
+    logits = gather_logits(usp(input_ids=local["input_ids"], position_ids=local["position_ids"]).logits,
+                           variant="zigzag", position_ids=position_ids)
+    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+    loss.backward()
+    grads = hf_workers.reduce_grads(usp, average_over=dist.get_world_size())
+    results["mistral-zigzag-packed"] = {"logits": rel_err(logits, ref_logits), "loss": rel_err(loss, ref_loss),
+                                        "grads": hf_workers.worst_grad_error(grads, ref_grads),
+                                        "n_params": len(grads)}
     register_ring_attention(variant="zigzag")  # back to the ring alone for whatever runs next
     return results
 
@@ -85,6 +99,7 @@ def megatron_errors(rank, world_size, seed):
            "ulysses_size against a2a": outcome_of(lambda: core(plain, cp_comm_type="a2a", ulysses_size=2)),
            "ulysses_size not dividing heads": outcome_of(lambda: core(
                megatron_workers.tiny_config(world_size, num_attention_heads=6, num_query_groups=2), ulysses_size=4)),
+           "ulysses_size not positive": outcome_of(lambda: core(plain, ulysses_size=0)),
            "a2a good": outcome_of(lambda: core(plain, cp_comm_type="a2a"))}
     return errors, bad
 
