@@ -22,10 +22,12 @@ GQA: K/V heads are scattered like query heads. When the Ulysses degree does not 
 K/V head is repeated only as often as needed (``U / gcd(heads_k, U)`` times) for every rank to receive whole
 K/V heads for its query heads; autograd sums the repeats' gradients back.
 
-The all-to-alls go through ``torch.distributed.all_to_all_single`` (xccl, nccl, gloo): one collective for
-q, k and v together, one for the output (the LSE's runs beside it). Their backward is the inverse
-all-to-all of the gradients. Every check runs before the first collective and depends only on values every
-rank knows.
+The all-to-alls go through ``torch.distributed.all_to_all_single`` (xccl, nccl, gloo), asynchronously and one
+chunk of heads at a time: while the ring engine runs chunk c (its own forward / backward, on the gathered
+heads), the all-to-all of chunk c+1 and the way back of chunk c-1 are in flight. One collective carries q, k
+and v of a chunk together. The backward is the same pipeline with the inverse all-to-alls (dout in, dq / dk /
+dv back); the whole call is one autograd node, because the pipeline must decide the order of the backward's
+collectives itself. Every check runs before the first collective and depends only on values every rank knows.
 """
 
 from __future__ import annotations
@@ -39,10 +41,12 @@ from typing import Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from .comm.ring import RingComm
 from .functional import ring_attention
 from .kernels import Features, select_backend
 from .kernels.mask import Band, check_window
 from .ring.layouts import Layout, PackedLayout, Run, get_layout
+from .ring.engine import RingPlan, ring_backward, ring_forward
 from .ring.planner import layout_needs_band_mask
 from .validation import (check_alibi_slopes, check_cu_seqlens, check_packed_alibi_slopes, check_packed_qkv,
                          check_qkv, check_softcap, group_rank_and_size)
@@ -147,7 +151,7 @@ def _reorder(base: Layout, ulysses_size: int, ring_size: int, seqlen_local: int,
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The all-to-all, with its inverse as backward.
+# The all-to-alls, one head chunk at a time, and the attention between them.
 
 
 @dataclass(frozen=True)
@@ -157,61 +161,132 @@ class _AllToAll:
     reorder: Optional[tuple]  # (order, inverse) of the gathered sequence, or None
 
 
-def _exchange(send: torch.Tensor, group) -> torch.Tensor:
-    recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group)
-    return recv
+class _Pending:
+    """An all-to-all in flight; ``wait()`` returns the received buffer. The send buffer is held until then:
+    the backend may still read it on its own stream or thread."""
+
+    def __init__(self, send: torch.Tensor, group):
+        self._send, self._recv = send, torch.empty_like(send)
+        self._work = dist.all_to_all_single(self._recv, send, group=group, async_op=True)
+
+    def wait(self) -> torch.Tensor:
+        self._work.wait()
+        self._send = None
+        return self._recv
 
 
-def _sequence_to_heads(tensors, a2a: _AllToAll):
-    """Each ``[B, S_l, H_i, D]`` -> ``[B, U*S_l, H_i/U, D]``: head block j goes to rank j, and the slices
-    received from the U ranks, in rank order (then reordered), form the gathered sequence. One collective."""
-    heads = [t.shape[2] // a2a.size for t in tensors]
-    send = torch.cat([t.unflatten(2, (a2a.size, -1)).movedim(2, 0) for t in tensors], dim=3)  # [U, B, S_l, h, D]
-    gathered = _exchange(send, a2a.group).movedim(0, 1).flatten(1, 2)
+def _start_to_heads(tensors, a2a: _AllToAll, chunk: int, chunks: int) -> _Pending:
+    """Start the all-to-all of head chunk ``chunk`` of each ``[B, S_l, H_i, D]``: rank j receives the
+    ``chunk``-th of the ``chunks`` parts of head block j (one collective for all tensors)."""
+    return _Pending(torch.cat([t.unflatten(2, (a2a.size, chunks, -1))[:, :, :, chunk].movedim(2, 0)
+                               for t in tensors], dim=3), a2a.group)  # [U, B, S_l, sum of heads, D]
+
+
+def _finish_to_heads(pending: _Pending, heads, a2a: _AllToAll):
+    """The gathered ``[B, U*S_l, heads_i, D]`` tensors: the U ranks' slices in rank order, then reordered."""
+    gathered = pending.wait().movedim(0, 1).flatten(1, 2)
     if a2a.reorder is not None:
         gathered = gathered.index_select(1, a2a.reorder[0])
     return gathered.split(heads, dim=2)
 
 
-def _heads_to_sequence(tensors, a2a: _AllToAll):
-    """The inverse: each ``[B, U*S_l, h_i, D]`` -> ``[B, S_l, U*h_i, D]``."""
+def _start_to_sequence(tensors, a2a: _AllToAll) -> _Pending:
+    """Start the inverse all-to-all of gathered ``[B, U*S_l, h_i, D]`` tensors (back to the sequence split)."""
     if a2a.reorder is not None:
         tensors = [t.index_select(1, a2a.reorder[1]) for t in tensors]
-    heads = [t.shape[2] for t in tensors]
-    send = torch.cat([t.unflatten(1, (a2a.size, -1)).movedim(1, 0) for t in tensors], dim=3)  # [U, B, S_l, h, D]
-    recv = _exchange(send, a2a.group)
-    return tuple(part.movedim(0, 2).flatten(2, 3) for part in recv.split(heads, dim=3))
+    return _Pending(torch.cat([t.unflatten(1, (a2a.size, -1)).movedim(1, 0) for t in tensors], dim=3), a2a.group)
 
 
-class _SequenceToHeads(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, a2a, *tensors):
-        ctx.a2a = a2a
-        return _sequence_to_heads(tensors, a2a)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        return (None, *_heads_to_sequence(grads, ctx.a2a))
+def _finish_to_sequence(pending: _Pending, outs, chunk: int, chunks: int) -> None:
+    """Write head chunk ``chunk`` of each ``[B, S_l, H_i, D]`` in ``outs`` from the received buffer."""
+    received = pending.wait()  # [U, B, S_l, sum of heads, D]
+    size = received.shape[0]
+    for out, part in zip(outs, received.split([out.shape[2] // (size * chunks) for out in outs], dim=3)):
+        out.unflatten(2, (size, chunks, -1))[:, :, :, chunk] = part.movedim(0, 2)
 
 
-class _HeadsToSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, a2a, *tensors):
-        ctx.a2a = a2a
-        return _heads_to_sequence(tensors, a2a)
-
-    @staticmethod
-    def backward(ctx, *grads):
-        return (None, *_sequence_to_heads(grads, ctx.a2a))
-
-
-def _lse_to_sequence(lse: torch.Tensor, a2a: _AllToAll) -> torch.Tensor:
-    """``[B, h, U*S_l]`` -> ``[B, U*h, S_l]`` (no gradient: the LSE is not differentiable)."""
+def _start_lse_to_sequence(lse: torch.Tensor, a2a: _AllToAll) -> _Pending:
+    """The same for a chunk's LSE, ``[B, h, U*S_l]``."""
     if a2a.reorder is not None:
         lse = lse.index_select(2, a2a.reorder[1])
-    send = lse.unflatten(2, (a2a.size, -1)).movedim(2, 0).contiguous()  # [U, B, h, S_l]
-    return _exchange(send, a2a.group).movedim(0, 1).flatten(1, 2)
+    return _Pending(lse.unflatten(2, (a2a.size, -1)).movedim(2, 0).contiguous(), a2a.group)  # [U, B, h, S_l]
+
+
+def _finish_lse_to_sequence(pending: _Pending, lse: torch.Tensor, chunk: int, chunks: int) -> None:
+    received = pending.wait()
+    lse.unflatten(1, (received.shape[0], chunks, -1))[:, :, chunk] = received.movedim(0, 1)
+
+
+@dataclass(frozen=True)
+class _UlyssesPlan:
+    """One call: the all-to-all and, per head chunk, the ring engine's plan for the gathered heads."""
+
+    a2a: _AllToAll
+    rings: Tuple[RingPlan, ...]
+
+    @property
+    def chunks(self) -> int:
+        return len(self.rings)
+
+
+def _ulysses_forward(q, k, v, plan: _UlyssesPlan):
+    """(out, lse, what the backward needs per chunk). While the ring engine runs one head chunk, the next
+    chunk's all-to-all and the previous chunk's way back are in flight."""
+    a2a, chunks = plan.a2a, plan.chunks
+    heads = [t.shape[2] // (a2a.size * chunks) for t in (q, k, v)]
+    saved, returning = [], []
+    incoming = _start_to_heads((q, k, v), a2a, 0, chunks)
+    for chunk, ring in enumerate(plan.rings):
+        q_heads, k_heads, v_heads = _finish_to_heads(incoming, heads, a2a)
+        if chunk + 1 < chunks:
+            incoming = _start_to_heads((q, k, v), a2a, chunk + 1, chunks)
+        out_heads, lse_heads = ring_forward(q_heads, k_heads, v_heads, ring)
+        saved.append((q_heads, k_heads, v_heads, out_heads, lse_heads))
+        returning.append((_start_to_sequence((out_heads,), a2a), _start_lse_to_sequence(lse_heads, a2a)))
+    out = torch.empty_like(q)
+    lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=saved[0][4].dtype, device=q.device)
+    for chunk, (out_pending, lse_pending) in enumerate(returning):
+        _finish_to_sequence(out_pending, (out,), chunk, chunks)
+        _finish_lse_to_sequence(lse_pending, lse, chunk, chunks)
+    return out, lse, saved
+
+
+def _ulysses_backward(dout, saved, plan: _UlyssesPlan, k_shape):
+    """dq, dk, dv (k/v with their repeated heads), pipelined over the head chunks like the forward."""
+    a2a, chunks = plan.a2a, plan.chunks
+    dq, dk = torch.empty_like(dout), torch.empty(k_shape, dtype=dout.dtype, device=dout.device)
+    dv = torch.empty_like(dk)
+    returning = []
+    incoming = _start_to_heads((dout,), a2a, 0, chunks)
+    for chunk, ring in enumerate(plan.rings):
+        (dout_heads,) = _finish_to_heads(incoming, [dout.shape[2] // (a2a.size * chunks)], a2a)
+        if chunk + 1 < chunks:
+            incoming = _start_to_heads((dout,), a2a, chunk + 1, chunks)
+        grads = ring_backward(dout_heads.contiguous(), *saved[chunk], ring)
+        returning.append(_start_to_sequence(grads, a2a))
+    for chunk, pending in enumerate(returning):
+        _finish_to_sequence(pending, (dq, dk, dv), chunk, chunks)
+    return dq, dk, dv
+
+
+class _UlyssesAttention(torch.autograd.Function):
+    """The whole call as one autograd node: forward and backward each pipeline all-to-alls around the ring
+    engine's own forward / backward (the backward of an all-to-all is the inverse all-to-all)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, plan):
+        out, lse, saved = _ulysses_forward(q, k, v, plan)
+        ctx.save_for_backward(*(t for chunk in saved for t in chunk))
+        ctx.plan, ctx.k_shape = plan, k.shape
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        saved = ctx.saved_tensors
+        per_chunk = [saved[5 * n:5 * n + 5] for n in range(ctx.plan.chunks)]
+        dq, dk, dv = _ulysses_backward(dout.contiguous(), per_chunk, ctx.plan, ctx.k_shape)
+        return dq, dk, dv, None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -307,7 +382,8 @@ def _mesh(ulysses_group, ring_group):
 def usp_attention(q, k, v, *, ulysses_group: Optional[dist.ProcessGroup], ring_group: Optional[dist.ProcessGroup],
                   variant: str = "ring", causal: bool = False, softmax_scale: Optional[float] = None,
                   window_size=(-1, -1), softcap: float = 0.0, backend: Optional[str] = None,
-                  cu_seqlens: Optional[torch.Tensor] = None, alibi_slopes: Optional[torch.Tensor] = None):
+                  cu_seqlens: Optional[torch.Tensor] = None, alibi_slopes: Optional[torch.Tensor] = None,
+                  head_chunks: Optional[int] = None):
     """Attention on a ``ulysses x ring`` mesh (USP); returns ``(out, lse)`` like
     :func:`~ring_flash_attn.functional.ring_attention`.
 
@@ -322,6 +398,10 @@ def usp_attention(q, k, v, *, ulysses_group: Optional[dist.ProcessGroup], ring_g
     over the ``U * R`` ranks by ``variant`` on its own), q/k/v are ``[total_tokens_local, heads, head_dim]``
     and ``lse`` is ``[heads, total_tokens_local]``. Masks (``causal``, ``window_size``, ``softcap``,
     ``alibi_slopes``) and ``backend`` are as in ring attention; every check runs before any communication.
+
+    ``head_chunks``: the all-to-alls and the attention run in this many chunks of heads, so that one chunk's
+    all-to-all overlaps another chunk's attention; it must divide the K/V heads each Ulysses rank receives
+    (default: the largest of 4, 2, 1 that does). Results do not depend on it.
     """
     u, ulysses_size, ring_rank, ring_size = _mesh(ulysses_group, ring_group)
     ring = _OneRankRing() if ring_group is None else None
@@ -346,34 +426,40 @@ def usp_attention(q, k, v, *, ulysses_group: Optional[dist.ProcessGroup], ring_g
                          f"(each rank attends with heads / {ulysses_size} of them), got {heads}")
     layout.check(seqlen_local, ulysses_size * ring_size, causal)
     gathered_layout = UlyssesLayout(layout, ulysses_size)
-    # The kernel choice ring_attention will make on the gathered tensors, made now so that a backend that
-    # cannot serve the call refuses it before the all-to-all (the same answer on every rank).
     band = Band.from_kernel_args(causal, window)
-    select_backend(Features(q.device.type, q.dtype, q.shape[-1], band=layout_needs_band_mask(
+    kernel = select_backend(Features(q.device.type, q.dtype, q.shape[-1], band=layout_needs_band_mask(
         gathered_layout, ring_size, ulysses_size * seqlen_local, band, alibi_slopes is not None),
         softcap=softcap > 0, alibi=alibi_slopes is not None), backend)
-
     repeats = ulysses_size // math.gcd(heads_k, ulysses_size)
+    heads_k_per_rank = heads_k * repeats // ulysses_size
+    if head_chunks is None:
+        head_chunks = next(n for n in (4, 2, 1) if heads_k_per_rank % n == 0)
+    elif isinstance(head_chunks, bool) or not isinstance(head_chunks, int) or head_chunks < 1 \
+            or heads_k_per_rank % head_chunks:
+        raise ValueError(f"head_chunks: expected a positive divisor of the K/V heads each Ulysses rank receives "
+                         f"({heads_k_per_rank}), got {head_chunks!r}")
+
     if repeats > 1:  # every rank needs whole K/V heads for its query heads; autograd sums the repeats back
         k, v = k.repeat_interleave(repeats, dim=2), v.repeat_interleave(repeats, dim=2)
     a2a = _AllToAll(ulysses_group, ulysses_size, _reorder(layout, ulysses_size, ring_size, seqlen_local, ring_rank,
                                                           q.device))
-    if alibi_slopes is not None:
-        local_heads = heads // ulysses_size
-        alibi_slopes = alibi_slopes[..., u * local_heads:(u + 1) * local_heads]
-    q_heads, k_heads, v_heads = _SequenceToHeads.apply(a2a, q, k, v)
-    out, lse = ring_attention(q_heads, k_heads, v_heads, variant=gathered_layout, causal=causal,
-                              softmax_scale=softmax_scale, window_size=window, softcap=softcap, group=ring_group,
-                              backend=backend, alibi_slopes=alibi_slopes, comm=ring)
-    (out,) = _HeadsToSequence.apply(a2a, out)
-    lse = _lse_to_sequence(lse, a2a)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    comm = RingComm(ring_group) if ring_group is not None else ring
+    chunk_heads = heads // ulysses_size // head_chunks
+    rings = []
+    for chunk in range(head_chunks):
+        first = u * (heads // ulysses_size) + chunk * chunk_heads  # this rank's query heads in this chunk
+        slopes = None if alibi_slopes is None else alibi_slopes[..., first:first + chunk_heads]
+        rings.append(RingPlan(layout=gathered_layout, band=band, scale=scale, softcap=softcap, backend=kernel,
+                              comm=comm, alibi_slopes=slopes))
+    out, lse = _UlyssesAttention.apply(q, k, v, _UlyssesPlan(a2a, tuple(rings)))
     return (out.squeeze(0), lse.squeeze(0)) if packed else (out, lse)
 
 
 def ulysses_attention(q, k, v, *, variant: str = "ring", causal: bool = False, softmax_scale: Optional[float] = None,
                       window_size=(-1, -1), softcap: float = 0.0, group: Optional[dist.ProcessGroup] = None,
                       backend: Optional[str] = None, cu_seqlens: Optional[torch.Tensor] = None,
-                      alibi_slopes: Optional[torch.Tensor] = None):
+                      alibi_slopes: Optional[torch.Tensor] = None, head_chunks: Optional[int] = None):
     """DeepSpeed-Ulysses attention over ``group`` (None: the default group); returns ``(out, lse)``.
 
     :func:`usp_attention` with the whole group as the Ulysses dimension and no ring: each rank attends over
@@ -382,4 +468,5 @@ def ulysses_attention(q, k, v, *, variant: str = "ring", causal: bool = False, s
     """
     return usp_attention(q, k, v, ulysses_group=group if group is not None else dist.group.WORLD, ring_group=None,
                          variant=variant, causal=causal, softmax_scale=softmax_scale, window_size=window_size,
-                         softcap=softcap, backend=backend, cu_seqlens=cu_seqlens, alibi_slopes=alibi_slopes)
+                         softcap=softcap, backend=backend, cu_seqlens=cu_seqlens, alibi_slopes=alibi_slopes,
+                         head_chunks=head_chunks)

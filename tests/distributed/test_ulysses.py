@@ -36,7 +36,7 @@ def _cases():
         dict(variant="stripe", causal=True, window=(6, -1), heads_k=1),
         dict(variant="zigzag", causal=True, softcap=2.0, backend="reference"),
         dict(variant="ring", causal=False, alibi=True, backend=None),
-        dict(variant="zigzag", causal=True, alibi=True, backend=None),
+        dict(variant="zigzag", causal=True, alibi=True, backend=None, heads_k=4),  # 2 head chunks at U=2
         dict(variant="ring", causal=True, seqlens=(16, 24, 8)),
         dict(variant="ring", causal=False, seqlens=(8, 40)),
         dict(variant="zigzag", causal=True, seqlens=(24, 8, 16), heads_k=1),
@@ -44,6 +44,9 @@ def _cases():
         dict(variant="stripe", causal=True, seqlens=(40, 8)),
     ]
     cases += [dict(dict(base, batch=1, heads_k=2, dtype="float64"), **spec) for spec in extra]
+    # More heads: 4 K/V heads per rank at U=2 (the default 4 head chunks), 2 at U=4.
+    cases += [dict(base, variant="ring", causal=True, heads=8, heads_k=8, dtype="float64"),
+              dict(base, variant="zigzag", causal=True, heads=8, heads_k=4, dtype="float32", window=(11, -1))]
     return [dict(case, seed=SESSION_SEED + n) for n, case in enumerate(cases)]
 
 
@@ -107,6 +110,8 @@ EXPECTED = {
     "groups not a mesh": (ValueError, r"^ulysses_group, ring_group: expected one row and one column"),
     "module ulysses with allgather": (ValueError, r"^exchange: with ulysses_size=2 .*expected 'ring'"),
     "module ulysses_size does not divide the group": (ValueError, r"^ulysses_size: must divide .* size 2 .*got 4"),
+    "head_chunks not dividing": (ValueError, r"^head_chunks: expected a positive divisor of the K/V heads each "
+                                             r"Ulysses rank receives \(1\), got 2"),
 }
 
 
@@ -121,6 +126,13 @@ def test_bad_inputs_raise_alike_on_every_rank(results):
     for rank_result in results:  # nothing was left in flight: good calls afterwards still match
         for errs in rank_result["after"]:
             assert max(errs.values()) <= GRADIENT[DTYPES["float64"]], errs
+
+
+def test_head_chunks_do_not_change_results(results):
+    """1, 2 and 4 head chunks on the 2x2 mesh agree to float64 rounding (not bitwise: a kernel's rounding depends
+    on how many heads one call holds)."""
+    differences = [r["head_chunk_difference"] for r in results]
+    assert max(differences) <= 1e-14, differences
 
 
 def test_mesh_groups_take_the_first_calls_timeout(results):

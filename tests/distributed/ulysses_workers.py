@@ -108,7 +108,23 @@ def _bad_inputs(pair):
                                                     ring_group=dist.group.WORLD)),
         ("module ulysses with allgather", lambda: RingAttention(ulysses_size=2, exchange="allgather")),
         ("module ulysses_size does not divide the group", lambda: RingAttention(ulysses_size=4, group=pair)),
+        ("head_chunks not dividing", lambda: usp(q, k, k, head_chunks=2)),
     ]
+
+
+def _head_chunk_difference(rank, seed):
+    """The same float64 call on the 2x2 mesh with 1, 2 and 4 head chunks: the largest relative difference of
+    out, LSE and gradients between them."""
+    q, k, v, dout = make_inputs(dict(batch=1, seqlen=32, heads=8, heads_k=8, head_dim=8, seed=seed))
+    local = [get_layout("zigzag").shard(t, rank, 4) for t in (q, k, v, dout)]
+    mesh = usp_process_groups(2).attention_groups()
+    runs = []
+    for chunks in (1, 2, 4):
+        ql, kl, vl = (t.clone().requires_grad_() for t in local[:3])
+        out, lse = usp_attention(ql, kl, vl, **mesh, variant="zigzag", causal=True, head_chunks=chunks)
+        out.backward(local[3])
+        runs.append((out, lse, ql.grad, kl.grad, vl.grad))
+    return max(rel_err(a, b) for run in runs[1:] for a, b in zip(runs[0], run))
 
 
 def ulysses_checks(rank, world_size, cases, seed):
@@ -136,4 +152,4 @@ def ulysses_checks(rank, world_size, cases, seed):
     timeouts = [g._get_backend(torch.device("cpu")).options._timeout.total_seconds()
                 for g in (mesh.ulysses_group, mesh.ring_group)]
     return {"errors": errors, "module": _module_round_trip(rank, seed), "bad_inputs": report, "after": after,
-            "mesh_timeouts_s": timeouts}
+            "mesh_timeouts_s": timeouts, "head_chunk_difference": _head_chunk_difference(rank, seed)}
