@@ -170,9 +170,19 @@ class _Pending:
         self._work = dist.all_to_all_single(self._recv, send, group=group, async_op=True)
 
     def wait(self) -> torch.Tensor:
-        self._work.wait()
-        self._send = None
+        if self._work is not None:
+            self._work.wait()
+            self._work, self._send = None, None
         return self._recv
+
+
+def _finish_all_on_error(started) -> None:
+    """Whatever raised mid-pipeline, no all-to-all this rank started is left in flight with its buffers."""
+    for pending in started:
+        try:
+            pending.wait()
+        except Exception:  # the error being raised is the one to report
+            pass
 
 
 def _start_to_heads(tensors, a2a: _AllToAll, chunk: int, chunks: int) -> _Pending:
@@ -234,20 +244,27 @@ def _ulysses_forward(q, k, v, plan: _UlyssesPlan):
     chunk's all-to-all and the previous chunk's way back are in flight."""
     a2a, chunks = plan.a2a, plan.chunks
     heads = [t.shape[2] // (a2a.size * chunks) for t in (q, k, v)]
-    saved, returning = [], []
-    incoming = _start_to_heads((q, k, v), a2a, 0, chunks)
-    for chunk, ring in enumerate(plan.rings):
-        q_heads, k_heads, v_heads = _finish_to_heads(incoming, heads, a2a)
-        if chunk + 1 < chunks:
-            incoming = _start_to_heads((q, k, v), a2a, chunk + 1, chunks)
-        out_heads, lse_heads = ring_forward(q_heads, k_heads, v_heads, ring)
-        saved.append((q_heads, k_heads, v_heads, out_heads, lse_heads))
-        returning.append((_start_to_sequence((out_heads,), a2a), _start_lse_to_sequence(lse_heads, a2a)))
-    out = torch.empty_like(q)
-    lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=saved[0][4].dtype, device=q.device)
-    for chunk, (out_pending, lse_pending) in enumerate(returning):
-        _finish_to_sequence(out_pending, (out,), chunk, chunks)
-        _finish_lse_to_sequence(lse_pending, lse, chunk, chunks)
+    saved, returning, started = [], [], []
+    try:
+        incoming = _start_to_heads((q, k, v), a2a, 0, chunks)
+        started.append(incoming)
+        for chunk, ring in enumerate(plan.rings):
+            q_heads, k_heads, v_heads = _finish_to_heads(incoming, heads, a2a)
+            if chunk + 1 < chunks:
+                incoming = _start_to_heads((q, k, v), a2a, chunk + 1, chunks)
+                started.append(incoming)
+            out_heads, lse_heads = ring_forward(q_heads, k_heads, v_heads, ring)
+            saved.append((q_heads, k_heads, v_heads, out_heads, lse_heads))
+            returning.append((_start_to_sequence((out_heads,), a2a), _start_lse_to_sequence(lse_heads, a2a)))
+            started.extend(returning[-1])
+        out = torch.empty_like(q)
+        lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=saved[0][4].dtype, device=q.device)
+        for chunk, (out_pending, lse_pending) in enumerate(returning):
+            _finish_to_sequence(out_pending, (out,), chunk, chunks)
+            _finish_lse_to_sequence(lse_pending, lse, chunk, chunks)
+    except BaseException:
+        _finish_all_on_error(started)
+        raise
     return out, lse, saved
 
 
@@ -256,16 +273,23 @@ def _ulysses_backward(dout, saved, plan: _UlyssesPlan, k_shape):
     a2a, chunks = plan.a2a, plan.chunks
     dq, dk = torch.empty_like(dout), torch.empty(k_shape, dtype=dout.dtype, device=dout.device)
     dv = torch.empty_like(dk)
-    returning = []
-    incoming = _start_to_heads((dout,), a2a, 0, chunks)
-    for chunk, ring in enumerate(plan.rings):
-        (dout_heads,) = _finish_to_heads(incoming, [dout.shape[2] // (a2a.size * chunks)], a2a)
-        if chunk + 1 < chunks:
-            incoming = _start_to_heads((dout,), a2a, chunk + 1, chunks)
-        grads = ring_backward(dout_heads.contiguous(), *saved[chunk], ring)
-        returning.append(_start_to_sequence(grads, a2a))
-    for chunk, pending in enumerate(returning):
-        _finish_to_sequence(pending, (dq, dk, dv), chunk, chunks)
+    returning, started = [], []
+    try:
+        incoming = _start_to_heads((dout,), a2a, 0, chunks)
+        started.append(incoming)
+        for chunk, ring in enumerate(plan.rings):
+            (dout_heads,) = _finish_to_heads(incoming, [dout.shape[2] // (a2a.size * chunks)], a2a)
+            if chunk + 1 < chunks:
+                incoming = _start_to_heads((dout,), a2a, chunk + 1, chunks)
+                started.append(incoming)
+            grads = ring_backward(dout_heads.contiguous(), *saved[chunk], ring)
+            returning.append(_start_to_sequence(grads, a2a))
+            started.append(returning[-1])
+        for chunk, pending in enumerate(returning):
+            _finish_to_sequence(pending, (dq, dk, dv), chunk, chunks)
+    except BaseException:
+        _finish_all_on_error(started)
+        raise
     return dq, dk, dv
 
 

@@ -127,6 +127,33 @@ def _head_chunk_difference(rank, seed):
     return max(rel_err(a, b) for run in runs[1:] for a, b in zip(runs[0], run))
 
 
+def _error_mid_pipeline(rank, seed):
+    """A kernel that fails in the second head chunk's forward (on every rank, after the first chunk's
+    all-to-alls were started): the call raises on every rank and the next call on the mesh still works."""
+    from ring_flash_attn.kernels import register_backend
+    from ring_flash_attn.kernels.reference import ReferenceBackend
+
+    class FailsSecondChunk(ReferenceBackend):
+        name = "test_fails_second_chunk"
+        calls = 0
+
+        def forward_accumulate(self, *args, **kwargs):
+            type(self).calls += 1
+            if type(self).calls == 3:  # two ring steps per chunk on the 2x2 mesh: chunk 1, step 0
+                raise RuntimeError("kernel failed in the second head chunk")
+            return super().forward_accumulate(*args, **kwargs)
+
+    register_backend(FailsSecondChunk())
+    q, k, v, _ = make_inputs(dict(batch=1, seqlen=16, heads=4, heads_k=4, head_dim=8, seed=seed))
+    local = [get_layout("ring").shard(t, rank, 4) for t in (q, k, v)]
+    mesh = usp_process_groups(2).attention_groups()
+    try:  # ring layout, non-causal, 2 head chunks: one kernel call per chunk and ring step
+        usp_attention(*local, **mesh, head_chunks=2, backend=FailsSecondChunk.name)
+    except RuntimeError as exc:
+        return str(exc)
+    return "no error raised"
+
+
 def ulysses_checks(rank, world_size, cases, seed):
     """{"errors": {mesh: [per-case errors]}, "module": ..., "bad_inputs": [(name, type, message)], "after": ...}"""
     meshes, pair = _meshes(rank)
@@ -144,6 +171,7 @@ def ulysses_checks(rank, world_size, cases, seed):
             report.append((name, type(exc).__name__, str(exc)))
         else:
             report.append((name, None, "no error raised"))
+    report.append(("error mid-pipeline", "RuntimeError", _error_mid_pipeline(rank, seed)))
     # No rank was left inside a collective: good calls on the 2x2 mesh and on Ulysses over the default group
     # still match the oracle.
     case, ref = prepared[0]
