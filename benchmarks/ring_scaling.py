@@ -15,6 +15,11 @@ Launch with ``torchrun --nproc_per_node N benchmarks/ring_scaling.py [options]``
 * PyTorch's ``context_parallel`` on the same shapes (where it runs) for a
   side-by-side ratio.
 
+``ulysses`` is DeepSpeed-Ulysses over all ranks (all-to-all by heads, causal, contiguous
+layout); ``usp`` is Ulysses inside the ring on a ``--ulysses-size`` x ``P / ulysses-size``
+mesh (zigzag, causal). Both need the heads (and for the ideal, nothing else) divisible by
+their Ulysses degree; the compute/communication split is measured for the ring exchange only.
+
 Before timing, every variant's output and gradients are checked against a
 float32 single-device reference on a small shape. Rank 0 prints a table and
 writes JSON (``--json``).
@@ -31,7 +36,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from ring_flash_attn import ring_attention, shard_sequence
+from ring_flash_attn import ring_attention, shard_sequence, usp_attention, usp_process_groups
 from ring_flash_attn.comm.launch import init_distributed
 from ring_flash_attn.comm.ring import RingComm
 from ring_flash_attn.kernels import Features, get_backend, select_backend
@@ -41,6 +46,8 @@ VARIANTS = {  # name -> (layout, causal, exchange)
     "zigzag": ("zigzag", True, "ring"),
     "stripe": ("stripe", True, "ring"),
     "llama3": ("ring", True, "allgather"),
+    "ulysses": ("ring", True, "ulysses"),
+    "usp": ("zigzag", True, "usp"),
 }
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -96,12 +103,31 @@ def rank_flops(variant: str, world: int, seqlen_local: int, args) -> float:
     return full / world
 
 
-def check_correctness(args, device, dtype, rank, world):
+def attention(variant: str, q, k, v, args, meshes, comm=None):
+    """One call of ``variant``'s attention on this rank's slices; returns ``(out, lse)``."""
+    layout, causal, exchange = VARIANTS[variant]
+    if exchange in meshes:
+        return usp_attention(q, k, v, **meshes[exchange].attention_groups(), variant=layout, causal=causal,
+                             backend=args.backend)
+    return ring_attention(q, k, v, variant=layout, causal=causal, exchange=exchange, heads_k_stride=args.heads_k,
+                          backend=args.backend, comm=comm)
+
+
+def ulysses_meshes(args, world):
+    """The process groups of the Ulysses variants asked for (creating them is collective: every rank calls)."""
+    sizes = {"ulysses": world, "usp": args.ulysses_size or (2 if world % 2 == 0 else 1)}
+    return {exchange: usp_process_groups(sizes[exchange]) for exchange in sizes
+            if any(VARIANTS[v][2] == exchange for v in args.variants)}
+
+
+def check_correctness(args, device, dtype, rank, world, meshes):
     """Small-shape check of every variant against a float32 single-device reference."""
     reference = get_backend("reference")
     g = torch.Generator().manual_seed(1234)
     seqlen = 16 * world
-    shape_q, shape_k = (1, seqlen, 4, 64), (1, seqlen, 2, 64)
+    # 2P query heads over 2 K/V heads: the Ulysses variants split the heads over up to P ranks
+    shape_q, shape_k = (1, seqlen, 2 * world, 64), (1, seqlen, 2, 64)
+    small = argparse.Namespace(**dict(vars(args), heads_k=1, backend=None))  # llama3's K/V heads one at a time
     q, k, v, dout = (torch.randn(s, generator=g) for s in (shape_q, shape_k, shape_k, shape_q))
     worst = {}
     for variant in args.variants:
@@ -110,7 +136,7 @@ def check_correctness(args, device, dtype, rank, world):
         ref_grads = reference.backward(dout, q, k, v, ref_out, ref_lse, scale=64 ** -0.5, causal=causal)
         local = [shard_sequence(t, layout, rank, world).to(device=device, dtype=dtype) for t in (q, k, v, dout)]
         ql, kl, vl = (t.requires_grad_() for t in local[:3])
-        out, _ = ring_attention(ql, kl, vl, variant=layout, causal=causal, exchange=exchange, heads_k_stride=1)
+        out, _ = attention(variant, ql, kl, vl, small, meshes)
         out.backward(local[3])
         pairs = [(out, ref_out)] + list(zip((ql.grad, kl.grad, vl.grad), ref_grads))
         errs = [((a.float().cpu() - shard_sequence(b, layout, rank, world)).norm()
@@ -155,7 +181,7 @@ def torch_context_parallel_time(args, device, dtype, seqlen_local, causal, world
         return None, f"failed: {type(exc).__name__}: {str(exc)[:160]}"
 
 
-def measure(args, device, dtype, rank, world):
+def measure(args, device, dtype, rank, world, meshes):
     rows = []
     kernel = select_backend(Features(device.type, dtype, args.head_dim), args.backend)
     for seqlen_local in args.seqlens:
@@ -180,8 +206,7 @@ def measure(args, device, dtype, rank, world):
             def run(backward: bool, comm=None):
                 for t in (q, k, v):
                     t.grad = None
-                out, _ = ring_attention(q, k, v, variant=layout, causal=causal, exchange=exchange,
-                                        heads_k_stride=args.heads_k, backend=args.backend, comm=comm)
+                out, _ = attention(variant, q, k, v, args, meshes, comm)
                 if backward:
                     out.backward(dout)
 
@@ -202,6 +227,8 @@ def measure(args, device, dtype, rank, world):
             if device.type != "cpu":
                 getattr(torch, device.type).reset_peak_memory_stats()
             result = dict(variant=variant, seqlen_local=seqlen_local, world=world)
+            if exchange in meshes:
+                result["mesh"] = f"{meshes[exchange].ulysses_size}x{meshes[exchange].ring_size}"
             for mode, backward in (("fwd", False), ("fwd_bwd", True)):
                 both = median_time(lambda: run(backward), device, args.iters, args.warmup)
                 ideal = rank_flops(variant, world, seqlen_local, args) * (3.5 if backward else 1.0) / rate
@@ -236,6 +263,8 @@ def main(argv=None):
     p.add_argument("--seqlens", type=int, nargs="+", default=[4096, 16384], help="tokens per rank")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--backend", default=None)
+    p.add_argument("--ulysses-size", type=int, default=None,
+                   help="Ulysses degree of the usp variant (default 2 on an even world, else 1)")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--no-torch-cp", dest="torch_cp", action="store_false")
@@ -244,8 +273,9 @@ def main(argv=None):
     _, device = init_distributed(args.device)
     rank, world = dist.get_rank(), dist.get_world_size()
     dtype = DTYPES[args.dtype or ("float32" if device.type == "cpu" else "bfloat16")]
-    worst = check_correctness(args, device, dtype, rank, world)
-    rows = measure(args, device, dtype, rank, world)
+    meshes = ulysses_meshes(args, world)
+    worst = check_correctness(args, device, dtype, rank, world, meshes)
+    rows = measure(args, device, dtype, rank, world, meshes)
     if rank == 0:
         print(f"ring_scaling: {world} ranks on {device.type}, {dtype}, batch {args.batch}, heads {args.heads}/"
               f"{args.heads_k}, head_dim {args.head_dim}, torch {torch.__version__}")
@@ -255,7 +285,8 @@ def main(argv=None):
         print(" | ".join(header))
         for r in rows:
             hidden = r.get("fwd_bwd_comm_hidden")
-            print(" | ".join([r["variant"], str(r["seqlen_local"]), f"{r['fwd_ms']:.2f}", f"{r['fwd_efficiency']:.2f}",
+            name = r["variant"] + (f" {r['mesh']}" if "mesh" in r else "")
+            print(" | ".join([name, str(r["seqlen_local"]), f"{r['fwd_ms']:.2f}", f"{r['fwd_efficiency']:.2f}",
                               f"{r['fwd_bwd_ms']:.2f}", f"{r['fwd_bwd_efficiency']:.2f}",
                               "-" if hidden is None else f"{hidden:.2f}",
                               f"{r['torch_cp_fwd_bwd_ms']:.2f}" if "torch_cp_fwd_bwd_ms" in r else r.get("torch_cp", "-")]))
@@ -263,6 +294,9 @@ def main(argv=None):
             with open(args.json, "w") as f:
                 json.dump({"device": device.type, "world": world, "dtype": str(dtype), "torch": torch.__version__,
                            "args": vars(args), "correctness": worst, "rows": rows}, f, indent=1)
+    # Every rank past its last collective before any tears its groups down: on gloo a rank that destroys a
+    # subgroup (the Ulysses meshes) while a peer still holds it can abort that peer.
+    dist.barrier()
     dist.destroy_process_group()
     return 0
 

@@ -34,6 +34,7 @@ from .llama3 import (
     zigzag_llama3_flash_attn_varlen_func,
 )
 from .module import RingAttention, gather_sequence, shard_sequence, unshard_sequence
+from .ulysses import UspGroups, ulysses_attention, usp_attention, usp_process_groups
 
 # The replaced project's per-variant modules, importable as there (aliases of the functions above).
 from . import (  # noqa: E402,F401  (isort: skip)
@@ -87,4 +88,8 @@ __all__ = [
     "unshard_sequence",
     "substitute_hf_flash_attn",
     "update_ring_flash_attn_params",
+    "ulysses_attention",
+    "usp_attention",
+    "usp_process_groups",
+    "UspGroups",
 ]

@@ -11,6 +11,7 @@ from torch import nn
 from .comm.collectives import all_gather_sequence
 from .functional import ring_attention
 from .ring.layouts import get_layout
+from .ulysses import usp_attention, usp_process_groups
 
 
 def shard_sequence(x: torch.Tensor, variant: str, rank: int, world_size: int, dim: int = 1) -> torch.Tensor:
@@ -51,6 +52,8 @@ class RingAttention(nn.Module):
         backend: str or None: force a kernel backend ("sdpa", "triton", "sycl", "reference").
         exchange: "ring" (K/V passed around the ring, flat memory) or "allgather" (llama3 style).
         heads_k_stride: int or None: with exchange="allgather", K/V heads gathered at a time.
+        ulysses_size: int: 1 for ring attention alone; U > 1 splits the group into a U x (P / U) mesh
+            (Ulysses all-to-all by heads over U ranks, the ring over the rest: USP); heads must divide by U.
 
     ``forward(q, k, v, cu_seqlens=None, return_lse=False)``:
         q: (batch, seqlen_local, heads, head_dim); k, v: (batch, seqlen_local, heads_k, head_dim), heads_k
@@ -68,11 +71,18 @@ class RingAttention(nn.Module):
 
     def __init__(self, variant: str = "zigzag", causal: bool = True, softmax_scale: Optional[float] = None,
                  window_size=(-1, -1), softcap: float = 0.0, group: Optional[dist.ProcessGroup] = None,
-                 backend: Optional[str] = None, exchange: str = "ring", heads_k_stride: Optional[int] = None):
+                 backend: Optional[str] = None, exchange: str = "ring", heads_k_stride: Optional[int] = None,
+                 ulysses_size: int = 1):
         super().__init__()
         get_layout(variant).check(2, 1, causal)  # fail at construction on a variant/causal mismatch
         if exchange not in ("ring", "allgather"):
             raise ValueError(f"exchange: expected 'ring' or 'allgather' (llama3 style), got {exchange!r}")
+        if ulysses_size != 1 and exchange != "ring":
+            raise ValueError(f"exchange: with ulysses_size={ulysses_size} the ring dimension runs the ring "
+                             f"exchange; expected 'ring', got {exchange!r}")
+        # ulysses_size > 1: a ulysses x ring mesh over the group (USP); the layout stays the variant's over the
+        # whole group, so shard/gather below serve it unchanged. Creating the mesh's groups is collective.
+        self.usp = usp_process_groups(ulysses_size, group) if ulysses_size != 1 else None
         self.variant, self.causal, self.softmax_scale = variant, causal, softmax_scale
         self.window_size, self.softcap, self.group, self.backend = tuple(window_size), softcap, group, backend
         self.exchange, self.heads_k_stride = exchange, heads_k_stride
@@ -80,6 +90,11 @@ class RingAttention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None,
                 return_lse: bool = False):
         """``cu_seqlens``: this rank's cumulative lengths of packed sequences (q/k/v then ``[tokens, heads, dim]``)."""
+        if self.usp is not None:
+            out, lse = usp_attention(q, k, v, **self.usp.attention_groups(), variant=self.variant, causal=self.causal,
+                                     softmax_scale=self.softmax_scale, window_size=self.window_size,
+                                     softcap=self.softcap, backend=self.backend, cu_seqlens=cu_seqlens)
+            return (out, lse) if return_lse else out
         out, lse = ring_attention(q, k, v, variant=self.variant, causal=self.causal, softmax_scale=self.softmax_scale,
                                   window_size=self.window_size, softcap=self.softcap, group=self.group,
                                   backend=self.backend, cu_seqlens=cu_seqlens, exchange=self.exchange,
@@ -93,5 +108,6 @@ class RingAttention(nn.Module):
         return gather_sequence(x_local, self.variant, self.group, dim)
 
     def extra_repr(self) -> str:
-        return (f"variant={self.variant!r}, exchange={self.exchange!r}, causal={self.causal}, "
+        ulysses = f"ulysses_size={self.usp.ulysses_size}, " if self.usp is not None else ""
+        return (f"variant={self.variant!r}, {ulysses}exchange={self.exchange!r}, causal={self.causal}, "
                 f"window_size={self.window_size}, softcap={self.softcap}, backend={self.backend!r}")

@@ -43,6 +43,7 @@ from ..comm.collectives import all_gather_sequence
 from ..functional import ring_attention
 from ..llama3 import llama3_flash_attn_prepare_cu_seqlens, llama3_flash_attn_varlen_func
 from ..ring.layouts import PackedLayout, get_layout
+from ..ulysses import UspGroups, usp_attention, usp_process_groups
 from ..validation import check_unsupported, group_rank_and_size
 from ._versions import require_version
 
@@ -73,6 +74,8 @@ class _RingSettings:
     # The (position_ids, attention_mask) pair the ranks last agreed on, and this rank's cu_seqlens for it
     # (None: one sequence per row); see _agree_on_inputs.
     checked: tuple = field(default=(None, None, None), repr=False)
+    # ulysses_size > 1: the ulysses x ring mesh over ``group`` (USP); None: the ring alone.
+    usp: Optional[UspGroups] = None
 
 
 _SETTINGS: Dict[str, _RingSettings] = {}
@@ -127,21 +130,25 @@ def _token_order(position_ids: torch.Tensor, layout, world_size: int) -> torch.T
 
 
 def register_ring_attention(group: Optional[dist.ProcessGroup] = None, variant: str = "zigzag",
-                            backend: Optional[str] = None) -> str:
+                            backend: Optional[str] = None, ulysses_size: int = 1) -> str:
     """Register ring attention with transformers; returns the implementation name (``"ring_attention"``).
 
     Pass the name as ``attn_implementation=`` to ``from_pretrained``/``from_config`` or to
     ``model.set_attn_implementation``. Idempotent: calling again updates the group, variant and backend used
     by every model already set to this name. ``variant`` is the sequence layout of the inputs (see
-    :func:`shard_batch`); ``backend`` forces a kernel backend (default: automatic).
+    :func:`shard_batch`); ``backend`` forces a kernel backend (default: automatic). ``ulysses_size > 1``
+    runs Ulysses / USP on a ``ulysses x ring`` mesh over ``group`` (:mod:`ring_flash_attn.ulysses`; every
+    member of ``group`` must call this, the mesh's process groups are created here); batches are sharded
+    over ``group`` exactly as for the ring.
     """
-    _register(IMPLEMENTATION_NAME, group, variant, backend)
+    _register(IMPLEMENTATION_NAME, group, variant, backend, ulysses_size)
     return IMPLEMENTATION_NAME
 
 
-def _register(name: str, group, variant: str, backend: Optional[str]) -> None:
+def _register(name: str, group, variant: str, backend: Optional[str], ulysses_size: int = 1) -> None:
     get_layout(variant)  # ValueError naming the variant, now rather than at the first forward
-    _SETTINGS[name] = _RingSettings(group=group, variant=variant, backend=backend)
+    usp = usp_process_groups(ulysses_size, group) if ulysses_size != 1 else None
+    _SETTINGS[name] = _RingSettings(group=group, variant=variant, backend=backend, usp=usp)
     AttentionInterface.register(name, _make_attention_forward(name))
     AttentionMaskInterface.register(name, _make_mask(name))
 
@@ -308,14 +315,22 @@ def _make_attention_forward(name: str):
         cu_seqlens = _agree_on_inputs(settings, kwargs.get("position_ids"), attention_mask, q.shape[0], q.shape[1],
                                       causal)
         if cu_seqlens is None:
-            out, _ = ring_attention(q, k, v, variant=settings.variant, **common)
+            out, _ = _context_parallel_attention(settings, q, k, v, common)
             return out, None
-        out, _ = ring_attention(*(t.reshape(-1, *t.shape[2:]) for t in (q, k, v)), variant=settings.variant,
-                                cu_seqlens=cu_seqlens, **common)
+        out, _ = _context_parallel_attention(settings, *(t.reshape(-1, *t.shape[2:]) for t in (q, k, v)), common,
+                                             cu_seqlens=cu_seqlens)
         return out.view(q.shape), None
 
     ring_attention_forward.__name__ = ring_attention_forward.__qualname__ = f"{name}_forward"
     return ring_attention_forward
+
+
+def _context_parallel_attention(settings: _RingSettings, q, k, v, common: dict, cu_seqlens=None):
+    """Ring attention over ``settings.group``, or Ulysses / USP on its mesh when one is set."""
+    if settings.usp is None:
+        return ring_attention(q, k, v, variant=settings.variant, cu_seqlens=cu_seqlens, **common)
+    return usp_attention(q, k, v, **settings.usp.attention_groups(), variant=settings.variant, cu_seqlens=cu_seqlens,
+                         **{key: value for key, value in common.items() if key != "group"})
 
 
 def _refuse_unsupported(module, query, key, attention_mask, dropout, kwargs) -> None:

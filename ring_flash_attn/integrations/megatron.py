@@ -11,13 +11,20 @@ already follow that split, so swapping the core attention is all it takes::
 
 or, in an existing spec, ``spec.submodules.self_attention.submodules.core_attention = RingCoreAttention``.
 
+Ulysses and USP (:mod:`ring_flash_attn.ulysses`) run on the same split: Megatron's own ``cp_comm_type``
+``"a2a"`` (Ulysses over the whole CP group) or ``"a2a+p2p"`` (USP with
+``config.hierarchical_context_parallel_sizes = [ulysses, ring]``, Ulysses inner), or the extra
+``ulysses_size`` (``ring_gpt_layer_spec(ulysses_size=2)``). The zigzag split over all CP ranks is the layout
+USP expects, so nothing else changes.
+
 The module takes ``DotProductAttention``'s constructor and forward arguments; tensors are
 ``[seqlen_local, batch, heads, head_dim]`` in, ``[seqlen_local, batch, heads * head_dim]`` out. Honoured:
 causal and unmasked self-attention, GQA, sliding windows (``config.window_size``, with
 ``window_attn_skip_freq``), ``softmax_scale`` and query-key layer scaling. Refused with an error naming the
 feature: packed sequences (``packed_seq_params``), masks other than causal / none, attention bias, attention
-dropout, non-vanilla softmax, cross-attention, tensor parallelism with a head count it does not divide, and a
-``ring_group`` that is not Megatron's context-parallel group.
+dropout, non-vanilla softmax, cross-attention, tensor parallelism with a head count it does not divide, a
+``ring_group`` that is not Megatron's context-parallel group, ``cp_comm_type="all_gather"``, and a Ulysses
+degree that does not divide the CP size or the heads of a tensor-parallel rank.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import torch.distributed as dist
 import megatron.core
 
 from ..functional import ring_attention
+from ..ulysses import usp_attention, usp_process_groups
 from ._versions import require_version
 
 MEGATRON_CORE_MINIMUM, MEGATRON_CORE_BELOW = "0.15", "0.17"
@@ -51,16 +59,19 @@ class RingCoreAttention(MegatronModule):
     """Drop-in for Megatron-Core's ``DotProductAttention`` that runs ring attention over the context-parallel
     group.
 
-    ``ring_group`` and ``backend`` are extras (set them through ``ModuleSpec.params``, see
+    ``ring_group``, ``backend`` and ``ulysses_size`` are extras (set them through ``ModuleSpec.params``, see
     :func:`ring_gpt_layer_spec`): ``ring_group``, if given, must hold the same ranks as Megatron's
     context-parallel group (it documents and checks the caller's expectation; the ring always runs on the CP
-    group, which is where Megatron split the sequence); ``backend`` forces a kernel backend.
+    group, which is where Megatron split the sequence); ``backend`` forces a kernel backend;
+    ``ulysses_size`` > 1 runs USP on a ``ulysses x ring`` mesh over the CP group (also chosen by
+    ``cp_comm_type`` ``"a2a"`` / ``"a2a+p2p"``, see the module docstring).
     """
 
     def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType, attention_type: str,
                  attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
                  cp_comm_type: Optional[str] = None, pg_collection=None, *,
-                 ring_group: Optional[dist.ProcessGroup] = None, backend: Optional[str] = None):
+                 ring_group: Optional[dist.ProcessGroup] = None, backend: Optional[str] = None,
+                 ulysses_size: Optional[int] = None):
         super().__init__(config=config)
         if attention_type != "self":
             raise NotImplementedError(f"attention_type: ring attention is self-attention over one sharded "
@@ -74,8 +85,9 @@ class RingCoreAttention(MegatronModule):
                                       f"got {dropout}; set config.attention_dropout=0.0")
         if getattr(config, "softmax_type", "vanilla") != "vanilla":
             raise NotImplementedError(f"softmax_type: only 'vanilla' softmax is supported, got {config.softmax_type!r}")
-        if cp_comm_type not in (None, "p2p"):
-            raise ValueError(f"cp_comm_type: ring attention is point-to-point ('p2p'), got {cp_comm_type!r}")
+        if cp_comm_type not in (None, "p2p", "a2a", "a2a+p2p"):
+            raise ValueError(f"cp_comm_type: ring attention runs 'p2p' (the ring), 'a2a' (Ulysses) or 'a2a+p2p' "
+                             f"(USP), got {cp_comm_type!r}")
 
         self.cp_group = getattr(pg_collection, "cp", None) if pg_collection is not None else None
         if self.cp_group is None:
@@ -90,6 +102,13 @@ class RingCoreAttention(MegatronModule):
             if getattr(config, name) % tp_size:
                 raise ValueError(f"config.{name}: must be divisible by the tensor-parallel size {tp_size}, "
                                  f"got {getattr(config, name)}")
+
+        heads_per_tp_rank = config.num_attention_heads // tp_size
+        ulysses_size = _ulysses_degree(config, cp_comm_type, ulysses_size, dist.get_world_size(self.cp_group))
+        if heads_per_tp_rank % ulysses_size:
+            raise ValueError(f"ulysses_size: the Ulysses degree {ulysses_size} must divide the attention heads of a "
+                             f"tensor-parallel rank ({heads_per_tp_rank})")
+        self.usp = usp_process_groups(ulysses_size, self.cp_group) if ulysses_size > 1 else None
 
         self.causal = attn_mask_type == AttnMaskType.causal
         self.layer_number = max(1, layer_number)
@@ -133,18 +152,43 @@ class RingCoreAttention(MegatronModule):
         # not matter and the plain "ring" schedule serves any split.
         variant = "zigzag" if causal else "ring"
         q, k, v = (t.transpose(0, 1) for t in (query, key, value))
-        out, _ = ring_attention(q, k, v, variant=variant, causal=causal, softmax_scale=self.softmax_scale,
-                                window_size=self.window_size, group=self.cp_group, backend=self.backend)
+        common = dict(variant=variant, causal=causal, softmax_scale=self.softmax_scale, window_size=self.window_size,
+                      backend=self.backend)
+        if self.usp is not None:
+            out, _ = usp_attention(q, k, v, **self.usp.attention_groups(), **common)
+        else:
+            out, _ = ring_attention(q, k, v, group=self.cp_group, **common)
         return out.transpose(0, 1).reshape(out.shape[1], out.shape[0], self.hidden_size_per_partition)
 
 
+def _ulysses_degree(config, cp_comm_type: Optional[str], ulysses_size: Optional[int], cp_size: int) -> int:
+    """The Ulysses degree asked for by ``cp_comm_type`` (Megatron's) or ``ulysses_size`` (ours); 1: the ring."""
+    if ulysses_size is not None and (isinstance(ulysses_size, bool) or not isinstance(ulysses_size, int)
+                                     or ulysses_size < 1):
+        raise ValueError(f"ulysses_size: expected a positive int, got {ulysses_size!r}")
+    if cp_comm_type == "a2a":
+        implied = cp_size
+    elif cp_comm_type == "a2a+p2p":
+        sizes = getattr(config, "hierarchical_context_parallel_sizes", None)
+        if not sizes or len(sizes) != 2 or sizes[0] * sizes[1] != cp_size:
+            raise ValueError(f"config.hierarchical_context_parallel_sizes: cp_comm_type 'a2a+p2p' needs "
+                             f"[ulysses, ring] sizes whose product is the CP size {cp_size}, got {sizes!r}")
+        implied = sizes[0]
+    else:
+        implied = None
+    if ulysses_size is not None and implied is not None and ulysses_size != implied:
+        raise ValueError(f"ulysses_size: cp_comm_type {cp_comm_type!r} implies a Ulysses degree of {implied}, "
+                         f"got ulysses_size={ulysses_size}")
+    return implied or ulysses_size or 1
+
+
 def ring_gpt_layer_spec(ring_group: Optional[dist.ProcessGroup] = None, backend: Optional[str] = None,
-                        **local_spec_kwargs) -> ModuleSpec:
+                        ulysses_size: Optional[int] = None, **local_spec_kwargs) -> ModuleSpec:
     """Megatron-Core's local GPT layer spec (``get_gpt_layer_local_spec(**local_spec_kwargs)``) with
-    :class:`RingCoreAttention` as its core attention."""
+    :class:`RingCoreAttention` as its core attention (``ulysses_size``: see there)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     spec = get_gpt_layer_local_spec(**local_spec_kwargs)
     spec.submodules.self_attention.submodules.core_attention = ModuleSpec(
-        module=RingCoreAttention, params={"ring_group": ring_group, "backend": backend})
+        module=RingCoreAttention, params={"ring_group": ring_group, "backend": backend, "ulysses_size": ulysses_size})
     return spec

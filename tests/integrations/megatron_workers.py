@@ -149,7 +149,7 @@ def bad_input_errors(rank, world_size):
     outcomes["cross_attention"] = outcome_of(lambda: attention(config, attention_type="cross"))
     outcomes["arbitrary_mask"] = outcome_of(lambda: attention(config, mask_type=AttnMaskType.arbitrary))
     outcomes["attention_dropout"] = outcome_of(lambda: attention(config, attention_dropout=0.1))
-    outcomes["all_to_all_cp"] = outcome_of(lambda: attention(config, cp_comm_type="a2a"))
+    outcomes["all_gather_cp"] = outcome_of(lambda: attention(config, cp_comm_type="all_gather"))
 
     def forward(module, seqlen, head_dim=8, **kwargs):
         q = torch.randn(seqlen, BATCH, 4, head_dim, dtype=torch.float64)

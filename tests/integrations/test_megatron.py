@@ -38,7 +38,7 @@ BAD_INPUTS = {
     "cross_attention": ("NotImplementedError", "cross-attention"),
     "arbitrary_mask": ("NotImplementedError", "AttnMaskType.arbitrary"),
     "attention_dropout": ("NotImplementedError", "attention_dropout=0.0"),
-    "all_to_all_cp": ("ValueError", "cp_comm_type"),
+    "all_gather_cp": ("ValueError", "cp_comm_type"),
     "packed_seq_params": ("NotImplementedError", "packed sequences"),
     "seqlen_not_split": ("ValueError", "must be even"),
     "head_dim_refused": ("NotImplementedError", "head_dim must be 8, got 16"),
