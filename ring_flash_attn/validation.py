@@ -8,6 +8,9 @@ expected and what was given.
 
 from __future__ import annotations
 
+import math
+import operator
+
 import torch
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -26,6 +29,8 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if (q.shape[0], q.shape[1], q.shape[3]) != (k.shape[0], k.shape[1], k.shape[3]):
         raise ValueError(f"k: expected [batch, seqlen, heads_k, head_dim] = [{q.shape[0]}, {q.shape[1]}, *, {q.shape[3]}] "
                          f"to match q {tuple(q.shape)}, got {tuple(k.shape)}")
+    if q.shape[3] == 0:
+        raise ValueError(f"q: expected head_dim >= 1, got shape {tuple(q.shape)}")
     if k.shape[2] == 0 or q.shape[2] % k.shape[2]:
         raise ValueError(f"k: the number of K/V heads must divide the number of query heads ({q.shape[2]}), "
                          f"got {k.shape[2]}")
@@ -67,8 +72,8 @@ def check_alibi_slopes(alibi_slopes, q: torch.Tensor, heads_dim: int = 2):
 
 def check_softcap(softcap: float) -> float:
     softcap = float(softcap or 0.0)
-    if softcap < 0:
-        raise ValueError(f"softcap: expected a value >= 0 (0 = off), got {softcap}")
+    if not math.isfinite(softcap) or softcap < 0:  # inf would cap nothing and give NaN: tanh(s/inf) * inf
+        raise ValueError(f"softcap: expected a finite value >= 0 (0 = off), got {softcap}")
     return softcap
 
 
@@ -121,3 +126,26 @@ def check_packed_alibi_slopes(alibi_slopes, q: torch.Tensor):
     if alibi_slopes is not None and (not isinstance(alibi_slopes, torch.Tensor) or alibi_slopes.dim() != 1):
         raise ValueError("alibi_slopes: with packed sequences expected one slope per head, shape (heads,)")
     return check_alibi_slopes(alibi_slopes, q, heads_dim=1)
+
+
+def check_max_seqlen_given(max_seqlen) -> None:
+    """``max_seqlen`` is an integer (flash-attn's varlen signature requires it, though lengths come from cu_seqlens)."""
+    try:
+        if isinstance(max_seqlen, bool):
+            raise TypeError
+        operator.index(max_seqlen)
+    except TypeError:
+        raise TypeError(f"max_seqlen: expected an int (the longest sequence), got {max_seqlen!r}") from None
+
+
+def check_cu_seqlens_order(cu_seqlens, name: str = "cu_seqlens") -> None:
+    """What :func:`check_cu_seqlens` checks without a token count: at least one sequence, starting at 0, strictly
+    increasing. Runs first wherever lengths are read off ``cu_seqlens`` (max_seqlen, llama3's split), so that a
+    broken ``cu_seqlens`` is reported as such; type and shape problems are left to :func:`check_cu_seqlens`."""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1:
+        return
+    values = cu_seqlens.tolist()
+    if len(values) < 2 or values[0] != 0:
+        raise ValueError(f"{name}: expected to start at 0 and hold at least one sequence, got {values[:8]}")
+    if any(b <= a for a, b in zip(values, values[1:])):
+        raise ValueError(f"{name}: expected strictly increasing values, got {values[:16]}")
