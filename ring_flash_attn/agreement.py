@@ -207,11 +207,8 @@ def _gather_ints(values, group, device, what: str):
 
 def _gather_texts(text: str, lengths, group, device, what: str):
     """Every rank's ``text`` (its UTF-8 length already gathered in ``lengths``)."""
-    longest = max(lengths)
-    mine = torch.zeros(longest, dtype=torch.uint8)
     data = text.encode()
-    mine[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    mine = mine.to(device)
+    mine = torch.tensor(list(data.ljust(max(lengths), b"\0")), dtype=torch.uint8, device=device)
     gathered = [torch.empty_like(mine) for _ in lengths]
     wait_bounded([dist.all_gather(gathered, mine, group=group, async_op=True)], what)
     return [bytes(g[:n].cpu().tolist()).decode() for g, n in zip(gathered, lengths)]
