@@ -164,7 +164,7 @@ def _takes_part(group) -> bool:
 def describe(q, k, v, **shared) -> tuple:
     """What every rank must share about one call: ``(name, value)`` pairs, values with a stable ``repr``."""
     items = [("q shape", tuple(q.shape)), ("k shape", tuple(k.shape)), ("v shape", tuple(v.shape)),
-             ("dtype", str(q.dtype)), ("device type", q.device.type),
+             ("dtype", q.dtype), ("device type", q.device.type),
              # A rank that records no graph would skip the backward while the others wait in its exchanges.
              ("requires_grad", torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)))]
     items += [(name, value) for name, value in shared.items()]

@@ -176,7 +176,8 @@ def _call(rank, *, api="ring_attention", seqlen=8, heads=4, heads_k=2, head_dim=
         local_k_slice = kwargs.pop("local_k_slice", args[4])
         return rfa.llama3_flash_attn_varlen_func(q, k, v, *args[:4], kwargs.pop("heads_k_stride", 1), local_k_slice,
                                                  **kwargs)
-    if api == "func":
+    if api == "func":  # the replaced project's API: the variant is in the function's name
+        kwargs.pop("variant")
         return rfa.ring_flash_attn_func(q, k, v, **kwargs)
     return rfa.ring_attention(q, k, v, **kwargs)
 
@@ -187,6 +188,7 @@ def once_mode(rank, world_size, timeout_s):
     from ring_flash_attn import agreement
 
     os.environ.update(RING_FLASH_ATTN_AGREE="once", RING_FLASH_ATTN_WAIT_TIMEOUT_S=str(timeout_s))
+    agreement._last_agreed.clear()
     gathers = []
     original = agreement._gather_ints
     agreement._gather_ints = lambda *a, **kw: gathers.append(a[-1]) or original(*a, **kw)
@@ -203,3 +205,8 @@ def once_mode(rank, world_size, timeout_s):
     return dict(first=first, second=second, agreements_first=[w for w in after_first if "agreement" in w],
                 agreements_second=[w for w in after_second if "agreement" in w], raised=raised,
                 elapsed=time.perf_counter() - started)
+
+
+def agreement_world(rank, world_size, cases, timeout_s):
+    """:func:`disagreements`, then :func:`once_mode` (last: it leaves the group unusable), in one world."""
+    return disagreements(rank, world_size, cases), once_mode(rank, world_size, timeout_s)
