@@ -101,7 +101,7 @@ def wait_bounded(works, what: str) -> None:
 
 # Per thread: how deep we are in public calls, and whether the current outermost call reached `agree`.
 _call = threading.local()
-# Per process group: the fingerprint the whole group last agreed on (RING_FLASH_ATTN_AGREE=once).
+# Per process group: the description the whole group last agreed on (RING_FLASH_ATTN_AGREE=once).
 _last_agreed: dict = {}
 
 
@@ -222,10 +222,10 @@ def _agree(group, items: Optional[tuple], error: Optional[BaseException], device
     """One agreement round. ``items`` None: this rank's validation raised ``error`` (re-raised here)."""
     key = _group_key(group)
     if error is None:
+        if mode() == "once" and _last_agreed.get(key) == items:
+            return
         description = json.dumps([[name, repr(value)] for name, value in items])
         fingerprint = _fingerprint(description)
-        if mode() == "once" and _last_agreed.get(key) == fingerprint:
-            return
     else:
         description, fingerprint = json.dumps(f"{type(error).__name__}: {error}"), 0
     device = _collective_device(group, device)
@@ -239,7 +239,7 @@ def _agree(group, items: Optional[tuple], error: Optional[BaseException], device
         raise
     failed = [r for r, (bad, _, _) in enumerate(status) if bad]
     if not failed and len({fp for _, fp, _ in status}) == 1:
-        _last_agreed[key] = fingerprint
+        _last_agreed[key] = items
         return
     texts = [json.loads(t) for t in _gather_texts(description, [n for _, _, n in status], group, device, what)]
     if failed:
