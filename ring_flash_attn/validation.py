@@ -131,11 +131,12 @@ def check_packed_alibi_slopes(alibi_slopes, q: torch.Tensor):
 def check_max_seqlen_given(max_seqlen) -> None:
     """``max_seqlen`` is an integer (flash-attn's varlen signature requires it, though lengths come from cu_seqlens)."""
     try:
-        if isinstance(max_seqlen, bool):
-            raise TypeError
-        operator.index(max_seqlen)
+        operator.index(max_seqlen)  # ints, NumPy ints and one-element integer tensors
+        is_int = not isinstance(max_seqlen, bool)
     except TypeError:
-        raise TypeError(f"max_seqlen: expected an int (the longest sequence), got {max_seqlen!r}") from None
+        is_int = False
+    if not is_int:
+        raise TypeError(f"max_seqlen: expected an int (the longest sequence), got {max_seqlen!r}")
 
 
 def check_cu_seqlens_order(cu_seqlens, name: str = "cu_seqlens") -> None:
