@@ -232,9 +232,9 @@ def _agree(group, items: Optional[tuple], error: Optional[BaseException], device
     what = "argument agreement before the first exchange"
     try:
         status = _gather_ints([int(error is not None), fingerprint, len(description.encode())], group, device, what)
-    except RankWaitTimeout as timeout:
+    except Exception as sharing_failed:  # a timeout, or a group already broken: this rank's own error comes first
         if error is not None:
-            error.add_note(f"(this rank's error could not be shared with the group: {timeout})")
+            error.add_note(f"(this rank's error could not be shared with the group: {sharing_failed})")
             raise error
         raise
     failed = [r for r, (bad, _, _) in enumerate(status) if bad]
