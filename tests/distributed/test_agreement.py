@@ -93,4 +93,5 @@ def test_once_rank_that_changes_alone_fails_every_rank_within_the_bound(once):
     (kind0, message0), (kind1, message1) = once[0]["raised"], once[1]["raised"]
     assert kind0 == "RankWaitTimeout" and "ring exchange with ranks 1 (send) and 1 (receive)" in message0
     assert kind1 == "ValueError" and message1.startswith("softcap: expected a finite value >= 0")
-    assert all(TIMEOUT_S <= r["elapsed"] < TIMEOUT_S + 5 for r in once)
+    # Rank 0 may wait out the bound once per transfer of the exchange (send, then receive).
+    assert all(TIMEOUT_S <= r["elapsed"] < 2 * TIMEOUT_S + 5 for r in once), [r["elapsed"] for r in once]
