@@ -35,7 +35,9 @@ class PendingExchange:
 
     def wait(self) -> None:
         if self._tensors and self._tensors[0].device.type == "cpu":
-            agreement.wait_bounded(self._works, "ring exchange with ranks {} (send) and {} (receive)".format(*self._peers))
+            send_peer, recv_peer = self._peers
+            agreement.wait_bounded(self._works,
+                                   f"ring exchange with ranks {send_peer} (send) and {recv_peer} (receive)")
         else:
             for work in self._works:
                 work.wait()

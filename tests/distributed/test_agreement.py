@@ -19,24 +19,33 @@ LLAMA3 = dict(api="llama3", seqlen=8, global_cu_seqlens=[0, 4, 16], backend="ref
 
 # name: (rank 0's call, rank 1's call, the argument named in the error, or None: rank 1 rejects its own arguments)
 DISAGREE = {
-    "seqlen (byte-different)": (BASE, dict(BASE, seqlen=16), r"q shape: .*rank 0: \(1, 8, 4, 8\), rank 1: \(1, 16, 4, 8\)"),
-    "seqlen and heads (byte-equal)": (BASE, dict(BASE, seqlen=16, heads=2, heads_k=1), r"k shape: .*rank 0: \(1, 8, 2, 8\), rank 1: \(1, 16, 1, 8\)"),
-    "dtype float16 / bfloat16 (byte-equal)": (dict(BASE, dtype="float16"), dict(BASE, dtype="bfloat16"),
-                                              r"dtype: .*rank 0: torch.float16, rank 1: torch.bfloat16"),
+    "seqlen (byte-different)": (
+        BASE, dict(BASE, seqlen=16), r"q shape: .*rank 0: \(1, 8, 4, 8\), rank 1: \(1, 16, 4, 8\)"),
+    "seqlen and heads (byte-equal)": (
+        BASE, dict(BASE, seqlen=16, heads=2, heads_k=1), r"k shape: .*rank 0: \(1, 8, 2, 8\), rank 1: \(1, 16, 1, 8\)"),
+    "dtype float16 / bfloat16 (byte-equal)": (
+        dict(BASE, dtype="float16"), dict(BASE, dtype="bfloat16"),
+        r"dtype: .*rank 0: torch.float16, rank 1: torch.bfloat16"),
     "dtype float32 / float64 (byte-different)": (BASE, dict(BASE, dtype="float64"), r"dtype: .*rank 1: torch.float64"),
     "causal": (BASE, dict(BASE, causal=True), r"causal: .*rank 0: False, rank 1: True"),
-    "softmax_scale": (dict(BASE, softmax_scale=0.25), dict(BASE, softmax_scale=0.5), r"softmax_scale: .*rank 0: 0.25, rank 1: 0.5"),
+    "softmax_scale": (
+        dict(BASE, softmax_scale=0.25), dict(BASE, softmax_scale=0.5), r"softmax_scale: .*rank 0: 0.25, rank 1: 0.5"),
     "window_size": (BASE, dict(BASE, window_size=(2, 0)), r"window_size: .*rank 0: \(-1, -1\), rank 1: \(2, 0\)"),
     "softcap": (BASE, dict(BASE, softcap=5.0), r"softcap: .*rank 0: 0.0, rank 1: 5.0"),
-    "variant zigzag / stripe (byte-equal)": (dict(BASE, variant="zigzag", causal=True), dict(BASE, variant="stripe", causal=True),
-                                             r"variant: .*rank 0: 'zigzag', rank 1: 'stripe'"),
-    "exchange": (BASE, dict(BASE, exchange="allgather", heads_k_stride=1), r"exchange: .*rank 0: 'ring', rank 1: 'allgather'"),
-    "cu_seqlens (byte-equal)": (VARLEN, dict(VARLEN, cu_seqlens=[0, 2, 8]), r"cu_seqlens: .*rank 0: \(0, 4, 8\), rank 1: \(0, 2, 8\)"),
-    "cu_seqlens (byte-different)": (VARLEN, dict(VARLEN, seqlen=16, cu_seqlens=[0, 4, 16]), r"cu_seqlens: .*rank 1: \(0, 4, 16\)"),
+    "variant zigzag / stripe (byte-equal)": (
+        dict(BASE, variant="zigzag", causal=True), dict(BASE, variant="stripe", causal=True),
+        r"variant: .*rank 0: 'zigzag', rank 1: 'stripe'"),
+    "exchange": (
+        BASE, dict(BASE, exchange="allgather", heads_k_stride=1), r"exchange: .*rank 0: 'ring', rank 1: 'allgather'"),
+    "cu_seqlens (byte-equal)": (
+        VARLEN, dict(VARLEN, cu_seqlens=[0, 2, 8]), r"cu_seqlens: .*rank 0: \(0, 4, 8\), rank 1: \(0, 2, 8\)"),
+    "cu_seqlens (byte-different)": (
+        VARLEN, dict(VARLEN, seqlen=16, cu_seqlens=[0, 4, 16]), r"cu_seqlens: .*rank 1: \(0, 4, 16\)"),
     "heads_k_stride (all-gather)": (GATHER, dict(GATHER, heads_k_stride=2), r"heads_k_stride: .*rank 0: 1, rank 1: 2"),
     "heads_k_stride (llama3)": (LLAMA3, dict(LLAMA3, heads_k_stride=2), r"heads_k_stride: .*rank 0: 1, rank 1: 2"),
     "requires_grad": (dict(BASE, requires_grad=True), BASE, r"requires_grad: .*rank 0: True, rank 1: False"),
-    "alibi_slopes on one rank": (BASE, dict(BASE, alibi_slopes=torch.full((4,), 0.1)), r"alibi_slopes: .*rank 0: None, rank 1: \(4,\)"),
+    "alibi_slopes on one rank": (
+        BASE, dict(BASE, alibi_slopes=torch.full((4,), 0.1)), r"alibi_slopes: .*rank 0: None, rank 1: \(4,\)"),
     "invalid softcap on rank 1": (BASE, dict(BASE, softcap=-1.0), None),
     "dropout on rank 1": (dict(BASE, api="func"), dict(BASE, api="func", dropout_p=0.1), None),
     "zigzag non-causal on rank 1": (dict(BASE, variant="zigzag", causal=True), dict(BASE, variant="zigzag"), None),

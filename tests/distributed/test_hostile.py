@@ -52,8 +52,8 @@ def test_every_rank_raises_within_the_bound(faults):
             else:
                 assert kind == "PeerRankError", f"{where}: {kind}: {message}"
                 for bad in failing:
-                    assert re.search(f"rank {bad} failed at {phase} .*InjectedFault: injected {phase} fault", message), \
-                        f"{where}: {message}"
+                    expected = f"rank {bad} failed at {phase} .*InjectedFault: injected {phase} fault"
+                    assert re.search(expected, message), f"{where}: {message}"
 
 
 def test_same_group_serves_the_next_call(faults):
