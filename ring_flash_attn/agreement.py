@@ -101,7 +101,7 @@ def wait_bounded(works, what: str) -> None:
 
 # Per thread: how deep we are in public calls, and whether the current outermost call reached `agree`.
 _call = threading.local()
-# Per process group: the description the whole group last agreed on (RING_FLASH_ATTN_AGREE=once).
+# Per (process group, kind of call): the description the whole group last agreed on (RING_FLASH_ATTN_AGREE=once).
 _last_agreed: dict = {}
 
 
@@ -128,7 +128,7 @@ def errors_shared(group, active: bool = True):
         yield
     except Exception as error:
         if outermost and active and not state.reached and _takes_part(group):
-            _agree(group, None, error, device=None)
+            _agree(group, None, error, None, "attention")
         raise
     finally:
         state.depth -= 1
@@ -178,12 +178,15 @@ def layout_items(layout) -> dict:
             "cu_seqlens": None if seqlens is None else tuple(itertools.accumulate(seqlens, initial=0))}
 
 
-def agree(group, items: tuple, device: torch.device) -> None:
-    """Before the first exchange of a call: every rank of ``group`` holds the same ``items``, or all raise."""
+def agree(group, items: tuple, device: torch.device, kind: str = "attention") -> None:
+    """Before the first exchange of a call: every rank of ``group`` holds the same ``items``, or all raise.
+
+    ``kind`` keeps the once-mode memory of different calls apart (attention, gathering a sequence), so that
+    alternating between them does not make every call a new one."""
     _call_state().reached = True
     if not _takes_part(group):
         return
-    _agree(group, items, None, device)
+    _agree(group, items, None, device, kind)
 
 
 def _group_key(group):
@@ -218,9 +221,9 @@ def _fingerprint(description: str) -> int:
     return int.from_bytes(hashlib.blake2b(description.encode(), digest_size=8).digest(), "little", signed=True)
 
 
-def _agree(group, items: Optional[tuple], error: Optional[BaseException], device) -> None:
+def _agree(group, items: Optional[tuple], error: Optional[BaseException], device, kind: str) -> None:
     """One agreement round. ``items`` None: this rank's validation raised ``error`` (re-raised here)."""
-    key = _group_key(group)
+    key = (_group_key(group), kind)
     if error is None:
         if mode() == "once" and _last_agreed.get(key) == items:
             return

@@ -176,6 +176,8 @@ def _call(rank, *, api="ring_attention", seqlen=8, heads=4, heads_k=2, head_dim=
         local_k_slice = kwargs.pop("local_k_slice", args[4])
         return rfa.llama3_flash_attn_varlen_func(q, k, v, *args[:4], kwargs.pop("heads_k_stride", 1), local_k_slice,
                                                  **kwargs)
+    if api == "gather_sequence":
+        return rfa.gather_sequence(q, kwargs["variant"])
     if api == "func":  # the replaced project's API: the variant is in the function's name
         kwargs.pop("variant")
         return rfa.ring_flash_attn_func(q, k, v, **kwargs)

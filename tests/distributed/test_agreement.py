@@ -46,6 +46,11 @@ DISAGREE = {
     "requires_grad": (dict(BASE, requires_grad=True), BASE, r"requires_grad: .*rank 0: True, rank 1: False"),
     "alibi_slopes on one rank": (
         BASE, dict(BASE, alibi_slopes=torch.full((4,), 0.1)), r"alibi_slopes: .*rank 0: None, rank 1: \(4,\)"),
+    "gather_sequence seqlen": (dict(BASE, api="gather_sequence"), dict(BASE, api="gather_sequence", seqlen=16),
+                               r"shape: .*rank 0: \(1, 8, 4, 8\), rank 1: \(1, 16, 4, 8\)"),
+    "gather_sequence requires_grad": (
+        dict(BASE, api="gather_sequence", requires_grad=True), dict(BASE, api="gather_sequence"),
+        r"requires_grad: .*rank 0: True, rank 1: False"),
     "invalid softcap on rank 1": (BASE, dict(BASE, softcap=-1.0), None),
     "dropout on rank 1": (dict(BASE, api="func"), dict(BASE, api="func", dropout_p=0.1), None),
     "zigzag non-causal on rank 1": (dict(BASE, variant="zigzag", causal=True), dict(BASE, variant="zigzag"), None),
