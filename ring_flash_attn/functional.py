@@ -28,9 +28,9 @@ from .ring.allgather import allgather_attention, allgather_tasks
 from .ring.engine import ContextParallelAttention, RingPlan
 from .ring.layouts import Layout, PackedLayout, get_layout
 from .ring.planner import layout_needs_band_mask
-from .validation import (check_alibi_slopes, check_cu_seqlens, check_cu_seqlens_order, check_heads_k_stride,
-                         check_max_seqlen, check_max_seqlen_given, check_packed_alibi_slopes, check_packed_qkv,
-                         check_qkv, check_softcap, check_unsupported, group_rank_and_size)
+from .validation import (check_alibi_slopes, check_cu_seqlens, check_heads_k_stride, check_max_seqlen,
+                         check_max_seqlen_given, check_packed_alibi_slopes, check_packed_qkv, check_qkv, check_softcap,
+                         check_unsupported, group_rank_and_size)
 
 
 @agreement.shares_errors
@@ -190,8 +190,9 @@ def _make_varlen_api(variant: str):
     def call(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
              return_attn_probs, group, softcap, backend):
         check_unsupported(dropout_p)
+        check_packed_qkv(q, k, v)
+        check_cu_seqlens(cu_seqlens, q.shape[0])  # before max_seqlen, which reads lengths off cu_seqlens
         check_max_seqlen_given(max_seqlen)
-        check_cu_seqlens_order(cu_seqlens)  # before max_seqlen, which reads lengths off cu_seqlens
         check_max_seqlen(max_seqlen, cu_seqlens)
         out, lse = ring_attention(q, k, v, variant=variant, causal=causal, softmax_scale=softmax_scale,
                                   window_size=window_size, softcap=softcap, group=group, backend=backend,

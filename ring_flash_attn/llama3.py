@@ -22,9 +22,9 @@ from .functional import ring_attention
 from .kernels.mask import Band, check_window
 from .ring.allgather import allgather_attention
 from .ring.planner import BlockTask
-from .validation import (check_cu_seqlens, check_cu_seqlens_order, check_heads_k_stride, check_max_seqlen,
-                         check_max_seqlen_given, check_packed_alibi_slopes, check_packed_qkv, check_softcap,
-                         check_unsupported, group_rank_and_size)
+from .validation import (check_cu_seqlens, check_heads_k_stride, check_max_seqlen, check_max_seqlen_given,
+                         check_packed_alibi_slopes, check_packed_qkv, check_softcap, check_unsupported,
+                         group_rank_and_size)
 
 
 def llama3_flash_attn_prepare_cu_seqlens(cu_seqlens, causal, rank, world_size):
@@ -35,7 +35,8 @@ def llama3_flash_attn_prepare_cu_seqlens(cu_seqlens, causal, rank, world_size):
     sequence the piece touches to the piece's end (causal) or to the end of the
     last sequence it touches (non-causal).
     """
-    check_cu_seqlens_order(cu_seqlens)  # before reading the total off its last entry
+    if isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.numel() == 0:
+        check_cu_seqlens(cu_seqlens, 0)  # names the empty tensor (reading the total off it: IndexError)
     total = int(cu_seqlens[-1])
     check_cu_seqlens(cu_seqlens, total)
     if total % world_size:
@@ -108,8 +109,9 @@ def zigzag_llama3_flash_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, heads_
                                          backend=None):
     """Load-balanced all-gather attention: inputs laid out as for :func:`zigzag_ring_flash_attn_varlen_func`."""
     check_unsupported(dropout_p)
+    check_packed_qkv(q, k, v)
+    check_cu_seqlens(cu_seqlens, q.shape[0])  # before max_seqlen, which reads lengths off cu_seqlens
     check_max_seqlen_given(max_seqlen)
-    check_cu_seqlens_order(cu_seqlens)  # before max_seqlen, which reads lengths off cu_seqlens
     check_max_seqlen(max_seqlen, cu_seqlens)
     out, lse = ring_attention(q, k, v, variant="zigzag", causal=causal, softmax_scale=softmax_scale,
                               window_size=window_size, softcap=softcap, group=group, backend=backend,

@@ -129,24 +129,9 @@ def check_packed_alibi_slopes(alibi_slopes, q: torch.Tensor):
 
 
 def check_max_seqlen_given(max_seqlen) -> None:
-    """``max_seqlen`` is an integer (flash-attn's varlen signature requires it, though lengths come from cu_seqlens)."""
+    """``max_seqlen`` is an int (ints, NumPy ints, one-element integer tensors), before :func:`check_max_seqlen`
+    reads it."""
     try:
-        operator.index(max_seqlen)  # ints, NumPy ints and one-element integer tensors
-        is_int = not isinstance(max_seqlen, bool)
+        operator.index(max_seqlen)
     except TypeError:
-        is_int = False
-    if not is_int:
-        raise TypeError(f"max_seqlen: expected an int (the longest sequence), got {max_seqlen!r}")
-
-
-def check_cu_seqlens_order(cu_seqlens, name: str = "cu_seqlens") -> None:
-    """What :func:`check_cu_seqlens` checks without a token count: at least one sequence, starting at 0, strictly
-    increasing. Runs first wherever lengths are read off ``cu_seqlens`` (max_seqlen, llama3's split), so that a
-    broken ``cu_seqlens`` is reported as such; type and shape problems are left to :func:`check_cu_seqlens`."""
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1:
-        return
-    values = cu_seqlens.tolist()
-    if len(values) < 2 or values[0] != 0:
-        raise ValueError(f"{name}: expected to start at 0 and hold at least one sequence, got {values[:8]}")
-    if any(b <= a for a, b in zip(values, values[1:])):
-        raise ValueError(f"{name}: expected strictly increasing values, got {values[:16]}")
+        raise TypeError(f"max_seqlen: expected an int, got {type(max_seqlen).__name__}") from None
