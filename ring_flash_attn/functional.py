@@ -20,6 +20,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from . import agreement
 from .comm.ring import RingComm
 from .docstrings import compat_docstring
 from .kernels import Features, select_backend
@@ -29,10 +30,11 @@ from .ring.engine import ContextParallelAttention, RingPlan
 from .ring.layouts import Layout, PackedLayout, get_layout
 from .ring.planner import layout_needs_band_mask
 from .validation import (check_alibi_slopes, check_cu_seqlens, check_heads_k_stride, check_max_seqlen,
-                         check_packed_alibi_slopes, check_packed_qkv, check_qkv, check_softcap, check_unsupported,
-                         group_rank_and_size)
+                         check_packed_alibi_slopes, check_packed_qkv, check_qkv, check_softcap,
+                         check_unsupported, group_rank_and_size)
 
 
+@agreement.shares_errors
 def ring_attention(q, k, v, *, variant: str = "ring", causal: bool = False, softmax_scale: Optional[float] = None,
                    window_size=(-1, -1), softcap: float = 0.0, group: Optional[dist.ProcessGroup] = None,
                    backend: Optional[str] = None, cu_seqlens: Optional[torch.Tensor] = None,
@@ -86,7 +88,8 @@ def ring_attention(q, k, v, *, variant: str = "ring", causal: bool = False, soft
     if exchange == "allgather":
         return _allgather(q, k, v, layout, causal=causal, window=window, softmax_scale=softmax_scale, softcap=softcap,
                           group=group, backend=backend, heads_k_stride=heads_k_stride, alibi_slopes=alibi_slopes)
-    if comm is None:
+    agree_here = comm is None  # a stand-in communicator (the loopback) has no ranks to agree with
+    if agree_here:
         comm = RingComm(group)
     layout.check(q.shape[1], comm.world_size, causal)
     band = Band.from_kernel_args(causal, window)
@@ -97,6 +100,11 @@ def ring_attention(q, k, v, *, variant: str = "ring", causal: bool = False, soft
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     plan = RingPlan(layout=layout, band=band, scale=scale, softcap=softcap, backend=kernel, comm=comm,
                     alibi_slopes=alibi_slopes)
+    if agree_here:
+        agreement.agree(group, agreement.describe(
+            q, k, v, exchange="ring", causal=causal, window_size=window, softmax_scale=scale, softcap=softcap,
+            alibi_slopes=None if alibi_slopes is None else tuple(alibi_slopes.shape), **agreement.layout_items(layout)),
+            q.device)
     return ContextParallelAttention.apply(q, k, v, plan)
 
 
@@ -114,14 +122,16 @@ def _allgather(q, k, v, layout, *, causal, window, softmax_scale, softcap, group
                                   "(which packs the batch into one row); pass one slope per head")
     band, keep_positions = Band.from_kernel_args(causal, window), alibi_slopes is not None
     tasks = allgather_tasks(packed, rank, world_size, batch * seqlen, band, keep_positions)
+    shared = dict(agreement.layout_items(layout), causal=causal, window_size=window, batch_seqlen=(batch, seqlen))
     out, lse = allgather_attention(*flat, tasks, softmax_scale=softmax_scale, softcap=softcap, group=group,
                                    backend=backend, heads_k_stride=heads_k_stride, world_size=world_size,
-                                   alibi_slopes=alibi_slopes,
+                                   alibi_slopes=alibi_slopes, shared=shared,
                                    needs_band=layout_needs_band_mask(packed, world_size, batch * seqlen, band))
     heads = q.shape[2]
     return out.view(q.shape), lse.view(heads, batch, seqlen).transpose(0, 1)
 
 
+@agreement.shares_errors
 def _compat_call(q, k, v, variant, dropout_p, softmax_scale, causal, window_size, alibi_slopes, return_attn_probs,
                  group, softcap, backend):
     check_unsupported(dropout_p)
@@ -185,9 +195,12 @@ def _make_varlen_api(variant: str):
     """The varlen triple of one variant: packed sequences ``[total_tokens_local, heads, head_dim]`` with this
     rank's ``cu_seqlens`` (each sequence split over the ranks by the variant's layout)."""
 
+    @agreement.shares_errors
     def call(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
              return_attn_probs, group, softcap, backend):
         check_unsupported(dropout_p)
+        check_packed_qkv(q, k, v)
+        check_cu_seqlens(cu_seqlens, q.shape[0])  # before max_seqlen, which reads lengths off cu_seqlens
         check_max_seqlen(max_seqlen, cu_seqlens)
         out, lse = ring_attention(q, k, v, variant=variant, causal=causal, softmax_scale=softmax_scale,
                                   window_size=window_size, softcap=softcap, group=group, backend=backend,

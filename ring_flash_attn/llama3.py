@@ -19,13 +19,15 @@ from itertools import accumulate
 
 import torch
 
+from . import agreement
 from .docstrings import llama3_docstring, prepare_cu_seqlens_docstring, zigzag_llama3_docstring
 from .functional import ring_attention
 from .kernels.mask import Band, check_window
 from .ring.allgather import allgather_attention
 from .ring.planner import BlockTask
-from .validation import (check_cu_seqlens, check_heads_k_stride, check_max_seqlen, check_packed_alibi_slopes,
-                         check_packed_qkv, check_softcap, check_unsupported, group_rank_and_size)
+from .validation import (check_cu_seqlens, check_heads_k_stride, check_max_seqlen,
+                         check_packed_alibi_slopes, check_packed_qkv, check_softcap, check_unsupported,
+                         group_rank_and_size)
 
 
 def llama3_flash_attn_prepare_cu_seqlens(cu_seqlens, causal, rank, world_size):
@@ -68,6 +70,7 @@ def _llama3_tasks(cu_q, cu_k, local_k_slice, q_start: int, band: Band):
     return tasks
 
 
+@agreement.shares_errors
 def llama3_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride,
                                   local_k_slice, dropout_p=0.0, softmax_scale=None, causal=False,
                                   window_size=(-1, -1), alibi_slopes=None, deterministic=False,
@@ -95,17 +98,21 @@ def llama3_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqle
     needs_band = causal or window != (-1, -1)
     out, lse = allgather_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), tasks, softmax_scale=softmax_scale,
                                    softcap=softcap, group=group, backend=backend, heads_k_stride=heads_k_stride,
-                                   world_size=world_size, needs_band=needs_band, alibi_slopes=alibi_slopes)
+                                   world_size=world_size, needs_band=needs_band, alibi_slopes=alibi_slopes,
+                                   shared=dict(variant="llama3", causal=causal, window_size=window))
     out, lse = out.squeeze(0), lse.squeeze(0)
     return (out, lse, None) if return_attn_probs else out
 
 
+@agreement.shares_errors
 def zigzag_llama3_flash_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, heads_k_stride, dropout_p=0.0,
                                          softmax_scale=None, causal=True, window_size=(-1, -1), alibi_slopes=None,
                                          deterministic=False, return_attn_probs=False, group=None, *, softcap=0.0,
                                          backend=None):
     """Load-balanced all-gather attention: inputs laid out as for :func:`zigzag_ring_flash_attn_varlen_func`."""
     check_unsupported(dropout_p)
+    check_packed_qkv(q, k, v)
+    check_cu_seqlens(cu_seqlens, q.shape[0])  # before max_seqlen, which reads lengths off cu_seqlens
     check_max_seqlen(max_seqlen, cu_seqlens)
     out, lse = ring_attention(q, k, v, variant="zigzag", causal=causal, softmax_scale=softmax_scale,
                               window_size=window_size, softcap=softcap, group=group, backend=backend,

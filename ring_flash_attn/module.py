@@ -12,6 +12,7 @@ from .comm.collectives import all_gather_sequence
 from .functional import ring_attention
 from .ring.layouts import get_layout
 from .ulysses import usp_attention, usp_process_groups
+from .validation import group_rank_and_size
 
 
 def shard_sequence(x: torch.Tensor, variant: str, rank: int, world_size: int, dim: int = 1) -> torch.Tensor:
@@ -102,7 +103,7 @@ class RingAttention(nn.Module):
         return (out, lse) if return_lse else out
 
     def shard(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
-        return shard_sequence(x, self.variant, dist.get_rank(self.group), dist.get_world_size(self.group), dim)
+        return shard_sequence(x, self.variant, *group_rank_and_size(self.group), dim)
 
     def gather(self, x_local: torch.Tensor, dim: int = 1) -> torch.Tensor:
         return gather_sequence(x_local, self.variant, self.group, dim)

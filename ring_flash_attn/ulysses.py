@@ -325,6 +325,12 @@ class _OneRankRing:
     def exchange(self, send, recv, kind="kv"):
         raise RuntimeError("a ring of one rank has no peer to exchange with")
 
+    def finish(self, failure, what: str, device: torch.device) -> None:
+        """No ring peer to tell: this rank's compute error raises here, and the Ulysses exchange around the
+        engine finishes its own all-to-alls before passing it on."""
+        if failure is not None:
+            raise failure.error
+
 
 @dataclass(frozen=True)
 class UspGroups:

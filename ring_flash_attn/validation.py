@@ -8,6 +8,7 @@ expected and what was given.
 
 from __future__ import annotations
 
+import math
 import operator
 from typing import Optional
 
@@ -29,6 +30,8 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if (q.shape[0], q.shape[1], q.shape[3]) != (k.shape[0], k.shape[1], k.shape[3]):
         raise ValueError(f"k: expected [batch, seqlen, heads_k, head_dim] = [{q.shape[0]}, {q.shape[1]}, *, {q.shape[3]}] "
                          f"to match q {tuple(q.shape)}, got {tuple(k.shape)}")
+    if q.shape[3] == 0:
+        raise ValueError(f"q: expected head_dim >= 1, got shape {tuple(q.shape)}")
     if k.shape[2] == 0 or q.shape[2] % k.shape[2]:
         raise ValueError(f"k: the number of K/V heads must divide the number of query heads ({q.shape[2]}), "
                          f"got {k.shape[2]}")
@@ -70,8 +73,8 @@ def check_alibi_slopes(alibi_slopes, q: torch.Tensor, heads_dim: int = 2):
 
 def check_softcap(softcap: float) -> float:
     softcap = float(softcap or 0.0)
-    if softcap < 0:
-        raise ValueError(f"softcap: expected a value >= 0 (0 = off), got {softcap}")
+    if not math.isfinite(softcap) or softcap < 0:  # inf would cap nothing and give NaN: tanh(s/inf) * inf
+        raise ValueError(f"softcap: expected a finite value >= 0 (0 = off), got {softcap}")
     return softcap
 
 

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from .. import agreement
 from ..validation import group_rank_and_size
 
 
@@ -36,4 +37,9 @@ class _AllGatherSequence(torch.autograd.Function):
 def all_gather_sequence(local: torch.Tensor, group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
     """Concatenate every rank's ``[batch, seqlen_local, ...]`` along dim 1 (group-rank order); differentiable."""
     rank, world_size = group_rank_and_size(group)
+    # Slices of different shapes would abort the process inside gloo; a rank without a graph would skip the
+    # backward's all-reduce the others wait in.
+    agreement.agree(group, (("shape", tuple(local.shape)), ("dtype", local.dtype), ("device type", local.device.type),
+                            ("requires_grad", torch.is_grad_enabled() and local.requires_grad)),
+                    local.device, kind="gather sequence")
     return _AllGatherSequence.apply(local, group, rank, world_size)

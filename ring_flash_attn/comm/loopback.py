@@ -1,7 +1,7 @@
 """A ring communicator for one process: rank ``rank`` of a ring that exists only in name.
 
 It has :class:`~ring_flash_attn.comm.ring.RingComm`'s interface (``rank``,
-``world_size``, ``exchange(send, recv) -> pending``, ``pending.wait()``), so the
+``world_size``, ``exchange(send, recv) -> pending``, ``pending.wait()``, ``finish``), so the
 ring engine runs unchanged on one device: that is how one rank's whole schedule
 is timed on one GPU (benchmarks/ring_step.py) and checked against a real
 multi-process run (tests/test_loopback.py).
@@ -77,3 +77,8 @@ class LoopbackComm:
             done = torch.cuda.Event()
             done.record()
         return PendingLoopback(done, (send, recv, source))
+
+    def finish(self, failure, what: str, device: torch.device) -> None:
+        """One process: nobody else to tell; this rank's compute error (if any) raises here."""
+        if failure is not None:
+            raise failure.error

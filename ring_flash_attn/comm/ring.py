@@ -8,6 +8,11 @@ exchange is in flight, and calls ``wait()`` before touching the received tensor
 or reusing the sent one. Keeping the buffers alive until then is what makes the
 overlap safe: the collective backend may still read/write them on its own
 stream or thread.
+
+On CPU (gloo, where waiting blocks anyway) each wait is bounded
+(:func:`ring_flash_attn.agreement.wait_bounded`), so a rank that never arrives is
+an error within seconds instead of at the process-group timeout. ``finish``
+tells every rank whether any rank's compute failed during the call.
 """
 
 from __future__ import annotations
@@ -17,17 +22,25 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from .. import agreement
+
 
 class PendingExchange:
     """An exchange in flight; ``wait()`` returns once both directions are done."""
 
-    def __init__(self, works, tensors):
+    def __init__(self, works, tensors, peers):
         self._works = works
         self._tensors = tensors  # held so the buffers outlive the transfer
+        self._peers = peers
 
     def wait(self) -> None:
-        for work in self._works:
-            work.wait()
+        if self._tensors and self._tensors[0].device.type == "cpu":
+            send_peer, recv_peer = self._peers
+            agreement.wait_bounded(self._works,
+                                   f"ring exchange with ranks {send_peer} (send) and {recv_peer} (receive)")
+        else:
+            for work in self._works:
+                work.wait()
         self._works, self._tensors = [], ()
 
 
@@ -55,4 +68,8 @@ class RingComm:
         """
         ops = [dist.P2POp(dist.isend, send, self.send_peer, self.group),
                dist.P2POp(dist.irecv, recv, self.recv_peer, self.group)]
-        return PendingExchange(dist.batch_isend_irecv(ops), (send, recv))
+        return PendingExchange(dist.batch_isend_irecv(ops), (send, recv), (self.send_peer, self.recv_peer))
+
+    def finish(self, failure, what: str, device: torch.device) -> None:
+        """After the last exchange of a call: every rank raises if any rank's compute failed (``failure``: ours)."""
+        agreement.finish(self.group, failure, device, what)

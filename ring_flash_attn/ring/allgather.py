@@ -9,6 +9,9 @@ the next chunk's backward. Memory for K/V grows with the world size (one
 gathered chunk, two in flight) instead of staying flat as in the ring, in
 exchange for collectives that interconnects run at full speed.
 
+Exception safety as in the ring engine: a rank whose compute raised keeps making
+every gather and reduce-scatter of the call, then all ranks learn of it and raise.
+
 The same kernel backends, block tasks and float32 merge as the ring engine are
 used; only the exchange differs. Tensors are packed sequences
 ``[1, total_tokens_local, heads, head_dim]`` and tasks index the gathered K/V
@@ -23,6 +26,8 @@ from typing import Any, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from .. import agreement
+from ..agreement import ComputeFailure
 from ..kernels import Features, select_backend
 from ..kernels.base import KernelBackend
 from ..merge import new_accumulators
@@ -64,10 +69,18 @@ class _Gathered:
                        dist.all_gather_into_tensor(self.v, v_chunk, group=plan.group, async_op=True)]
 
     def wait(self):
-        for work in self._works:
-            work.wait()
+        _wait(self._works, self.k.device, "all-gather of K/V")
         self._works, self._sources = [], ()
         return self.k, self.v
+
+
+def _wait(works, device, what: str) -> None:
+    """Bounded on CPU (gloo blocks in wait anyway); stream-ordered elsewhere."""
+    if device.type == "cpu":
+        agreement.wait_bounded(works, what)
+    else:
+        for work in works:
+            work.wait()
 
 
 def _head_chunks(heads: int, heads_k: int, stride: int):
@@ -86,14 +99,21 @@ def allgather_forward(q, k, v, plan: AllGatherPlan):
     out_acc, lse_acc = new_accumulators(q)
     chunks = list(_head_chunks(q.shape[2], k.shape[2], plan.heads_k_stride))
     pending = _gather_chunk(k, v, chunks[0][1], plan)
+    failure = None
     for n, (q_heads, _) in enumerate(chunks):
         k_all, v_all = pending.wait()
         if n + 1 < len(chunks):
             pending = _gather_chunk(k, v, chunks[n + 1][1], plan)
-        for task in plan.tasks:
-            plan.backend.forward_accumulate(
-                q[:, task.q, q_heads], k_all[task.k].unsqueeze(0), v_all[task.k].unsqueeze(0),
-                out_acc[:, task.q, q_heads], lse_acc[:, q_heads, task.q], **plan.kernel_kwargs(task, q_heads))
+        if failure is not None:
+            continue  # keep gathering: the other ranks' all-gathers must stay matched
+        try:
+            for task in plan.tasks:
+                plan.backend.forward_accumulate(
+                    q[:, task.q, q_heads], k_all[task.k].unsqueeze(0), v_all[task.k].unsqueeze(0),
+                    out_acc[:, task.q, q_heads], lse_acc[:, q_heads, task.q], **plan.kernel_kwargs(task, q_heads))
+        except BaseException as error:
+            failure = ComputeFailure(error, f"forward head chunk {n}")
+    agreement.finish(plan.group, failure, q.device, "all-gather forward")
     return out_acc.to(q.dtype), lse_acc
 
 
@@ -105,20 +125,25 @@ def allgather_backward(dout, q, k, v, out, lse, plan: AllGatherPlan):
     chunks = list(_head_chunks(q.shape[2], k.shape[2], plan.heads_k_stride))
     pending = _gather_chunk(k, v, chunks[0][1], plan)
     in_flight = None  # at most one chunk's reduce-scatter at a time bounds memory to two gathered chunks
+    failure = None
     for n, (q_heads, kv_heads) in enumerate(chunks):
         k_all, v_all = pending.wait()
         if n + 1 < len(chunks):
             pending = _gather_chunk(k, v, chunks[n + 1][1], plan)
         dk_all = torch.zeros(k_all.shape, dtype=acc_dtype, device=k.device)
         dv_all = torch.zeros_like(dk_all)
-        for task in plan.tasks:
-            dq, dk_blk, dv_blk = plan.backend.backward(
-                dout[:, task.q, q_heads], q[:, task.q, q_heads], k_all[task.k].unsqueeze(0),
-                v_all[task.k].unsqueeze(0), out[:, task.q, q_heads], lse[:, q_heads, task.q],
-                **plan.kernel_kwargs(task, q_heads))
-            dq_acc[:, task.q, q_heads] += dq
-            dk_all[task.k] += dk_blk[0]
-            dv_all[task.k] += dv_blk[0]
+        if failure is None:
+            try:
+                for task in plan.tasks:
+                    dq, dk_blk, dv_blk = plan.backend.backward(
+                        dout[:, task.q, q_heads], q[:, task.q, q_heads], k_all[task.k].unsqueeze(0),
+                        v_all[task.k].unsqueeze(0), out[:, task.q, q_heads], lse[:, q_heads, task.q],
+                        **plan.kernel_kwargs(task, q_heads))
+                    dq_acc[:, task.q, q_heads] += dq
+                    dk_all[task.k] += dk_blk[0]
+                    dv_all[task.k] += dv_blk[0]
+            except BaseException as error:  # keep reduce-scattering (ours are partial sums) to the last chunk
+                failure = ComputeFailure(error, f"backward head chunk {n}")
         dk_mine = torch.empty(dk_all.shape[0] // plan.world_size, *dk_all.shape[1:], dtype=acc_dtype,
                               device=k.device)
         dv_mine = torch.empty_like(dk_mine)
@@ -129,13 +154,13 @@ def allgather_backward(dout, q, k, v, out, lse, plan: AllGatherPlan):
         # The full-size sources stay referenced until their reduce-scatter is done.
         in_flight = (works, kv_heads, dk_mine, dv_mine, dk_all, dv_all)
     _finish_scatter(in_flight, dk, dv)
+    agreement.finish(plan.group, failure, q.device, "all-gather backward")
     return dq_acc.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 def _finish_scatter(in_flight, dk, dv) -> None:
     works, kv_heads, dk_mine, dv_mine, _, _ = in_flight
-    for work in works:
-        work.wait()
+    _wait(works, dk.device, "reduce-scatter of dK/dV")
     dk[0, :, kv_heads] = dk_mine
     dv[0, :, kv_heads] = dv_mine
 
@@ -149,12 +174,17 @@ def allgather_tasks(layout, rank: int, world_size: int, seqlen_local: int, band,
 
 
 def allgather_attention(q, k, v, tasks, *, softmax_scale, softcap, group, backend, heads_k_stride, world_size,
-                        needs_band: bool, alibi_slopes=None):
+                        needs_band: bool, alibi_slopes=None, shared=None):
     """Choose the kernel and run the all-gather exchange for this rank's ``tasks`` on packed ``[1, T, H, D]``
-    tensors. ``needs_band`` must be the same on every rank (every rank must choose the same backend)."""
+    tensors. ``needs_band`` must be the same on every rank (every rank must choose the same backend).
+    ``shared``: what else the ranks must agree on (layout, causal, window, ...), as :func:`agreement.describe`
+    keywords."""
     features = Features(q.device.type, q.dtype, q.shape[-1], band=needs_band, softcap=softcap > 0,
                         alibi=alibi_slopes is not None)
     kernel = select_backend(features, backend)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     plan = AllGatherPlan(tuple(tasks), scale, softcap, kernel, group, world_size, heads_k_stride, alibi_slopes)
+    agreement.agree(group, agreement.describe(
+        q, k, v, exchange="allgather", softmax_scale=scale, softcap=softcap, heads_k_stride=heads_k_stride,
+        alibi_slopes=None if alibi_slopes is None else tuple(alibi_slopes.shape), **(shared or {})), q.device)
     return ContextParallelAttention.apply(q, k, v, plan)

@@ -16,6 +16,11 @@ every step (ping-pong), which oneCCL needs to reuse its IPC handles and which
 keeps peak memory flat. The communicator's ``wait()`` orders the device work
 (the collective runs on its own stream/thread), and no buffer is written while
 a transfer may still read it.
+
+Exception safety: an error in a rank's compute (a kernel, the merge) does not end
+its loop. The rank stops computing but keeps making every exchange of the call,
+so no transfer is left in flight on any rank and the group serves the next call;
+after the last exchange ``comm.finish`` tells every rank who failed, and all raise.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import Any, Optional
 
 import torch
 
+from ..agreement import ComputeFailure
 from ..kernels.base import KernelBackend
 from ..kernels.mask import Band
 from ..merge import new_accumulators
@@ -41,7 +47,7 @@ class RingPlan:
     scale: float
     softcap: float
     backend: KernelBackend
-    comm: Any  # RingComm or any object with rank, world_size and exchange(send, recv, kind)
+    comm: Any  # RingComm or any object with rank, world_size, exchange(send, recv, kind) and finish(...)
     alibi_slopes: Optional[torch.Tensor] = None
 
     def tasks(self, src: int, seqlen_local: int):
@@ -72,19 +78,25 @@ def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RingPl
     comm, seqlen = plan.comm, q.shape[1]
     out_acc, lse_acc = new_accumulators(q)
     kv = [torch.stack((k, v)), None]  # [2, B, S, Hk, D]; the second buffer is allocated at the first exchange
+    failure = None
     for step in range(comm.world_size):
         pending = None
         if step + 1 < comm.world_size:
             if kv[1] is None:
                 kv[1] = torch.empty_like(kv[0])
             pending = comm.exchange(kv[0], kv[1])
-        for task in plan.tasks((comm.rank - step) % comm.world_size, seqlen):
-            plan.backend.forward_accumulate(
-                q[:, task.q], kv[0][0][:, task.k], kv[0][1][:, task.k],
-                out_acc[:, task.q], lse_acc[:, :, task.q], **plan.kernel_kwargs(task))
+        if failure is None:
+            try:
+                for task in plan.tasks((comm.rank - step) % comm.world_size, seqlen):
+                    plan.backend.forward_accumulate(
+                        q[:, task.q], kv[0][0][:, task.k], kv[0][1][:, task.k],
+                        out_acc[:, task.q], lse_acc[:, :, task.q], **plan.kernel_kwargs(task))
+            except BaseException as error:  # keep passing K/V: the other ranks' exchanges must stay matched
+                failure = ComputeFailure(error, f"forward step {step}")
         if pending is not None:
             pending.wait()
             kv.reverse()
+    comm.finish(failure, "ring forward", q.device)
     return out_acc.to(q.dtype), lse_acc
 
 
@@ -95,7 +107,7 @@ def ring_backward(dout, q, k, v, out, lse, plan: RingPlan):
     dq_acc = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
     kv = [torch.stack((k, v)), None]
     dkv = [torch.zeros((2, *k.shape), dtype=acc_dtype, device=k.device), None]
-    pending_dkv = None
+    pending_dkv, failure = None, None
     for step in range(comm.world_size):
         pending_kv = None
         if step + 1 < comm.world_size:
@@ -104,12 +116,16 @@ def ring_backward(dout, q, k, v, out, lse, plan: RingPlan):
                 dkv[1] = torch.empty_like(dkv[0])
             pending_kv = comm.exchange(kv[0], kv[1])
         block_grads = []
-        for task in plan.tasks((comm.rank - step) % comm.world_size, seqlen):
-            dq, dk, dv = plan.backend.backward(
-                dout[:, task.q], q[:, task.q], kv[0][0][:, task.k], kv[0][1][:, task.k],
-                out[:, task.q], lse[:, :, task.q], **plan.kernel_kwargs(task))
-            dq_acc[:, task.q] += dq
-            block_grads.append((task, dk, dv))
+        if failure is None:
+            try:
+                for task in plan.tasks((comm.rank - step) % comm.world_size, seqlen):
+                    dq, dk, dv = plan.backend.backward(
+                        dout[:, task.q], q[:, task.q], kv[0][0][:, task.k], kv[0][1][:, task.k],
+                        out[:, task.q], lse[:, :, task.q], **plan.kernel_kwargs(task))
+                    dq_acc[:, task.q] += dq
+                    block_grads.append((task, dk, dv))
+            except BaseException as error:  # keep passing K/V and dK/dV (ours left out) to the end of the ring
+                failure, block_grads = ComputeFailure(error, f"backward step {step}"), []
         if pending_dkv is not None:
             pending_dkv.wait()  # dkv[0] now holds the partial sums for the K/V block we just used
         for task, dk, dv in block_grads:
@@ -123,6 +139,7 @@ def ring_backward(dout, q, k, v, out, lse, plan: RingPlan):
             kv.reverse()
     if pending_dkv is not None:
         pending_dkv.wait()
+    comm.finish(failure, "ring backward", q.device)
     return dq_acc.to(q.dtype), dkv[0][0].to(k.dtype), dkv[0][1].to(v.dtype)
 
 
@@ -143,6 +160,9 @@ class ContextParallelAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, _dlse):
+        if torch.is_grad_enabled():  # create_graph=True: every rank gets here, before any exchange
+            raise NotImplementedError("create_graph: double backward through ring attention is not supported "
+                                      "(its backward is not differentiable); call backward with create_graph=False")
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = ctx.plan.backward(dout.contiguous(), q, k, v, out, lse)
         return dq, dk, dv, None

@@ -8,10 +8,17 @@ AdaptiveCpp comes from ``$RFA_ACPP_PREFIX`` or ``<repo>/../shared/toolchains/bui
 (which builds it once, ~3 min, and prints its prefix). A missing toolchain fails
 the tests under CI (``CI=true``) and skips them with the reason elsewhere; a
 compile error always fails them.
+
+An interrupted build (a killed test run) leaves ``torch.utils.cpp_extension``'s
+``lock`` file in the build directory, and every later ``load`` would wait on it
+forever. Builds therefore run under an OS file lock (``build.flock``, released by
+the kernel when its holder dies): whoever holds it knows any ``lock`` file is
+stale, removes it, and builds; a concurrent run waits for the live build only.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
@@ -70,6 +77,18 @@ def _source_hash(prefix: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def build_exclusively(build_dir: Path, build):
+    """``build()`` (a cpp_extension ``load`` into ``build_dir``) while holding ``build_dir/build.flock``; a
+    ``lock`` file left by an interrupted build is removed first (see the module docstring)."""
+    with open(build_dir / "build.flock", "w") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX)  # released when this process ends, however it ends
+        stale = build_dir / "lock"
+        if stale.exists():
+            print(f"\nSYCL CPU test build: removing {stale}, left by an interrupted build")
+            stale.unlink()
+        return build()
+
+
 def build_cpu_extension():
     """Compile (or load the cached) CPU test build; returns the loaded module."""
     from torch.utils.cpp_extension import load
@@ -86,9 +105,10 @@ def build_cpu_extension():
     os.environ["MAX_JOBS"] = "2"
     started = time.perf_counter()
     try:
-        module = load(name="ring_flash_attn_sycl_cpu_test", sources=[str(SOURCES / "ops.cpp"), str(kernel_source)],
-                      extra_cflags=CFLAGS + [f"-I{SOURCES}"], extra_ldflags=LDFLAGS,
-                      build_directory=str(build_dir), verbose=False)
+        module = build_exclusively(build_dir, lambda: load(
+            name="ring_flash_attn_sycl_cpu_test", sources=[str(SOURCES / "ops.cpp"), str(kernel_source)],
+            extra_cflags=CFLAGS + [f"-I{SOURCES}"], extra_ldflags=LDFLAGS, build_directory=str(build_dir),
+            verbose=False))
     except Exception as error:  # the toolchain is there, so this is a bug in the sources: always a failure
         pytest.fail(f"compiling {SOURCES} with {prefix}/bin/acpp failed: {error}", pytrace=False)
     finally:
