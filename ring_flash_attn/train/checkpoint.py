@@ -174,20 +174,20 @@ def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, device:
     """Restore model, optimizer and this rank's RNG from ``path``; every rank calls this.
 
     ``expected`` carries this run's mesh shape and data fingerprint (its step fields are ignored): a checkpoint
-    from another mesh or other data cannot continue this run exactly, so it is refused.
+    of other data is refused; one from another mesh is resharded (it continues within rounding, not bit for
+    bit: sums run in another order).
     """
     _raise_on_every_rank(verify(path, check_crc) if dist.get_rank() == 0 else None)
     state = TrainState(**json.loads((path / TRAIN_STATE).read_text()))
     # Every rank reads the same file, so every rank reaches the same verdict here.
-    if (state.dp_size, state.cp_size) != (expected.dp_size, expected.cp_size):
-        raise CheckpointError(f"checkpoint {path}: written with dp={state.dp_size} x cp={state.cp_size}, this run "
-                              f"is dp={expected.dp_size} x cp={expected.cp_size}; resume with the same mesh")
     if state.data_fingerprint != expected.data_fingerprint:
         raise CheckpointError(f"checkpoint {path}: written for data {state.data_fingerprint}, this run reads "
                               f"{expected.data_fingerprint} (other data or seq_len); resume with the same data")
     target = _model_optimizer_state(model, optimizer)
-    dcp.load(target, checkpoint_id=str(path))
+    dcp.load(target, checkpoint_id=str(path))  # DCP reshards when the mesh differs from the one that saved
     set_state_dict(model, optimizer, model_state_dict=target["model"], optim_state_dict=target["optim"])
-    # Our own file (listed in the verified manifest); it holds Python's RNG tuple, which needs the full unpickler.
-    _set_rng_state(torch.load(path / f"rng_rank{dist.get_rank():05d}.pt", weights_only=False), device)
+    if (state.dp_size, state.cp_size) == (expected.dp_size, expected.cp_size):
+        # Our own file (listed in the verified manifest); it holds Python's RNG tuple, which needs the full
+        # unpickler. On another mesh the ranks' RNG streams have no counterpart: they continue as seeded.
+        _set_rng_state(torch.load(path / f"rng_rank{dist.get_rank():05d}.pt", weights_only=False), device)
     return state

@@ -61,7 +61,11 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0                # max global gradient norm; 0 = off
     seed: int = 0                         # model initialisation and RNG streams
-    precision: str = "fp32"               # "fp32", or "bf16" (bfloat16 autocast, float32 weights and optimizer)
+    precision: str = "fp32"               # "fp32", or "bf16" (bfloat16 compute, float32 weights, optimizer, reduction)
+    activation_checkpointing: str = "none"  # per decoder layer: none, full (every layer) or every_n
+    activation_checkpointing_n: int = 2   # every_n: checkpoint layers 0, n, 2n, ...
+    compile: bool = False                 # torch.compile each decoder layer
+    compile_backend: str = "inductor"     # torch.compile's backend (aot_eager: no code generation, for tests)
 
 
 @dataclass
@@ -72,6 +76,8 @@ class ParallelConfig:
     device: str = "auto"                  # auto, cpu, cuda or xpu
     dist_backend: Optional[str] = None    # force a torch.distributed backend (gloo, nccl, xccl, ccl)
     timeout_s: float = 600.0              # a collective waiting longer than this fails the run
+    fsdp_replicate: int = 1               # hybrid sharding: replicate over this many groups of consecutive ranks
+                                          # (one per node), shard within each; 1 = shard over every rank
 
 
 @dataclass
@@ -122,6 +128,7 @@ CHOICES = {
     "data.source": ("stdlib", "files"),
     "data.format": ("text", "jsonl"),
     "train.precision": ("fp32", "bf16"),
+    "train.activation_checkpointing": ("none", "full", "every_n"),
     "parallel.device": ("auto", "cpu", "cuda", "xpu"),
     "log.progress": ("auto", "bar", "lines", "off"),
 }
@@ -249,7 +256,9 @@ def validate(config: RunConfig) -> None:
                 "parallel.timeout_s": config.parallel.timeout_s, "check.steps": config.check.steps,
                 "log.every": config.log.every, "checkpoint.keep": config.checkpoint.keep,
                 "model.hidden_size": config.model.hidden_size,
-                "model.num_hidden_layers": config.model.num_hidden_layers}
+                "model.num_hidden_layers": config.model.num_hidden_layers,
+                "train.activation_checkpointing_n": config.train.activation_checkpointing_n,
+                "parallel.fsdp_replicate": config.parallel.fsdp_replicate}
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"config key {key}: expected a positive value, got {value}")
@@ -275,12 +284,22 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"config key parallel.{exc}") from None
 
 
+def _launch_hint(world_size: int) -> str:
+    if world_size != 1:
+        return ""
+    return (" (this is a single process: launch with torchrun, e.g. torchrun --standalone --nproc_per_node 4 -m "
+            "ring_flash_attn train ..., or set --parallel.cp 1)")
+
+
 def validate_for_world(config: RunConfig, world_size: int) -> int:
     """Checks that need the world size; returns the data-parallel degree."""
     cp = config.parallel.cp
     if world_size % cp:
         raise ConfigError(f"config key parallel.cp: the world size {world_size} must be a multiple of the "
-                          f"context-parallel degree, got cp={cp}")
+                          f"context-parallel degree, got cp={cp}{_launch_hint(world_size)}")
+    if world_size % config.parallel.fsdp_replicate:
+        raise ConfigError(f"config key parallel.fsdp_replicate: the world size {world_size} must be a multiple of "
+                          f"the number of replica groups, got fsdp_replicate={config.parallel.fsdp_replicate}")
     try:
         get_layout(config.parallel.variant).check_global(config.data.seq_len, cp)
     except ValueError as exc:

@@ -173,14 +173,22 @@ class BatchPlan:
     dp_size: int
     micro_batch_size: int
     grad_accum: int
+    # Where a resumed run picks up: optimizer step ``first_step`` reads from sample ``first_sample`` on (the
+    # checkpoint's data position, which a run on another mesh cannot derive from the step alone).
+    first_step: int = 0
+    first_sample: int = 0
 
     @property
     def samples_per_step(self) -> int:
         return self.dp_size * self.micro_batch_size * self.grad_accum
 
+    def samples_before(self, step: int) -> int:
+        """The data position when optimizer step ``step`` (0-based) starts."""
+        return self.first_sample + (step - self.first_step) * self.samples_per_step
+
     def indices(self, step: int, micro_step: int, dp_rank: int) -> List[int]:
         """Sample indices for optimizer step ``step`` (0-based), micro-step ``micro_step``, replica ``dp_rank``."""
-        first = ((step * self.grad_accum + micro_step) * self.dp_size + dp_rank) * self.micro_batch_size
+        first = self.samples_before(step) + (micro_step * self.dp_size + dp_rank) * self.micro_batch_size
         return list(range(first, first + self.micro_batch_size))
 
     def global_indices(self, step: int, micro_step: int) -> List[int]:

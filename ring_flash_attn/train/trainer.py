@@ -1,4 +1,4 @@
-"""The training loop: data-parallel x context-parallel, checkpointed, resumable, and its ``--check`` twin.
+"""The training loop: FSDP-sharded over data x context ranks, checkpointed, resumable, and its ``--check`` twin.
 
 Order of work in a run, chosen so that nothing can hang on bad input: read
 and check the config and the data on every rank (no communication), then join
@@ -8,12 +8,13 @@ the process group, build the mesh and the model, restore a checkpoint, train.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -26,8 +27,9 @@ from .config import DEFAULT_CHECK_RTOL, ConfigError, RunConfig, validate_for_wor
 from .data import Batch, BatchPlan, PackedDataset
 from .faults import FaultInjector
 from .metrics import METRICS_FILE, PLOT_FILE, MetricsLog, Progress, StepTimer, peak_memory_bytes, plot_loss
-from .model import build_model, token_loss_sum
-from .parallel import Mesh, all_reduce_gradients, broadcast_parameters, build_mesh
+from .mesh import Mesh, build_mesh
+from .model import build_empty_model, build_model, materialize_from_rank0, token_loss_sum
+from .parallel import parallelize
 from .preemption import StopRequest, TrainingInterrupted
 
 # The attention full-sequence runs use in --check: PyTorch's fused attention over the whole sequence.
@@ -69,7 +71,8 @@ def setup(config: RunConfig) -> Run:
     dataset = PackedDataset.from_config(config.data)
     device_type = default_device_type() if config.parallel.device == "auto" else config.parallel.device
     _, device = init_distributed(device_type, config.parallel.dist_backend, config.parallel.timeout_s)
-    mesh = build_mesh(device_type, dp_size, config.parallel.cp, config.parallel.timeout_s)
+    mesh = build_mesh(device_type, dp_size, config.parallel.cp, config.parallel.timeout_s,
+                      config.parallel.fsdp_replicate)
     _check_same_data(dataset)
     attn_implementation = register_ring_attention(mesh.cp_group, config.parallel.variant, config.parallel.attn_backend)
     plan = BatchPlan(dp_size, config.train.micro_batch_size, config.train.grad_accum)
@@ -103,8 +106,9 @@ def make_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer
     return torch.optim.AdamW(groups, lr=config.train.lr, betas=(config.train.beta1, config.train.beta2))
 
 
-def _autocast(config: RunConfig, device: torch.device):
-    if config.train.precision == "bf16":
+def _reference_autocast(config: RunConfig, device: torch.device, sharded: bool):
+    """bfloat16 compute for the unsharded --check reference (FSDP's MixedPrecisionPolicy does it when sharded)."""
+    if config.train.precision == "bf16" and not sharded:
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -115,21 +119,23 @@ def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_bat
     """One optimizer step over ``micro_batches`` (this rank's tokens); returns (global mean loss, grad norm).
 
     ``tokens_per_step`` counts the tokens of the whole step on every rank, so each rank's loss is its share of
-    the global mean and the SUM all-reduce of gradients (``distributed``) yields the global mean's gradient.
+    the global mean and FSDP's SUM reduce-scatter of gradients (``distributed``: the model is sharded) yields
+    the global mean's gradient (see fsdp.py).
     """
     optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=device, dtype=torch.float32)
     for batch in micro_batches:
-        with _autocast(config, device):
+        with _reference_autocast(config, device, distributed):
             token_losses = token_loss_sum(model, batch.input_ids.to(device), batch.labels.to(device),
                                           batch.position_ids.to(device))
         (token_losses / tokens_per_step).backward()
         loss_sum += token_losses.detach()
     if distributed:
-        all_reduce_gradients(model)
         dist.all_reduce(loss_sum)
     max_norm = config.train.grad_clip if config.train.grad_clip > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    if hasattr(grad_norm, "full_tensor"):  # a DTensor when the parameters are sharded
+        grad_norm = grad_norm.full_tensor()
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.step()
@@ -147,10 +153,17 @@ def local_micro_batches(run: Run, step: int) -> List[Batch]:
     return batches
 
 
-def _build_replicated_model(run: Run) -> nn.Module:
-    model = build_model(run.config.model, run.config.data.seq_len, run.attn_implementation,
-                        run.config.train.seed).to(run.device)
-    broadcast_parameters(model)
+def full_model(config: RunConfig, attn_implementation: str) -> nn.Module:
+    """The whole model with its initial weights, in host memory (rank 0 only, and the --check reference)."""
+    return build_model(config.model, config.data.seq_len, attn_implementation, config.train.seed)
+
+
+def build_sharded_model(run: Run) -> nn.Module:
+    """The run's model, parallelised (parallel.py) and sharded over every rank, with rank 0's initial weights."""
+    config = run.config
+    model = build_empty_model(config.model, config.data.seq_len, run.attn_implementation)
+    parallelize(model, config, run.mesh)
+    materialize_from_rank0(model, full_model(config, run.attn_implementation) if run.rank == 0 else None, run.device)
     model.train()
     return model
 
@@ -176,7 +189,7 @@ def train(run: Run) -> List[dict]:
     """Train for ``train.steps`` steps (continuing from a checkpoint if asked); returns rank 0's step records."""
     config = run.config
     root = config.checkpoint_dir()
-    model = _build_replicated_model(run)
+    model = build_sharded_model(run)
     optimizer = make_optimizer(model, config)
     expected = checkpoint.TrainState(0, 0, run.dataset.fingerprint, run.mesh.dp_size, run.mesh.cp_size)
     start_step = 0
@@ -185,8 +198,13 @@ def train(run: Run) -> List[dict]:
         raise checkpoint.CheckpointError(f"checkpoint.dir {root} already holds {found.name}: pass --resume to "
                                          f"continue from it, or choose another checkpoint.dir / log.dir")
     if found is not None:
-        start_step = checkpoint.load(found, model, optimizer, run.device, config.checkpoint.verify, expected).step
-        run.say(f"resumed from {found} (step {start_step})")
+        state = checkpoint.load(found, model, optimizer, run.device, config.checkpoint.verify, expected)
+        start_step = state.step
+        run.plan = dataclasses.replace(run.plan, first_step=state.step, first_sample=state.samples_consumed)
+        resharded = (state.dp_size, state.cp_size) != (run.mesh.dp_size, run.mesh.cp_size)
+        run.say(f"resumed from {found} (step {start_step})" + (
+            f", written at dp={state.dp_size} x cp={state.cp_size}, resharded to dp={run.mesh.dp_size} x "
+            f"cp={run.mesh.cp_size}" if resharded else ""))
     elif config.checkpoint.resume:
         run.say(f"--resume: no checkpoint in {root} yet, starting from step 0")
 
@@ -243,7 +261,7 @@ def train(run: Run) -> List[dict]:
 
 
 def _train_state(run: Run, steps_done: int) -> checkpoint.TrainState:
-    return checkpoint.TrainState(steps_done, steps_done * run.plan.samples_per_step, run.dataset.fingerprint,
+    return checkpoint.TrainState(steps_done, run.plan.samples_before(steps_done), run.dataset.fingerprint,
                                  run.mesh.dp_size, run.mesh.cp_size)
 
 
@@ -251,10 +269,26 @@ def _describe(run: Run, model: nn.Module) -> str:
     config = run.config
     params = sum(p.numel() for p in model.parameters())
     backend = choose_backend(run.device.type, config.parallel.dist_backend)
-    return (f"model {config.model.family}: {params / 1e6:.2f} M parameters | mesh dp={run.mesh.dp_size} x "
+    shard_mib = sum(p.to_local().numel() * p.element_size() for p in model.parameters()) / 2**20
+    return (f"model {config.model.family}: {params / 1e6:.2f} M parameters, {shard_mib:.1f} MiB of them on each "
+            f"rank (FSDP) | mesh dp={run.mesh.dp_size} x "
             f"cp={run.mesh.cp_size} ({config.parallel.variant}) on {run.world_size} x {run.device.type} ({backend}) | "
             f"{run.plan.samples_per_step} sequences x {config.data.seq_len} tokens = {run.tokens_per_step} tokens "
             f"per step | data: {run.dataset.num_sequences} sequences ({config.data.source})")
+
+
+def reference_steps(config: RunConfig, dataset: PackedDataset, plan: BatchPlan, steps: int,
+                    device: torch.device) -> Iterator[Tuple[float, nn.Module]]:
+    """The run's first ``steps`` optimizer steps on this one process, full attention, the whole batch of every
+    replica at once: yields (loss, model) after each step (the model's gradients are that step's)."""
+    model = full_model(config, FULL_ATTENTION).to(device).train()
+    optimizer = make_optimizer(model, config)
+    tokens_per_step = plan.samples_per_step * config.data.seq_len
+    for step in range(steps):
+        batches = [dataset.batch(plan.global_indices(step, micro)) for micro in range(plan.grad_accum)]
+        loss, _ = optimizer_step(model, optimizer, batches, tokens_per_step, learning_rate(config, step), config,
+                                 device, distributed=False)
+        yield loss, model
 
 
 def check(run: Run) -> List[Tuple[float, float]]:
@@ -266,8 +300,7 @@ def check(run: Run) -> List[Tuple[float, float]]:
     config = run.config
     steps = config.check.steps
     rtol = config.check.rtol if config.check.rtol is not None else DEFAULT_CHECK_RTOL[config.train.precision]
-    model = _build_replicated_model(run)
-    initial_weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    model = build_sharded_model(run)
     optimizer = make_optimizer(model, config)
     parallel_losses = [_step(run, model, optimizer, step)[0] for step in range(steps)]
 
@@ -275,16 +308,7 @@ def check(run: Run) -> List[Tuple[float, float]]:
     if run.rank == 0:
         print(f"--check: {steps} steps with full attention on rank 0 (the other ranks wait, up to "
               f"parallel.timeout_s = {config.parallel.timeout_s:g} s)", flush=True)
-        reference = build_model(config.model, config.data.seq_len, FULL_ATTENTION, config.train.seed)
-        reference.load_state_dict(initial_weights)
-        reference.to(run.device).train()
-        reference_optimizer = make_optimizer(reference, config)
-        full_losses = []
-        for step in range(steps):
-            batches = [run.dataset.batch(run.plan.global_indices(step, micro)) for micro in range(run.plan.grad_accum)]
-            loss, _ = optimizer_step(reference, reference_optimizer, batches, run.tokens_per_step,
-                                     learning_rate(config, step), config, run.device, distributed=False)
-            full_losses.append(loss)
+        full_losses = [loss for loss, _ in reference_steps(config, run.dataset, run.plan, steps, run.device)]
         pairs = list(zip(parallel_losses, full_losses))
         worst = max(abs(p - f) / abs(f) for p, f in pairs)
         for step, (p, f) in enumerate(pairs, 1):
