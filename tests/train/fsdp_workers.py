@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -20,15 +21,16 @@ def losses_and_gradients(config_path: Path, log_dir: Path, *overrides) -> dict:
     run = trainer.setup(load_config(str(config_path), [("log.dir", str(log_dir)), *overrides]))
     model = trainer.build_sharded_model(run)
     optimizer = trainer.make_optimizer(model, run.config)
-    losses, gradients = [], []
+    losses, gradients, graphs = [], [], []
     for step in range(STEPS):
         losses.append(trainer._step(run, model, optimizer, step)[0])
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
         # full_tensor is a collective. numpy arrays travel to the parent by value (tensors would go through
         # shared memory that dies with this process).
         full = {_plain_name(name): p.grad.full_tensor().numpy() for name, p in model.named_parameters()}
         gradients.append(full if run.rank == 0 else None)
     state_bytes = local_state_bytes(model, optimizer)
-    return {"losses": losses, "gradients": gradients, "state_bytes": state_bytes}
+    return {"losses": losses, "gradients": gradients, "state_bytes": state_bytes, "graphs_compiled": graphs}
 
 
 def all_scenarios(rank: int, world_size: int, config_path: Path, base: Path) -> dict:
@@ -50,13 +52,21 @@ def all_scenarios(rank: int, world_size: int, config_path: Path, base: Path) -> 
     return results
 
 
-def resume_on_two_ranks(rank: int, world_size: int, config_path: Path, base: Path) -> list:
+def two_rank_scenarios(rank: int, world_size: int, config_path: Path, base: Path) -> dict:
+    """Resume the 4-rank run on 2 ranks; compile (aot_eager: Dynamo and AOTAutograd, no code generation, which
+    would cost a minute of CI per world) against eager."""
+    results = {"resumed": resume_on_two_ranks(rank, config_path, base)}
+    results["eager"] = losses_and_gradients(config_path, base / "eager", ("parallel.cp", "2"))
+    results["compiled"] = losses_and_gradients(config_path, base / "compiled", ("parallel.cp", "2"),
+                                               ("train.compile", "true"), ("train.compile_backend", "aot_eager"))
+    return results
+
+
+def resume_on_two_ranks(rank: int, config_path: Path, base: Path) -> list:
     """Continue the 4-rank run from its step-3 checkpoint on 2 ranks (cp2, grad_accum 2: the same global batch)."""
     last = base / "resize" / "checkpoints" / checkpoint.checkpoint_name(6)
     dist.barrier()
     if rank == 0:
-        import shutil
-
         shutil.rmtree(last)
     dist.barrier()
     config = load_config(str(config_path), [("log.dir", str(base / "resize")), ("parallel.cp", "2"),

@@ -73,9 +73,28 @@ def test_state_bytes_per_rank_fall_as_one_over_ranks(world):
     assert full_bytes / 4 <= per_rank <= 1.05 * full_bytes / 4
 
 
-def test_resume_on_another_world_size_continues(world):
+@pytest.fixture(scope="module")
+def two_ranks(world):
+    """The 4-rank run's losses (read before the resume rewrites its log), and the 2-rank world's results."""
     base, config, _ = world
     straight = [r["loss"] for r in read_metrics(base / "resize" / "metrics.jsonl")]
-    resumed = run_world(2, fsdp_workers.resume_on_two_ranks, config, base, timeout_s=120)[0]
-    assert len(straight) == 6 and len(resumed) == 3
-    assert resumed == pytest.approx(straight[3:], rel=LOSS_RTOL)
+    return straight, run_world(2, fsdp_workers.two_rank_scenarios, config, base, timeout_s=180)[0]
+
+
+def test_resume_on_another_world_size_continues(two_ranks):
+    straight, results = two_ranks
+    assert len(straight) == 6 and len(results["resumed"]) == 3
+    assert results["resumed"] == pytest.approx(straight[3:], rel=LOSS_RTOL)
+
+
+def test_compiled_layers_equal_eager_and_compile_once(two_ranks):
+    _, results = two_ranks
+    eager, compiled = results["eager"], results["compiled"]
+    assert compiled["losses"] == pytest.approx(eager["losses"], rel=LOSS_RTOL)
+    for step in range(STEPS):
+        for name, gradient in eager["gradients"][step].items():
+            error = rel_err(torch.from_numpy(compiled["gradients"][step][name]), torch.from_numpy(gradient))
+            assert error <= GRADIENT[torch.float32], (step, name, error)
+    graphs = compiled["graphs_compiled"]
+    assert graphs[0] > eager["graphs_compiled"][-1]  # it did compile
+    assert graphs[1] == graphs[2], "recompiled after the first steps"
