@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 MANIFEST = "manifest.json"
@@ -123,7 +124,13 @@ def _model_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -
 
 def save(root: Path, state: TrainState, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
          keep: int) -> Path:
-    """Write checkpoint ``step_<state.step>`` under ``root``; every rank calls this. Returns its path."""
+    """Write checkpoint ``step_<state.step>`` under ``root``; every rank calls this. Returns its path.
+
+    Any failure (an unwritable directory, a full disk, DCP's ``CheckpointException``, which is a
+    ``BaseException``) on any rank becomes the same CheckpointError on every rank, naming each failing rank's
+    cause; the ``.partial`` directory is left for the next save to remove and every complete checkpoint is
+    left as it was.
+    """
     rank = dist.get_rank()
     final = root / checkpoint_name(state.step)
     partial = final.with_name(final.name + PARTIAL_SUFFIX)
@@ -132,28 +139,61 @@ def save(root: Path, state: TrainState, model: nn.Module, optimizer: torch.optim
         if final.exists():
             problem = f"checkpoint {final} already exists; refusing to overwrite it"
         else:
-            shutil.rmtree(partial, ignore_errors=True)  # left by a crash during an earlier save
-            partial.mkdir(parents=True)
+            try:
+                shutil.rmtree(partial, ignore_errors=True)  # left by a crash during an earlier save
+                partial.mkdir(parents=True)
+            except OSError as exc:
+                problem = f"checkpoint {final} not saved: rank 0: cannot create {partial}: {_cause(exc)}"
     _raise_on_every_rank(problem)
 
-    dcp.save(_model_optimizer_state(model, optimizer), checkpoint_id=str(partial))
-    torch.save(_rng_state(device), partial / f"rng_rank{rank:05d}.pt")
-    dist.barrier()
+    try:
+        dcp.save(_model_optimizer_state(model, optimizer), checkpoint_id=str(partial))
+        torch.save(_rng_state(device), partial / f"rng_rank{rank:05d}.pt")
+        failure = None
+    except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
+        failure = _cause(exc)
+    _raise_if_any_rank_failed(failure, f"checkpoint {final} not saved")
     if rank == 0:
-        (partial / TRAIN_STATE).write_text(json.dumps(asdict(state), indent=1))
-        files = {p.name: {"size": p.stat().st_size, "crc32": _crc32(p)} for p in sorted(partial.iterdir())}
-        for name in files:  # the data must be durable before the rename makes the checkpoint visible
-            with open(partial / name, "rb") as handle:
-                os.fsync(handle.fileno())
-        (partial / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
-        with open(partial / MANIFEST, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.rename(partial, final)
-        _fsync_dir(root)
-        for _, old in list_checkpoints(root)[:-keep]:
-            shutil.rmtree(old)
-    dist.barrier()
+        try:
+            _complete(root, partial, final, state, keep)
+        except OSError as exc:
+            problem = f"checkpoint {final} not saved: rank 0: completing {partial}: {_cause(exc)}"
+    _raise_on_every_rank(problem)
     return final
+
+
+def _complete(root: Path, partial: Path, final: Path, state: TrainState, keep: int) -> None:
+    """Rank 0, once every rank's files are written: train state, manifest, rename, then drop old checkpoints."""
+    (partial / TRAIN_STATE).write_text(json.dumps(asdict(state), indent=1))
+    files = {p.name: {"size": p.stat().st_size, "crc32": _crc32(p)} for p in sorted(partial.iterdir())}
+    for name in files:  # the data must be durable before the rename makes the checkpoint visible
+        with open(partial / name, "rb") as handle:
+            os.fsync(handle.fileno())
+    (partial / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+    with open(partial / MANIFEST, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.rename(partial, final)
+    _fsync_dir(root)
+    for _, old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old)
+
+
+def _cause(exc: BaseException) -> str:
+    """One line naming the real cause: DCP's CheckpointException wraps each failing rank's exception."""
+    if isinstance(exc, CheckpointException):
+        return "; ".join(f"rank {r}: {_cause(inner)}" for r, (inner, _) in sorted(exc.failures.items()))
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _raise_if_any_rank_failed(failure: Optional[str], context: str) -> None:
+    """Every rank says what failed on it (None: nothing); if any rank failed, every rank raises the same error."""
+    failures = [None] * dist.get_world_size()
+    dist.all_gather_object(failures, failure)
+    distinct = sorted({f for f in failures if f is not None})
+    if len(distinct) == 1 and failures.count(distinct[0]) == len(failures):  # DCP reports alike on every rank
+        raise CheckpointError(f"{context}: {distinct[0]}")
+    if distinct:
+        raise CheckpointError(f"{context}: " + "; ".join(f"rank {r}: {f}" for r, f in enumerate(failures) if f))
 
 
 def _raise_on_every_rank(problem: Optional[str]) -> None:
@@ -184,7 +224,10 @@ def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, device:
         raise CheckpointError(f"checkpoint {path}: written for data {state.data_fingerprint}, this run reads "
                               f"{expected.data_fingerprint} (other data or seq_len); resume with the same data")
     target = _model_optimizer_state(model, optimizer)
-    dcp.load(target, checkpoint_id=str(path))  # DCP reshards when the mesh differs from the one that saved
+    try:
+        dcp.load(target, checkpoint_id=str(path))  # DCP reshards when the mesh differs from the one that saved
+    except CheckpointException as exc:  # a BaseException: it would escape every `except Exception`
+        raise CheckpointError(f"checkpoint {path}: loading failed: {_cause(exc)}") from None
     set_state_dict(model, optimizer, model_state_dict=target["model"], optim_state_dict=target["optim"])
     if (state.dp_size, state.cp_size) == (expected.dp_size, expected.cp_size):
         # Our own file (listed in the verified manifest); it holds Python's RNG tuple, which needs the full

@@ -207,6 +207,10 @@ def train(run: Run) -> List[dict]:
             f"cp={run.mesh.cp_size}" if resharded else ""))
     elif config.checkpoint.resume:
         run.say(f"--resume: no checkpoint in {root} yet, starting from step 0")
+    if start_step >= config.train.steps:
+        run.say(f"nothing to train: the run is complete ({found.name} in {root} is at step {start_step}, "
+                f"train.steps = {config.train.steps}); raise --train.steps to train further")
+        return []
 
     run.say(_describe(run, model))
     log_dir = Path(config.log.dir)

@@ -28,6 +28,36 @@ def test_resume_equals_uninterrupted(world):
     assert checkpoints == ["step_00000003", "step_00000006"]  # no .partial left behind
 
 
+@pytest.mark.parametrize("failure, cause", [
+    ("unwritable", "PermissionError: [Errno 13] Permission denied"),
+    ("dcp_base_exception", "rank 1: OSError: [Errno 28] No space left on device"),
+    ("one_rank_fails", "rank 1: OSError: [Errno 28] No space left on device"),
+])
+def test_failed_save_is_one_error_on_every_rank_and_keeps_the_last_checkpoint(world, failure, cause):
+    base, results = world
+    messages = {r["save_failures"]["errors"][failure] for r in results}
+    assert len(messages) == 1, messages  # the same line on every rank
+    message = messages.pop()
+    assert message.startswith(f"checkpoint {base / 'save_failures' / 'checkpoints' / 'step_00000006'} not saved")
+    assert cause in message and "\n" not in message
+    assert results[0]["save_failures"]["left"][failure] == ["step_00000003"]
+
+
+def test_resume_after_failed_saves_equals_uninterrupted(world):
+    base, results = world
+    assert [r["save_failures"]["resumed_steps"] for r in results] == [[4, 5, 6]] * 2
+    assert losses(base / "save_failures" / "metrics.jsonl") == losses(base / "straight" / "metrics.jsonl")
+
+
+def test_resume_of_a_complete_run_says_so_and_trains_nothing(world):
+    base, results = world
+    assert [r["resume"]["complete"]["records"] for r in results] == [[], []]
+    printed = results[0]["resume"]["complete"]["printed"]
+    assert f"nothing to train: the run is complete (step_00000006 in {base / 'resumed' / 'checkpoints'} is at " \
+           f"step 6, train.steps = 6); raise --train.steps to train further" in printed
+    assert "steps 7-6" not in printed and results[1]["resume"]["complete"]["printed"] == ""
+
+
 def test_existing_checkpoints_are_never_overwritten(world):
     _, results = world
     for result in results:
