@@ -33,7 +33,11 @@ class ModelConfig:
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
     num_key_value_heads: int = 4
-    rope_theta: float = 10000.0
+    rope_theta: Optional[float] = None    # rotary base; None: the pretrained model's, or 10000 for a new one
+    rope_scaling: Optional[Dict[str, Any]] = None  # transformers' rope parameters, e.g. {rope_type: llama3 |
+                                          # yarn | linear | dynamic, factor: 8, original_max_position_embeddings: ...}
+    pretrained: Optional[str] = None      # a local transformers model directory (config.json + safetensors);
+                                          # the architecture keys above are then the directory's, not these
     extra: Dict[str, Any] = field(default_factory=dict)  # more transformers config fields, passed through as-is
 
 

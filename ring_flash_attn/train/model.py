@@ -1,6 +1,6 @@
-"""A decoder-only transformers model from the run config: the full model on one rank, empty shells on the rest.
+"""A decoder-only transformers model, random or pretrained: the full model on one rank, empty shells on the rest.
 
-Nothing is downloaded. Every rank builds the model on the ``meta`` device (no
+Nothing is downloaded (a pretrained model is a local directory, see pretrained.py). Every rank builds the model on the ``meta`` device (no
 memory), the parallelisation wraps and shards it, each rank allocates only its
 shards, and rank 0, the one rank that builds the whole model in host memory,
 broadcasts each parameter as the ranks fill their shards.
@@ -8,6 +8,7 @@ broadcasts each parameter as the ranks fill their shards.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -15,11 +16,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
+from . import pretrained
 from .config import ConfigError, ModelConfig
 from .data import VOCAB_SIZE
 
 # Embedding and LM-head matrices whose row count is a multiple of 64 map onto full matrix-engine tiles.
 VOCAB_MULTIPLE = 64
+DEFAULT_ROPE_THETA = 10000.0
 # What wrappers (activation checkpointing, torch.compile) put in front of a wrapped module's names.
 WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
 
@@ -28,28 +31,72 @@ def padded_vocab_size() -> int:
     return -(-VOCAB_SIZE // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
 
+def _set_rope(hf_config, rope_theta: Optional[float], rope_scaling: Optional[dict]) -> None:
+    """Apply the run's rotary settings over the model's own (transformers 5 keeps both in ``rope_parameters``,
+    4.x in ``rope_theta`` and ``rope_scaling``)."""
+    if hasattr(hf_config, "rope_parameters"):
+        params = dict(hf_config.rope_parameters or {})
+        params.update(rope_scaling or {})
+        if rope_theta is not None:
+            params["rope_theta"] = rope_theta
+        hf_config.rope_parameters = params
+        return
+    if rope_scaling is not None:
+        hf_config.rope_scaling = dict(rope_scaling)
+    if rope_theta is not None:
+        hf_config.rope_theta = rope_theta
+
+
+def _rope_type(hf_config) -> str:
+    params = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {}
+    return params.get("rope_type", params.get("type", "default"))
+
+
 def model_config(config: ModelConfig, seq_len: int):
-    """The transformers config of the run's model."""
+    """The transformers config of the run's model: the pretrained directory's, or one built from the run config;
+    either with the run's rotary settings and ``max_position_embeddings`` covering ``seq_len``."""
     try:
         from transformers import AutoConfig
     except ImportError:
         raise ConfigError("training needs transformers: pip install 'ring-attention-xpu[hf]'") from None
-    fields = dict(vocab_size=padded_vocab_size(), hidden_size=config.hidden_size,
-                  intermediate_size=config.intermediate_size, num_hidden_layers=config.num_hidden_layers,
-                  num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_key_value_heads,
-                  max_position_embeddings=seq_len, rope_theta=config.rope_theta, use_cache=False)
-    fields.update(config.extra)
-    try:
-        return AutoConfig.for_model(config.family, **fields)
-    except ValueError as exc:
-        raise ConfigError(f"config key model.family: transformers does not know {config.family!r}: {exc}") from None
+    if config.pretrained:
+        hf_config = pretrained.load_config(Path(config.pretrained))
+        positions = hf_config.max_position_embeddings
+        extends = config.rope_theta is not None or config.rope_scaling is not None
+        if seq_len > positions and not extends and _rope_type(hf_config) == "default":
+            raise ConfigError(f"data.seq_len: {seq_len} is beyond the {positions} positions of model.pretrained "
+                              f"{config.pretrained!r}; set model.rope_scaling (e.g. {{rope_type: yarn, factor: "
+                              f"{-(-seq_len // positions)}, original_max_position_embeddings: {positions}}}) or "
+                              f"model.rope_theta to extend its context, or a data.seq_len <= {positions}")
+        for key, value in config.extra.items():
+            setattr(hf_config, key, value)
+        hf_config.use_cache = False
+    else:
+        fields = dict(vocab_size=padded_vocab_size(), hidden_size=config.hidden_size,
+                      intermediate_size=config.intermediate_size, num_hidden_layers=config.num_hidden_layers,
+                      num_attention_heads=config.num_attention_heads,
+                      num_key_value_heads=config.num_key_value_heads, use_cache=False)
+        fields.update(config.extra)
+        try:
+            hf_config = AutoConfig.for_model(config.family, **fields)
+        except ValueError as exc:
+            raise ConfigError(f"config key model.family: transformers does not know {config.family!r}: "
+                              f"{exc}") from None
+        positions = seq_len
+    _set_rope(hf_config, DEFAULT_ROPE_THETA if config.rope_theta is None and not config.pretrained
+              else config.rope_theta, config.rope_scaling)
+    hf_config.max_position_embeddings = max(seq_len, positions)
+    return hf_config
 
 
 def build_model(config: ModelConfig, seq_len: int, attn_implementation: str, seed: int) -> nn.Module:
-    """A causal LM of ``config.family`` with fresh weights from ``seed``, whole, in host memory."""
+    """The whole model in host memory, float32: the pretrained weights, or fresh ones from ``seed``."""
     from transformers import AutoModelForCausalLM
 
     hf_config = model_config(config, seq_len)
+    if config.pretrained:
+        return AutoModelForCausalLM.from_pretrained(config.pretrained, config=hf_config, local_files_only=True,
+                                                    attn_implementation=attn_implementation, dtype=torch.float32)
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(hf_config, attn_implementation=attn_implementation)
 
@@ -59,8 +106,20 @@ def build_empty_model(config: ModelConfig, seq_len: int, attn_implementation: st
     from transformers import AutoModelForCausalLM
 
     hf_config = model_config(config, seq_len)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(hf_config, attn_implementation=attn_implementation)
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(hf_config, attn_implementation=attn_implementation)
+    except (KeyError, TypeError, ValueError) as exc:  # e.g. a rope_scaling that lacks a key its rope_type needs
+        raise ConfigError(f"model: transformers cannot build the model from its config (check model.rope_scaling "
+                          f"and model.extra): {type(exc).__name__}: {exc}") from None
+
+
+def check_model(config: ModelConfig, seq_len: int, attn_implementation: str) -> None:
+    """What can be checked before any communication: the model builds, and a pretrained directory's weights
+    match its config (see pretrained.py)."""
+    empty = build_empty_model(config, seq_len, attn_implementation)
+    if config.pretrained:
+        pretrained.check_weights(Path(config.pretrained), empty)
 
 
 def _plain_name(name: str) -> str:

@@ -28,7 +28,7 @@ from .data import Batch, BatchPlan, PackedDataset
 from .faults import FaultInjector
 from .metrics import METRICS_FILE, PLOT_FILE, MetricsLog, Progress, StepTimer, peak_memory_bytes, plot_loss
 from .mesh import Mesh, build_mesh
-from .model import build_empty_model, build_model, materialize_from_rank0, token_loss_sum
+from .model import build_empty_model, build_model, check_model, materialize_from_rank0, token_loss_sum
 from .parallel import parallelize
 from .preemption import StopRequest, TrainingInterrupted
 
@@ -69,6 +69,7 @@ def setup(config: RunConfig) -> Run:
     launch = detect_launch()
     dp_size = validate_for_world(config, launch.world_size)
     dataset = PackedDataset.from_config(config.data)
+    check_model(config.model, config.data.seq_len, FULL_ATTENTION)
     device_type = default_device_type() if config.parallel.device == "auto" else config.parallel.device
     _, device = init_distributed(device_type, config.parallel.dist_backend, config.parallel.timeout_s)
     mesh = build_mesh(device_type, dp_size, config.parallel.cp, config.parallel.timeout_s,
@@ -163,7 +164,17 @@ def build_sharded_model(run: Run) -> nn.Module:
     config = run.config
     model = build_empty_model(config.model, config.data.seq_len, run.attn_implementation)
     parallelize(model, config, run.mesh)
-    materialize_from_rank0(model, full_model(config, run.attn_implementation) if run.rank == 0 else None, run.device)
+    full, problem = None, None
+    if run.rank == 0:
+        try:
+            full = full_model(config, run.attn_implementation)
+        except Exception as exc:  # e.g. unreadable weights the header check could not see: fail every rank alike
+            problem = f"model: rank 0 could not build the model: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+    verdict = [problem]
+    dist.broadcast_object_list(verdict, src=0)
+    if verdict[0] is not None:
+        raise ConfigError(verdict[0])
+    materialize_from_rank0(model, full, run.device)
     model.train()
     return model
 
@@ -274,7 +285,8 @@ def _describe(run: Run, model: nn.Module) -> str:
     params = sum(p.numel() for p in model.parameters())
     backend = choose_backend(run.device.type, config.parallel.dist_backend)
     shard_mib = sum(p.to_local().numel() * p.element_size() for p in model.parameters()) / 2**20
-    return (f"model {config.model.family}: {params / 1e6:.2f} M parameters, {shard_mib:.1f} MiB of them on each "
+    source = f"pretrained {config.model.pretrained}" if config.model.pretrained else config.model.family
+    return (f"model {source}: {params / 1e6:.2f} M parameters, {shard_mib:.1f} MiB of them on each "
             f"rank (FSDP) | mesh dp={run.mesh.dp_size} x "
             f"cp={run.mesh.cp_size} ({config.parallel.variant}) on {run.world_size} x {run.device.type} ({backend}) | "
             f"{run.plan.samples_per_step} sequences x {config.data.seq_len} tokens = {run.tokens_per_step} tokens "

@@ -48,3 +48,15 @@ def torchrun(nproc: int, args, *, env=None, max_restarts: int = 0, timeout_s: fl
 def losses(metrics_path: Path):
     """(step, loss) of every record in a run's metrics.jsonl."""
     return [(r["step"], r["loss"]) for r in map(json.loads, metrics_path.read_text().splitlines())]
+
+
+def save_tiny_llama(directory: Path, max_position_embeddings: int = 64, seed: int = 7) -> Path:
+    """A tiny Llama saved with save_pretrained (config.json + model.safetensors), the shape of TINY's model."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_position_embeddings)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    return directory
