@@ -45,8 +45,12 @@ class ModelConfig:
 class DataConfig:
     source: str = "stdlib"                # "stdlib": this Python's own sources; "files": data.path
     path: Optional[str] = None            # a file, a directory or a glob (source "files")
-    format: str = "text"                  # "text": each file is a document; "jsonl": one JSON object a line
-    text_key: str = "text"                # the field holding the document in jsonl
+    format: str = "text"                  # "text": each file is a document; "jsonl": one JSON object a line;
+                                          # "parquet": files of rows; "hf_dataset": a datasets save_to_disk dir
+    text_key: str = "text"                # the field (jsonl) or column (parquet, hf_dataset) holding the document
+    tokenizer: Optional[str] = None       # a local tokenizer directory (transformers); None: bytes as tokens
+    cache_dir: Optional[str] = None       # token caches (tokenizer only); default ~/.cache/ring_flash_attn/tokens;
+                                          # on a file system every rank sees
     seq_len: int = 1024                   # tokens per sequence (the full sequence, before context-parallel split)
     max_bytes: int = 4_000_000            # stop reading the corpus after this many bytes
     seed: int = 0                         # shuffles the order of packed sequences
@@ -130,7 +134,7 @@ DEFAULT_CHECK_RTOL = {"fp32": 1e-4, "bf16": 2e-2}
 
 CHOICES = {
     "data.source": ("stdlib", "files"),
-    "data.format": ("text", "jsonl"),
+    "data.format": ("text", "jsonl", "parquet", "hf_dataset"),
     "train.precision": ("fp32", "bf16"),
     "train.activation_checkpointing": ("none", "full", "every_n"),
     "parallel.device": ("auto", "cpu", "cuda", "xpu"),

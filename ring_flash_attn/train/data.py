@@ -24,7 +24,7 @@ import os
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, List, Tuple
+from typing import Iterable, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -67,7 +67,7 @@ def _user_paths(path: str, fmt: str) -> List[Path]:
     if candidate.is_file():
         return [candidate]
     if candidate.is_dir():
-        suffix = ".jsonl" if fmt == "jsonl" else ""
+        suffix = {"jsonl": ".jsonl", "parquet": ".parquet"}.get(fmt, "")
         found = sorted(p for p in candidate.rglob("*") if p.is_file() and p.name.endswith(suffix)
                        and not p.name.startswith("."))
         if not found:
@@ -99,13 +99,79 @@ def _jsonl_documents(paths: List[Path], text_key: str, max_bytes: int) -> Iterat
                 yield data
 
 
+def _texts_until(texts: Iterable, where: str, text_key: str, max_bytes: int) -> Iterator[bytes]:
+    total = 0
+    for index, text in enumerate(texts):
+        if total >= max_bytes:
+            return
+        if not isinstance(text, str):
+            raise ConfigError(f"data.text_key: {where} row {index} has no string field {text_key!r}")
+        data = text.encode("utf-8")[: max_bytes - total]
+        total += len(data)
+        yield data
+
+
+def _parquet_documents(paths: List[Path], text_key: str, max_bytes: int) -> Iterator[bytes]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ConfigError("data.format parquet needs pyarrow: pip install pyarrow") from None
+    budget = max_bytes
+    for path in paths:
+        try:
+            table = pq.read_table(path, columns=[text_key])
+        except (KeyError, ValueError, OSError) as exc:
+            raise ConfigError(f"data.path: {path}: cannot read column {text_key!r} (data.text_key): "
+                              f"{str(exc).splitlines()[0]}") from None
+        for data in _texts_until(table.column(text_key).to_pylist(), str(path), text_key, budget):
+            budget -= len(data)
+            yield data
+        if budget <= 0:
+            return
+
+
+def _hf_dataset_documents(path: str, text_key: str, max_bytes: int) -> Iterator[bytes]:
+    """A dataset written by ``datasets``' ``save_to_disk`` (a Dataset, or the "train" split of a DatasetDict)."""
+    try:
+        import datasets
+    except ImportError:
+        raise ConfigError("data.format hf_dataset needs datasets: pip install datasets") from None
+    try:
+        dataset = datasets.load_from_disk(path)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError(f"data.path: {path!r} is not a dataset saved with save_to_disk: "
+                          f"{str(exc).splitlines()[0]}") from None
+    if isinstance(dataset, datasets.DatasetDict):
+        if "train" not in dataset:
+            raise ConfigError(f"data.path: {path!r} holds splits {sorted(dataset)}, none called 'train'")
+        dataset = dataset["train"]
+    if text_key not in dataset.column_names:
+        raise ConfigError(f"data.text_key: {path!r} has no column {text_key!r}; columns: {dataset.column_names}")
+    return _texts_until((row[text_key] for row in dataset), path, text_key, max_bytes)
+
+
 def documents(config: DataConfig) -> Iterator[bytes]:
+    """The corpus's documents as UTF-8 bytes, in a fixed order, up to ``data.max_bytes`` in all."""
     if config.source == "stdlib":
         return _stdlib_documents(config.max_bytes)
+    if config.format == "hf_dataset":
+        return _hf_dataset_documents(config.path, config.text_key, config.max_bytes)
     paths = _user_paths(config.path, config.format)
     if config.format == "jsonl":
         return _jsonl_documents(paths, config.text_key, config.max_bytes)
+    if config.format == "parquet":
+        return _parquet_documents(paths, config.text_key, config.max_bytes)
     return _read_until(paths, config.max_bytes)
+
+
+def source_files(config: DataConfig) -> List[Path]:
+    """Every file the corpus is read from (for the token cache's key)."""
+    if config.source == "stdlib":
+        return list(_stdlib_paths())
+    if config.format == "hf_dataset":
+        root = Path(config.path).expanduser()
+        return sorted(p for p in root.rglob("*") if p.is_file())
+    return _user_paths(config.path, config.format)
 
 
 def pack(docs: Iterator[bytes]) -> torch.Tensor:
@@ -134,7 +200,7 @@ class Batch:
 class PackedDataset:
     """Sequences of ``seq_len + 1`` tokens cut from a packed stream; sample ``i`` in a seeded per-epoch order."""
 
-    def __init__(self, stream: torch.Tensor, seq_len: int, seed: int):
+    def __init__(self, stream: torch.Tensor, seq_len: int, seed: int, fingerprint: Optional[str] = None):
         self.seq_len, self.seed = seq_len, seed
         self.num_sequences = stream.numel() // (seq_len + 1)
         if self.num_sequences < 1:
@@ -142,7 +208,9 @@ class PackedDataset:
                               f"seq_len + 1 = {seq_len + 1}; give more data (data.max_bytes, data.path) or a "
                               f"shorter data.seq_len")
         self.sequences = stream[: self.num_sequences * (seq_len + 1)].view(self.num_sequences, seq_len + 1)
-        self.fingerprint = hashlib.sha256(self.sequences.numpy().tobytes()).hexdigest()[:16]
+        # A token cache names its own fingerprint (hashing a multi-GB memory map at every start would cost more
+        # than the check is worth).
+        self.fingerprint = fingerprint or hashlib.sha256(self.sequences.numpy().tobytes()).hexdigest()[:16]
         self._epoch, self._order = -1, None
 
     @classmethod

@@ -16,8 +16,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-from . import pretrained
-from .config import ConfigError, ModelConfig
+from . import pretrained, tokens
+from .config import ConfigError, RunConfig
 from .data import VOCAB_SIZE
 
 # Embedding and LM-head matrices whose row count is a multiple of 64 map onto full matrix-engine tiles.
@@ -27,8 +27,8 @@ DEFAULT_ROPE_THETA = 10000.0
 WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
 
 
-def padded_vocab_size() -> int:
-    return -(-VOCAB_SIZE // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+def padded_vocab_size(tokens: int = VOCAB_SIZE) -> int:
+    return -(-tokens // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
 
 def _set_rope(hf_config, rope_theta: Optional[float], rope_scaling: Optional[dict]) -> None:
@@ -52,9 +52,12 @@ def _rope_type(hf_config) -> str:
     return params.get("rope_type", params.get("type", "default"))
 
 
-def model_config(config: ModelConfig, seq_len: int):
+def model_config(run_config: RunConfig):
     """The transformers config of the run's model: the pretrained directory's, or one built from the run config;
-    either with the run's rotary settings and ``max_position_embeddings`` covering ``seq_len``."""
+    either with the run's rotary settings, ``max_position_embeddings`` covering ``data.seq_len`` and an
+    embedding that holds every token id of the data (bytes, or ``data.tokenizer``'s vocabulary)."""
+    config, seq_len = run_config.model, run_config.data.seq_len
+    data_vocab = tokens.vocab_size(run_config.data) or VOCAB_SIZE
     try:
         from transformers import AutoConfig
     except ImportError:
@@ -71,8 +74,12 @@ def model_config(config: ModelConfig, seq_len: int):
         for key, value in config.extra.items():
             setattr(hf_config, key, value)
         hf_config.use_cache = False
+        if data_vocab > hf_config.vocab_size:
+            what = f"data.tokenizer {run_config.data.tokenizer!r}" if run_config.data.tokenizer else "byte tokens"
+            raise ConfigError(f"{what}: {data_vocab} token ids, more than the {hf_config.vocab_size} rows of the "
+                              f"embedding of model.pretrained {config.pretrained!r}; use the model's own tokenizer")
     else:
-        fields = dict(vocab_size=padded_vocab_size(), hidden_size=config.hidden_size,
+        fields = dict(vocab_size=padded_vocab_size(data_vocab), hidden_size=config.hidden_size,
                       intermediate_size=config.intermediate_size, num_hidden_layers=config.num_hidden_layers,
                       num_attention_heads=config.num_attention_heads,
                       num_key_value_heads=config.num_key_value_heads, use_cache=False)
@@ -89,23 +96,24 @@ def model_config(config: ModelConfig, seq_len: int):
     return hf_config
 
 
-def build_model(config: ModelConfig, seq_len: int, attn_implementation: str, seed: int) -> nn.Module:
-    """The whole model in host memory, float32: the pretrained weights, or fresh ones from ``seed``."""
+def build_model(run_config: RunConfig, attn_implementation: str) -> nn.Module:
+    """The whole model in host memory, float32: the pretrained weights, or fresh ones from ``train.seed``."""
     from transformers import AutoModelForCausalLM
 
-    hf_config = model_config(config, seq_len)
-    if config.pretrained:
-        return AutoModelForCausalLM.from_pretrained(config.pretrained, config=hf_config, local_files_only=True,
-                                                    attn_implementation=attn_implementation, dtype=torch.float32)
-    torch.manual_seed(seed)
+    hf_config = model_config(run_config)
+    if run_config.model.pretrained:
+        return AutoModelForCausalLM.from_pretrained(run_config.model.pretrained, config=hf_config,
+                                                    local_files_only=True, attn_implementation=attn_implementation,
+                                                    dtype=torch.float32)
+    torch.manual_seed(run_config.train.seed)
     return AutoModelForCausalLM.from_config(hf_config, attn_implementation=attn_implementation)
 
 
-def build_empty_model(config: ModelConfig, seq_len: int, attn_implementation: str) -> nn.Module:
+def build_empty_model(run_config: RunConfig, attn_implementation: str) -> nn.Module:
     """The same model on the ``meta`` device: structure and shapes, no memory."""
     from transformers import AutoModelForCausalLM
 
-    hf_config = model_config(config, seq_len)
+    hf_config = model_config(run_config)
     try:
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(hf_config, attn_implementation=attn_implementation)
@@ -114,12 +122,12 @@ def build_empty_model(config: ModelConfig, seq_len: int, attn_implementation: st
                           f"and model.extra): {type(exc).__name__}: {exc}") from None
 
 
-def check_model(config: ModelConfig, seq_len: int, attn_implementation: str) -> None:
-    """What can be checked before any communication: the model builds, and a pretrained directory's weights
-    match its config (see pretrained.py)."""
-    empty = build_empty_model(config, seq_len, attn_implementation)
-    if config.pretrained:
-        pretrained.check_weights(Path(config.pretrained), empty)
+def check_model(run_config: RunConfig, attn_implementation: str) -> None:
+    """What can be checked before any communication: the model builds, its embedding holds the data's tokens,
+    and a pretrained directory's weights match its config (see pretrained.py)."""
+    empty = build_empty_model(run_config, attn_implementation)
+    if run_config.model.pretrained:
+        pretrained.check_weights(Path(run_config.model.pretrained), empty)
 
 
 def _plain_name(name: str) -> str:

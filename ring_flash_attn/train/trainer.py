@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..comm import choose_backend, default_device_type, detect_launch, init_distributed
-from . import checkpoint
+from . import checkpoint, tokens
 from ..integrations.hf import register_ring_attention, shard_batch
 from .config import DEFAULT_CHECK_RTOL, ConfigError, RunConfig, validate_for_world
 from .data import Batch, BatchPlan, PackedDataset
@@ -68,12 +68,16 @@ def setup(config: RunConfig) -> Run:
     """Check everything that can be checked alone, then join the process group and build the mesh."""
     launch = detect_launch()
     dp_size = validate_for_world(config, launch.world_size)
-    dataset = PackedDataset.from_config(config.data)
-    check_model(config.model, config.data.seq_len, FULL_ATTENTION)
+    check_model(config, FULL_ATTENTION)
+    dataset = None if config.data.tokenizer else PackedDataset.from_config(config.data)
     device_type = default_device_type() if config.parallel.device == "auto" else config.parallel.device
     _, device = init_distributed(device_type, config.parallel.dist_backend, config.parallel.timeout_s)
     mesh = build_mesh(device_type, dp_size, config.parallel.cp, config.parallel.timeout_s,
                       config.parallel.fsdp_replicate)
+    if dataset is None:  # tokenized once, by rank 0, into the shared token cache (tokens.py)
+        tokens.prepare(config.data, launch.rank)
+        stream, _, fingerprint = tokens.load(config.data)
+        dataset = PackedDataset(stream, config.data.seq_len, config.data.seed, fingerprint)
     _check_same_data(dataset)
     attn_implementation = register_ring_attention(mesh.cp_group, config.parallel.variant, config.parallel.attn_backend)
     plan = BatchPlan(dp_size, config.train.micro_batch_size, config.train.grad_accum)
@@ -156,13 +160,13 @@ def local_micro_batches(run: Run, step: int) -> List[Batch]:
 
 def full_model(config: RunConfig, attn_implementation: str) -> nn.Module:
     """The whole model with its initial weights, in host memory (rank 0 only, and the --check reference)."""
-    return build_model(config.model, config.data.seq_len, attn_implementation, config.train.seed)
+    return build_model(config, attn_implementation)
 
 
 def build_sharded_model(run: Run) -> nn.Module:
     """The run's model, parallelised (parallel.py) and sharded over every rank, with rank 0's initial weights."""
     config = run.config
-    model = build_empty_model(config.model, config.data.seq_len, run.attn_implementation)
+    model = build_empty_model(config, run.attn_implementation)
     parallelize(model, config, run.mesh)
     full, problem = None, None
     if run.rank == 0:

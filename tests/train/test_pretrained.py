@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from ring_flash_attn.train.config import ConfigError, ModelConfig
+from ring_flash_attn.train.config import ConfigError, DataConfig, ModelConfig, RunConfig
 from ring_flash_attn.train.model import check_model, model_config
 
 from .helpers import save_tiny_llama
@@ -16,13 +16,17 @@ def tiny(tmp_path_factory):
     return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
 
 
+def _run_config(directory, seq_len=64, **model):
+    return RunConfig(model=ModelConfig(pretrained=str(directory), **model), data=DataConfig(seq_len=seq_len))
+
+
 def _check(directory, seq_len=64, **model):
-    check_model(ModelConfig(pretrained=str(directory), **model), seq_len, "sdpa")
+    check_model(_run_config(directory, seq_len, **model), "sdpa")
 
 
 def test_a_good_directory_passes_and_keeps_its_architecture(tiny):
     _check(tiny)
-    hf_config = model_config(ModelConfig(pretrained=str(tiny), hidden_size=999), 64)
+    hf_config = model_config(_run_config(tiny, hidden_size=999))
     assert hf_config.hidden_size == 32 and hf_config.max_position_embeddings == 64
 
 
@@ -33,7 +37,7 @@ def test_a_good_directory_passes_and_keeps_its_architecture(tiny):
 ])
 def test_context_extension_settings_pass_through(tiny, rope_scaling, rope_type):
     _check(tiny, seq_len=128, rope_scaling=rope_scaling)  # builds: the settings are complete
-    hf_config = model_config(ModelConfig(pretrained=str(tiny), rope_scaling=rope_scaling, rope_theta=5e5), 128)
+    hf_config = model_config(_run_config(tiny, 128, rope_scaling=rope_scaling, rope_theta=5e5))
     assert hf_config.max_position_embeddings == 128
     params = hf_config.rope_parameters
     assert params["rope_type"] == rope_type and params["factor"] == 2.0 and params["rope_theta"] == 5e5

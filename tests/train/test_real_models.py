@@ -16,7 +16,7 @@ from tests.tolerances import GRADIENT, rel_err
 
 from . import real_model_workers
 from .fsdp_workers import STEPS
-from .helpers import save_tiny_llama, write_config
+from .helpers import save_tiny_llama, save_tiny_tokenizer, write_config
 
 LOSS_RTOL = 1e-5
 LATER_GRADIENT_RTOL = 1e-3
@@ -30,12 +30,16 @@ def world(tmp_path_factory):
     tiny = save_tiny_llama(base / "tiny_llama")
     config = write_config(base, data={"seq_len": 128, "max_bytes": 200_000})
     pretrained = [("model.pretrained", str(tiny)), ("model.rope_scaling", json.dumps(LLAMA3_ROPE))]
-    results = run_world(2, real_model_workers.all_scenarios, config, base, pretrained, timeout_s=180)[0]
-    return base, tiny, config, pretrained, results
+    tokenizer = save_tiny_tokenizer(base / "tokenizer")
+    tokenized = [("data.tokenizer", str(tokenizer)), ("data.cache_dir", str(base / "token_cache")),
+                 ("data.max_bytes", "60000"), ("train.steps", "3"), ("checkpoint.every", "0")]
+    results = run_world(2, real_model_workers.all_scenarios, config, base, pretrained, tokenized,
+                        timeout_s=180)
+    return base, tiny, config, pretrained, results[0], results
 
 
 def test_pretrained_weights_reach_the_sharded_model_unchanged(world):
-    _, tiny, _, _, results = world
+    _, tiny, _, _, results, _ = world
     saved = load_file(str(tiny / "model.safetensors"))
     loaded = results["pretrained_weights"]
     assert loaded.keys() == saved.keys()
@@ -44,7 +48,7 @@ def test_pretrained_weights_reach_the_sharded_model_unchanged(world):
 
 
 def test_pretrained_with_extended_rope_trains_as_one_process(world):
-    _, _, config_path, pretrained, results = world
+    _, _, config_path, pretrained, results, _ = world
     config = load_config(str(config_path), pretrained)
     dataset = PackedDataset.from_config(config.data)
     plan = BatchPlan(1, config.train.micro_batch_size, config.train.grad_accum)
@@ -56,3 +60,20 @@ def test_pretrained_with_extended_rope_trains_as_one_process(world):
             error = rel_err(torch.from_numpy(results["pretrained"]["gradients"][step][name]), p.grad)
             assert error <= tolerance, (step, name, error)
     assert model.config.max_position_embeddings == 128 and model.config.rope_parameters["rope_type"] == "llama3"
+
+
+def test_tokenized_once_by_rank0_and_reused(world):
+    base, _, _, _, results, _ = world
+    first, again = results["tokenized"]["runs"]
+    assert "tokenizing the corpus into" in first["printed"] and "tokenizing" not in again["printed"]
+    assert again["losses"] == first["losses"] and len(first["losses"]) == 3
+    assert len(list((base / "token_cache").glob("*.tokens"))) == 1
+    assert not list((base / "token_cache").glob("*.tmp*"))
+
+
+def test_corrupt_token_cache_fails_every_rank_alike(world):
+    *_, every_rank = world
+    messages = {r["tokenized"]["corrupt"] for r in every_rank}
+    assert len(messages) == 1
+    message = messages.pop()
+    assert "does not match its CRC32" in message and "(corrupt); delete both files to rebuild it" in message
