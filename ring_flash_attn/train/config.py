@@ -52,6 +52,8 @@ class DataConfig:
     cache_dir: Optional[str] = None       # token caches (tokenizer only); default ~/.cache/ring_flash_attn/tokens;
                                           # on a file system every rank sees
     seq_len: int = 1024                   # tokens per sequence (the full sequence, before context-parallel split)
+    document_mask: bool = False           # each packed document attends only within itself (positions restart);
+                                          # context parallelism then all-gathers K/V over contiguous pieces (llama3)
     max_bytes: int = 4_000_000            # stop reading the corpus after this many bytes
     seed: int = 0                         # shuffles the order of packed sequences
 
@@ -308,6 +310,11 @@ def validate_for_world(config: RunConfig, world_size: int) -> int:
     if world_size % config.parallel.fsdp_replicate:
         raise ConfigError(f"config key parallel.fsdp_replicate: the world size {world_size} must be a multiple of "
                           f"the number of replica groups, got fsdp_replicate={config.parallel.fsdp_replicate}")
+    if config.data.document_mask:
+        if config.data.seq_len % cp:
+            raise ConfigError(f"config key data.seq_len: with data.document_mask each sequence is cut into cp={cp} "
+                              f"contiguous pieces, so it must be a multiple of {cp}, got {config.data.seq_len}")
+        return world_size // cp
     try:
         get_layout(config.parallel.variant).check_global(config.data.seq_len, cp)
     except ValueError as exc:

@@ -32,6 +32,7 @@ from .config import ConfigError, DataConfig
 
 EOS = 256
 VOCAB_SIZE = 257
+IGNORE_INDEX = -100  # cross-entropy's label for "no target here"
 
 
 @functools.lru_cache(maxsize=1)
@@ -191,17 +192,21 @@ class Batch:
     input_ids: torch.Tensor
     labels: torch.Tensor
     position_ids: torch.Tensor
+    # Document masking: the documents of the whole packed row, all context-parallel ranks' pieces together
+    # (what the all-gather exchange needs before the forward); None otherwise.
+    cu_seqlens: Optional[torch.Tensor] = None
 
     @property
-    def num_tokens(self) -> int:
-        return self.labels.numel()
+    def num_targets(self) -> int:
+        return int((self.labels != IGNORE_INDEX).sum())
 
 
 class PackedDataset:
     """Sequences of ``seq_len + 1`` tokens cut from a packed stream; sample ``i`` in a seeded per-epoch order."""
 
-    def __init__(self, stream: torch.Tensor, seq_len: int, seed: int, fingerprint: Optional[str] = None):
-        self.seq_len, self.seed = seq_len, seed
+    def __init__(self, stream: torch.Tensor, seq_len: int, seed: int, fingerprint: Optional[str] = None,
+                 eos: int = EOS):
+        self.seq_len, self.seed, self.eos = seq_len, seed, eos
         self.num_sequences = stream.numel() // (seq_len + 1)
         if self.num_sequences < 1:
             raise ConfigError(f"data.seq_len: the corpus has {stream.numel()} tokens, fewer than one sequence of "
@@ -228,10 +233,34 @@ class PackedDataset:
         epoch, within = divmod(index, self.num_sequences)
         return self.sequences[int(self._order_for(epoch)[within])].long()
 
-    def batch(self, indices: List[int]) -> Batch:
+    def batch(self, indices: List[int], document_mask: bool = False) -> Batch:
+        """Full sequences ``indices``; with ``document_mask``, each document attends only within itself: its
+        position ids restart at 0 after every EOS, and the prediction made at an EOS (the first token of an
+        unrelated next document) is not a target (label -100)."""
         tokens = torch.stack([self.sample(i) for i in indices])
+        inputs, labels = tokens[:, :-1], tokens[:, 1:]
         positions = torch.arange(self.seq_len).expand(len(indices), -1)
-        return Batch(tokens[:, :-1], tokens[:, 1:], positions)
+        if document_mask:
+            positions = document_positions(inputs, self.eos)
+            labels = labels.masked_fill(inputs == self.eos, IGNORE_INDEX)
+        return Batch(inputs, labels, positions)
+
+
+def document_positions(inputs: torch.Tensor, eos: int) -> torch.Tensor:
+    """``[batch, seq]`` positions that restart at 0 on the token after each ``eos`` (a new document)."""
+    starts = torch.zeros_like(inputs, dtype=torch.bool)
+    starts[:, 0] = True
+    starts[:, 1:] = inputs[:, :-1] == eos
+    index = torch.arange(inputs.shape[1]).expand_as(inputs)
+    last_start = torch.where(starts, index, 0).cummax(dim=1).values
+    return index - last_start
+
+
+def document_cu_seqlens(position_ids: torch.Tensor) -> torch.Tensor:
+    """int32 cu_seqlens of the documents of ``position_ids`` rows laid one after the other (each row starts one)."""
+    flat = position_ids.reshape(-1)
+    starts = torch.nonzero(flat == 0).flatten()
+    return torch.cat([starts, torch.tensor([flat.numel()])]).to(torch.int32)
 
 
 @dataclass(frozen=True)

@@ -22,13 +22,15 @@ from torch import nn
 
 from ..comm import choose_backend, default_device_type, detect_launch, init_distributed
 from . import checkpoint, tokens
-from ..integrations.hf import register_ring_attention, shard_batch
+from ..integrations.hf import (register_ring_attention, shard_batch, substitute_hf_flash_attn,
+                               update_ring_flash_attn_params)
 from .config import DEFAULT_CHECK_RTOL, ConfigError, RunConfig, validate_for_world
-from .data import Batch, BatchPlan, PackedDataset
+from .data import Batch, BatchPlan, PackedDataset, document_cu_seqlens
 from .faults import FaultInjector
 from .metrics import METRICS_FILE, PLOT_FILE, MetricsLog, Progress, StepTimer, peak_memory_bytes, plot_loss
 from .mesh import Mesh, build_mesh
-from .model import build_empty_model, build_model, check_model, materialize_from_rank0, token_loss_sum
+from .model import (build_empty_model, build_model, check_model, materialize_from_rank0, model_config,
+                    token_loss_sum)
 from .parallel import parallelize
 from .preemption import StopRequest, TrainingInterrupted
 
@@ -76,10 +78,15 @@ def setup(config: RunConfig) -> Run:
                       config.parallel.fsdp_replicate)
     if dataset is None:  # tokenized once, by rank 0, into the shared token cache (tokens.py)
         tokens.prepare(config.data, launch.rank)
-        stream, _, fingerprint = tokens.load(config.data)
-        dataset = PackedDataset(stream, config.data.seq_len, config.data.seed, fingerprint)
+        stream, meta, fingerprint = tokens.load(config.data)
+        dataset = PackedDataset(stream, config.data.seq_len, config.data.seed, fingerprint, eos=meta["eos"])
     _check_same_data(dataset)
     attn_implementation = register_ring_attention(mesh.cp_group, config.parallel.variant, config.parallel.attn_backend)
+    if config.data.document_mask:
+        # Documents of any length, crossing the ranks' pieces: the all-gather (llama3) exchange over contiguous
+        # pieces serves them; the zigzag/stripe layouts would need every document's length divisible by 2 x cp.
+        kv_heads = model_config(config).num_key_value_heads
+        substitute_hf_flash_attn(mesh.cp_group, heads_k_stride=kv_heads)
     plan = BatchPlan(dp_size, config.train.micro_batch_size, config.train.grad_accum)
     return Run(config, launch.rank, launch.world_size, device, mesh, dataset, plan, attn_implementation)
 
@@ -119,21 +126,23 @@ def _reference_autocast(config: RunConfig, device: torch.device, sharded: bool):
 
 
 def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: List[Batch],
-                   tokens_per_step: int, lr: float, config: RunConfig, device: torch.device,
-                   distributed: bool) -> Tuple[float, float]:
+                   targets_per_step: int, lr: float, config: RunConfig, device: torch.device,
+                   distributed: bool, cp_group=None) -> Tuple[float, float]:
     """One optimizer step over ``micro_batches`` (this rank's tokens); returns (global mean loss, grad norm).
 
-    ``tokens_per_step`` counts the tokens of the whole step on every rank, so each rank's loss is its share of
+    ``targets_per_step`` counts the targets of the whole step on every rank, so each rank's loss is its share of
     the global mean and FSDP's SUM reduce-scatter of gradients (``distributed``: the model is sharded) yields
     the global mean's gradient (see fsdp.py).
     """
     optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=device, dtype=torch.float32)
     for batch in micro_batches:
+        if batch.cu_seqlens is not None:  # document masking: the all-gather exchange needs the row's documents
+            update_ring_flash_attn_params(batch.cu_seqlens.to(device), cp_group)
         with _reference_autocast(config, device, distributed):
             token_losses = token_loss_sum(model, batch.input_ids.to(device), batch.labels.to(device),
                                           batch.position_ids.to(device))
-        (token_losses / tokens_per_step).backward()
+        (token_losses / targets_per_step).backward()
         loss_sum += token_losses.detach()
     if distributed:
         dist.all_reduce(loss_sum)
@@ -144,18 +153,38 @@ def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_bat
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.step()
-    return loss_sum.item() / tokens_per_step, grad_norm.item()
+    return loss_sum.item() / targets_per_step, grad_norm.item()
 
 
 def local_micro_batches(run: Run, step: int) -> List[Batch]:
     """This rank's slices of its replica's sequences for optimizer step ``step`` (0-based)."""
     batches = []
     for micro_step in range(run.plan.grad_accum):
-        full = run.dataset.batch(run.plan.indices(step, micro_step, run.mesh.dp_rank))
+        full = run.dataset.batch(run.plan.indices(step, micro_step, run.mesh.dp_rank), run.config.data.document_mask)
+        if run.config.data.document_mask:
+            batches.append(_contiguous_piece(full, run.mesh.cp_rank, run.mesh.cp_size))
+            continue
         local = shard_batch(full.input_ids, full.labels, full.position_ids, variant=run.config.parallel.variant,
                             group=run.mesh.cp_group)
         batches.append(Batch(local["input_ids"], local["labels"], local["position_ids"]))
     return batches
+
+
+def _contiguous_piece(full: Batch, cp_rank: int, cp_size: int) -> Batch:
+    """Document masking: the micro-batch's sequences as one packed row, cut into ``cp_size`` contiguous pieces
+    (the all-gather exchange's layout); this rank's piece and the row's document boundaries."""
+    row = [t.reshape(1, -1) for t in (full.input_ids, full.labels, full.position_ids)]
+    piece = row[0].shape[1] // cp_size
+    local = [t[:, cp_rank * piece:(cp_rank + 1) * piece] for t in row]
+    return Batch(*local, cu_seqlens=document_cu_seqlens(row[2]))
+
+
+def step_targets(dataset: PackedDataset, plan: BatchPlan, step: int, document_mask: bool) -> int:
+    """The targets of optimizer step ``step`` over every replica: computed by every rank from the data alone
+    (no communication); every token when every position is a target."""
+    if not document_mask:
+        return plan.samples_per_step * dataset.seq_len
+    return sum(dataset.batch(plan.global_indices(step, micro), True).num_targets for micro in range(plan.grad_accum))
 
 
 def full_model(config: RunConfig, attn_implementation: str) -> nn.Module:
@@ -196,8 +225,9 @@ def _collective(run: Run, step: int, fn, *args):
 
 def _step(run: Run, model, optimizer, step: int) -> Tuple[float, float]:
     """Optimizer step ``step`` (0-based)."""
-    return _collective(run, step, optimizer_step, model, optimizer, local_micro_batches(run, step),
-                       run.tokens_per_step, learning_rate(run.config, step), run.config, run.device, True)
+    targets = step_targets(run.dataset, run.plan, step, run.config.data.document_mask)
+    return _collective(run, step, optimizer_step, model, optimizer, local_micro_batches(run, step), targets,
+                       learning_rate(run.config, step), run.config, run.device, True, run.mesh.cp_group)
 
 
 def train(run: Run) -> List[dict]:
@@ -303,11 +333,11 @@ def reference_steps(config: RunConfig, dataset: PackedDataset, plan: BatchPlan, 
     replica at once: yields (loss, model) after each step (the model's gradients are that step's)."""
     model = full_model(config, FULL_ATTENTION).to(device).train()
     optimizer = make_optimizer(model, config)
-    tokens_per_step = plan.samples_per_step * config.data.seq_len
+    document_mask = config.data.document_mask
     for step in range(steps):
-        batches = [dataset.batch(plan.global_indices(step, micro)) for micro in range(plan.grad_accum)]
-        loss, _ = optimizer_step(model, optimizer, batches, tokens_per_step, learning_rate(config, step), config,
-                                 device, distributed=False)
+        batches = [dataset.batch(plan.global_indices(step, micro), document_mask) for micro in range(plan.grad_accum)]
+        loss, _ = optimizer_step(model, optimizer, batches, step_targets(dataset, plan, step, document_mask),
+                                 learning_rate(config, step), config, device, distributed=False)
         yield loss, model
 
 

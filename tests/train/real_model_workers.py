@@ -51,8 +51,9 @@ def tokenized_runs(rank: int, config_path: Path, base: Path, tokenizer_overrides
 
 
 def all_scenarios(rank: int, world_size: int, config_path: Path, base: Path, pretrained_overrides: list,
-                  tokenizer_overrides: list) -> dict:
+                  tokenizer_overrides: list, document_overrides: list) -> dict:
     return {
+        "documents": losses_and_gradients(config_path, base / "documents", *document_overrides),
         "pretrained_weights": initial_weights(config_path, base / "pretrained_weights", *pretrained_overrides),
         "pretrained": losses_and_gradients(config_path, base / "pretrained", *pretrained_overrides),
         "tokenized": tokenized_runs(rank, config_path, base, tokenizer_overrides),
