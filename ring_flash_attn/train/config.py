@@ -320,3 +320,10 @@ def validate_for_world(config: RunConfig, world_size: int) -> int:
     except ValueError as exc:
         raise ConfigError(f"config key data.seq_len: cannot split over cp={cp}: {exc}") from None
     return world_size // cp
+
+
+def config_from_dict(raw: Dict[str, Any]) -> RunConfig:
+    """A config from its ``to_dict()`` form (as a checkpoint keeps it), checked as a YAML file would be."""
+    config = _build(RunConfig, raw, "")
+    validate(config)
+    return config

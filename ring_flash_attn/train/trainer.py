@@ -284,7 +284,7 @@ def train(run: Run) -> List[dict]:
                 every = config.checkpoint.every
                 if every and (step + 1) % every == 0:
                     checkpoint.save(root, _train_state(run, step + 1), model, optimizer, run.device,
-                                    config.checkpoint.keep)
+                                    config.checkpoint.keep, config.to_dict())
                     last_saved = step + 1
                 stopped_by = _collective(run, step, stop.agreed_signal, run.device)
                 if stopped_by is not None:
@@ -295,7 +295,8 @@ def train(run: Run) -> List[dict]:
         if metrics is not None:
             metrics.close()
     if last_saved != final_step:
-        checkpoint.save(root, _train_state(run, final_step), model, optimizer, run.device, config.checkpoint.keep)
+        checkpoint.save(root, _train_state(run, final_step), model, optimizer, run.device, config.checkpoint.keep,
+                        config.to_dict())
     if stopped_by is not None:
         raise TrainingInterrupted(f"stopped by {signal.Signals(stopped_by).name} after step {final_step} of "
                                   f"{config.train.steps}; checkpoint {checkpoint.checkpoint_name(final_step)} "

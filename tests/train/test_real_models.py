@@ -12,7 +12,7 @@ from ring_flash_attn.train.config import load_config
 from ring_flash_attn.train.data import BatchPlan, PackedDataset
 from ring_flash_attn.train import trainer
 from tests.distributed.harness import run_world
-from tests.tolerances import GRADIENT, rel_err
+from tests.tolerances import FORWARD, GRADIENT, rel_err
 
 from . import real_model_workers
 from .fsdp_workers import STEPS
@@ -119,3 +119,21 @@ def test_document_mask_equals_full_attention_per_document(world):
     # Later steps against the unsharded model on the packed rows (transformers masks by the restarting positions).
     reference = [loss for loss, _ in trainer.reference_steps(config, dataset, plan, STEPS, torch.device("cpu"))]
     assert sharded["losses"] == pytest.approx(reference, rel=LOSS_RTOL)
+
+
+def test_export_loads_with_from_pretrained_and_gives_the_trained_logits(world, tmp_path):
+    base, _, _, _, results, _, _ = world
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ring_flash_attn.cli import main
+
+    out = tmp_path / "hf_model"
+    assert main(["export", "--checkpoint", str(base / "export_run" / "checkpoints"), "--out", str(out)]) == 0
+    model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    assert tokenizer.eos_token == "<eos>" and len(tokenizer) <= model.config.vocab_size
+    with torch.no_grad():
+        logits = model(input_ids=torch.from_numpy(results["export"]["input_ids"])).logits
+    assert rel_err(logits, torch.from_numpy(results["export"]["logits"])) <= FORWARD[torch.float32]
+    # Nothing is overwritten.
+    assert main(["export", "--checkpoint", str(base / "export_run" / "checkpoints"), "--out", str(out)]) == 2
