@@ -105,6 +105,7 @@ class LogConfig:
     progress: str = "auto"                # auto (bar on a terminal, lines otherwise), bar, lines, off
     every: int = 1                        # progress lines every N steps (the JSONL log has every step)
     plot: bool = True                     # loss-vs-step PNG at the end (needs matplotlib)
+    peak_tflops: Optional[float] = None   # the device's peak dense TFLOP/s for MFU; default: known devices' table
 
 
 @dataclass

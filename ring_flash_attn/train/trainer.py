@@ -27,6 +27,7 @@ from ..integrations.hf import (register_ring_attention, shard_batch, substitute_
 from .config import DEFAULT_CHECK_RTOL, ConfigError, RunConfig, validate_for_world
 from .data import Batch, BatchPlan, PackedDataset, document_cu_seqlens
 from .faults import FaultInjector
+from .flops import flops_per_token, peak_tflops
 from .metrics import METRICS_FILE, PLOT_FILE, MetricsLog, Progress, StepTimer, peak_memory_bytes, plot_loss
 from .mesh import Mesh, build_mesh
 from .model import (build_empty_model, build_model, check_model, materialize_from_rank0, model_config,
@@ -264,6 +265,8 @@ def train(run: Run) -> List[dict]:
                         config.log.every)
     faults = FaultInjector(run.rank)
     timer = StepTimer(run.device)
+    model_flops = flops_per_token(model, config.data.seq_len)
+    peak = peak_tflops(run.device, config.train.precision, config.log.peak_tflops)
     records, last_saved = [], start_step if found is not None else None
     final_step, stopped_by = config.train.steps, None
     started = time.perf_counter()
@@ -274,8 +277,12 @@ def train(run: Run) -> List[dict]:
                 timer.start()
                 loss, grad_norm = _step(run, model, optimizer, step)
                 seconds = timer.stop()
+                tflops_per_device = model_flops * run.tokens_per_step / seconds / run.world_size / 1e12
                 record = {"step": step + 1, "loss": loss, "grad_norm": grad_norm, "lr": learning_rate(config, step),
                           "tokens": run.tokens_per_step, "tokens_per_s": run.tokens_per_step / seconds,
+                          "tokens_per_s_per_device": run.tokens_per_step / seconds / run.world_size,
+                          "tflops_per_device": tflops_per_device,
+                          "mfu": tflops_per_device / peak if peak else None,
                           "step_time_s": seconds, "peak_memory_bytes": peak_memory_bytes(run.device)}
                 records.append(record)
                 if metrics is not None:

@@ -1,5 +1,7 @@
 """Training on 2 in-process CPU ranks (gloo): exact resume, refusing to overwrite, corrupt checkpoints, --check."""
 
+import json
+
 import pytest
 
 from tests.distributed.harness import run_world
@@ -56,6 +58,14 @@ def test_resume_of_a_complete_run_says_so_and_trains_nothing(world):
     assert f"nothing to train: the run is complete (step_00000006 in {base / 'resumed' / 'checkpoints'} is at " \
            f"step 6, train.steps = 6); raise --train.steps to train further" in printed
     assert "steps 7-6" not in printed and results[1]["resume"]["complete"]["printed"] == ""
+
+
+def test_log_has_per_device_throughput_flops_and_mfu(world):
+    base, _ = world
+    record = json.loads((base / "straight" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["tokens_per_s_per_device"] == pytest.approx(record["tokens_per_s"] / 2)
+    assert record["tflops_per_device"] > 0
+    assert record["mfu"] is None  # a CPU has no peak in the table and log.peak_tflops is not set
 
 
 def test_existing_checkpoints_are_never_overwritten(world):
