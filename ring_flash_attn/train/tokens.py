@@ -20,6 +20,7 @@ silently rebuilt or overwritten.
 
 from __future__ import annotations
 
+import array
 import functools
 import hashlib
 import json
@@ -40,6 +41,8 @@ DEFAULT_CACHE_DIR = Path("~/.cache/ring_flash_attn/tokens")
 # How long the other ranks wait for rank 0 to tokenize a corpus.
 BUILD_TIMEOUT = timedelta(hours=24)
 DOCUMENTS_PER_BATCH = 256
+# The array typecode of a native int32 (what torch.from_file reads back as torch.int32); no numpy needed.
+INT32 = next(code for code in "il" if array.array(code).itemsize == 4)
 
 
 @functools.lru_cache(maxsize=4)
@@ -100,7 +103,7 @@ def _build(config: DataConfig, tokens_path: Path, meta_path: Path) -> None:
         nonlocal count, crc, largest
         ids = tokenizer([d.decode("utf-8", errors="replace") for d in batch], add_special_tokens=False)["input_ids"]
         flat = [t for doc in ids for t in (*doc, tokenizer.eos_token_id)]
-        data = torch.tensor(flat, dtype=torch.int32).numpy().tobytes()
+        data = array.array(INT32, flat).tobytes()
         handle.write(data)
         count, crc, largest = count + len(flat), zlib.crc32(data, crc), max([largest, *flat])
         batch.clear()

@@ -328,9 +328,10 @@ def _describe(run: Run, model: nn.Module) -> str:
     backend = choose_backend(run.device.type, config.parallel.dist_backend)
     shard_mib = sum(p.to_local().numel() * p.element_size() for p in model.parameters()) / 2**20
     source = f"pretrained {config.model.pretrained}" if config.model.pretrained else config.model.family
+    layout = "document mask, all-gather K/V" if config.data.document_mask else config.parallel.variant
     return (f"model {source}: {params / 1e6:.2f} M parameters, {shard_mib:.1f} MiB of them on each "
             f"rank (FSDP) | mesh dp={run.mesh.dp_size} x "
-            f"cp={run.mesh.cp_size} ({config.parallel.variant}) on {run.world_size} x {run.device.type} ({backend}) | "
+            f"cp={run.mesh.cp_size} ({layout}) on {run.world_size} x {run.device.type} ({backend}) | "
             f"{run.plan.samples_per_step} sequences x {config.data.seq_len} tokens = {run.tokens_per_step} tokens "
             f"per step | data: {run.dataset.num_sequences} sequences ({config.data.source})")
 
