@@ -5,7 +5,8 @@ A checkpoint is a directory ``step_00000040`` holding:
 * the DCP files of the model and the optimizer (each replicated tensor written once),
 * ``rng_rank00000.pt`` ... one per rank: that rank's RNG states,
 * ``train_state.json``: step, data position, data fingerprint, mesh shape,
-* ``run_config.json``: the run's config (``ring-attn export`` rebuilds the model from it),
+* ``run_config.json``: the run's config; ``config.json``: the model's transformers config (``ring-attn
+  export`` rebuilds the model from it, without the pretrained directory the run started from),
 * ``manifest.json``: size and CRC32 of every other file, written last.
 
 Saving writes into ``step_00000040.partial`` and renames it only once every
@@ -37,7 +38,8 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 MANIFEST = "manifest.json"
 TRAIN_STATE = "train_state.json"
-RUN_CONFIG = "run_config.json"  # the config that wrote it: what `ring-attn export` rebuilds the model from
+RUN_CONFIG = "run_config.json"  # the run config that wrote it
+MODEL_CONFIG = "config.json"    # the model's transformers config: what `ring-attn export` rebuilds the model from
 PARTIAL_SUFFIX = ".partial"
 _NAME = re.compile(r"^step_(\d{8})$")
 
@@ -157,18 +159,20 @@ def save(root: Path, state: TrainState, model: nn.Module, optimizer: torch.optim
     _raise_if_any_rank_failed(failure, f"checkpoint {final} not saved")
     if rank == 0:
         try:
-            _complete(root, partial, final, state, keep, run_config)
+            _complete(root, partial, final, state, keep, run_config, model.config.to_json_string())
         except OSError as exc:
             problem = f"checkpoint {final} not saved: rank 0: completing {partial}: {_cause(exc)}"
     _raise_on_every_rank(problem)
     return final
 
 
-def _complete(root: Path, partial: Path, final: Path, state: TrainState, keep: int, run_config: dict) -> None:
+def _complete(root: Path, partial: Path, final: Path, state: TrainState, keep: int, run_config: dict,
+              model_config_json: str) -> None:
     """Rank 0, once every rank's files are written: train state, run config, manifest, rename, then drop old
     checkpoints."""
     (partial / TRAIN_STATE).write_text(json.dumps(asdict(state), indent=1))
     (partial / RUN_CONFIG).write_text(json.dumps(run_config, indent=1))
+    (partial / MODEL_CONFIG).write_text(model_config_json)
     files = {p.name: {"size": p.stat().st_size, "crc32": _crc32(p)} for p in sorted(partial.iterdir())}
     for name in files:  # the data must be durable before the rename makes the checkpoint visible
         with open(partial / name, "rb") as handle:

@@ -5,8 +5,9 @@ consolidated weights (safetensors), ``config.json`` and, when the run used
 ``data.tokenizer``, the tokenizer, so ``AutoModelForCausalLM.from_pretrained``
 (and ``AutoTokenizer``) load it with nothing of this package installed. It runs
 in one process: DCP reads the sharded checkpoint whatever mesh wrote it. The
-model is rebuilt from the run config the checkpoint holds; the saved config
-names PyTorch's SDPA attention (ring attention is a training-time choice).
+model is rebuilt from the transformers config the checkpoint holds (the
+pretrained directory a run started from is not needed); the saved config names
+PyTorch's SDPA attention (ring attention is a training-time choice).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import sys
 from pathlib import Path
 
+import torch
 import torch.distributed.checkpoint as dcp
 
 from . import checkpoint
@@ -43,7 +45,8 @@ def _checkpoint_dir(path: Path) -> Path:
 def export(checkpoint_path: Path, out: Path) -> Path:
     """Write the model of ``checkpoint_path`` to ``out`` (which must not exist or be empty); returns the
     checkpoint directory used."""
-    from .model import build_empty_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     from .tokens import load_tokenizer
 
     source = _checkpoint_dir(checkpoint_path)
@@ -52,14 +55,16 @@ def export(checkpoint_path: Path, out: Path) -> Path:
     problem = checkpoint.verify(source, check_crc=True)
     if problem is not None:
         raise ConfigError(problem)
-    run_config_file = source / checkpoint.RUN_CONFIG
-    if not run_config_file.is_file():
-        raise ConfigError(f"--checkpoint {str(source)!r}: has no {checkpoint.RUN_CONFIG} (written by an older "
+    if not (source / checkpoint.MODEL_CONFIG).is_file():
+        raise ConfigError(f"--checkpoint {str(source)!r}: has no {checkpoint.MODEL_CONFIG} (written by an older "
                           f"version of ring-attn train), so the model it holds is unknown")
-    config = config_from_dict(json.loads(run_config_file.read_text()))
+    config = config_from_dict(json.loads((source / checkpoint.RUN_CONFIG).read_text()))
+    hf_config = AutoConfig.from_pretrained(str(source), local_files_only=True)
     # Meta-device shell, then real memory for the weights only (non-persistent buffers such as rotary
     # frequencies are not saved: from_pretrained recomputes them).
-    model = build_empty_model(config, "sdpa").to_empty(device="cpu")
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa")
+    model.to_empty(device="cpu")
     state = {"model": model.state_dict()}
     dcp.load(state, checkpoint_id=str(source), no_dist=True)
     model.load_state_dict(state["model"])

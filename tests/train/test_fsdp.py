@@ -98,3 +98,10 @@ def test_compiled_layers_equal_eager_and_compile_once(two_ranks):
     graphs = compiled["graphs_compiled"]
     assert graphs[0] > eager["graphs_compiled"][-1]  # it did compile
     assert graphs[1] == graphs[2], "recompiled after the first steps"
+
+
+def test_state_bytes_halve_from_two_ranks_to_four(world, two_ranks):
+    _, _, four = world
+    _, two = two_ranks
+    ratio = two["eager"]["state_bytes"] / four["dp2_cp2"]["state_bytes"]
+    assert 1.9 <= ratio <= 2.05, ratio  # 1 / N, up to FSDP's padding of dim 0
