@@ -1,8 +1,10 @@
 """The training loop: FSDP-sharded over data x context ranks, checkpointed, resumable, and its ``--check`` twin.
 
 Order of work in a run, chosen so that nothing can hang on bad input: read
-and check the config and the data on every rank (no communication), then join
-the process group, build the mesh and the model, restore a checkpoint, train.
+and check the config, the model (a pretrained directory's headers) and the data
+on every rank (no communication), then join the process group, build the mesh,
+let rank 0 tokenize a corpus that has no token cache yet (its verdict reaches
+every rank), build and shard the model, restore a checkpoint, train.
 """
 
 from __future__ import annotations

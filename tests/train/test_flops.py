@@ -1,6 +1,5 @@
 """Model FLOPs per token (attention counted, causal halved) and the peak table behind MFU."""
 
-import pytest
 import torch
 
 from ring_flash_attn.train.config import DataConfig, ModelConfig, RunConfig

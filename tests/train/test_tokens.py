@@ -3,9 +3,9 @@ text, jsonl, parquet and `datasets` sources (the rank-0 build with the other ran
 test_real_models.py)."""
 
 import json
+import re
 
 import pytest
-import torch
 
 from ring_flash_attn.train import tokens
 from ring_flash_attn.train.config import ConfigError, DataConfig, ModelConfig, RunConfig
@@ -76,7 +76,7 @@ def test_corrupt_cache_is_reported_not_rebuilt(tokenizer_dir, corpus, tmp_path, 
     before = tokens_path.read_bytes()
     problem = tokens.verify(tokens_path, meta_path)
     assert problem is not None and "delete both files to rebuild it" in problem
-    assert __import__("re").search(message, problem), problem
+    assert re.search(message, problem), problem
     assert tokens_path.read_bytes() == before  # nothing overwritten
 
 
