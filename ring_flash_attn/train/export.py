@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -66,7 +67,9 @@ def export(checkpoint_path: Path, out: Path) -> Path:
         model = AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa")
     model.to_empty(device="cpu")
     state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=str(source), no_dist=True)
+    with warnings.catch_warnings():  # one process by design, not by accident
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(source), no_dist=True)
     model.load_state_dict(state["model"])
     model.config.use_cache = True
     out.mkdir(parents=True, exist_ok=True)
@@ -93,4 +96,6 @@ def main_export(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
     print(f"exported {source} to {args.out}", flush=True)
+    if not (Path(args.out) / "tokenizer_config.json").is_file():
+        print("no tokenizer: the run trained on bytes (token ids 0-255, 256 = end of document)", flush=True)
     return 0
