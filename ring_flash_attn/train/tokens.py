@@ -162,6 +162,8 @@ def prepare(config: DataConfig, rank: int) -> None:
             problem = str(exc)
         except OSError as exc:
             problem = f"data.cache_dir: cannot write the token cache {tokens_path}: {exc}"
+        except Exception as exc:  # anything else must still reach the waiting ranks, or they wait for a day
+            problem = f"data.tokenizer: tokenizing the corpus failed on rank 0: {type(exc).__name__}: {exc}"
     waiting = dist.new_group(backend="gloo", timeout=BUILD_TIMEOUT)
     verdict = [problem]
     dist.broadcast_object_list(verdict, src=0, group=waiting)
