@@ -36,12 +36,14 @@ def _main_env(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from .check import add_check_parser
     from .train import add_train_parser
+    from .train.export import add_export_parser
 
     parser = argparse.ArgumentParser(prog="ring-attn", description="Context-parallel (ring) attention: check it "
                                      "on a cluster, train with it, time it, report the environment.")
     sub = parser.add_subparsers(dest="command", required=True)
     add_check_parser(sub)
     add_train_parser(sub)
+    add_export_parser(sub)
     # Listed for --help only: main() hands ``bench``'s arguments to the benchmark's own parser.
     sub.add_parser("bench", help="time one rank's ring schedule against the best kernel on one device "
                                  "(ring-attn bench --help for its options)", add_help=False)

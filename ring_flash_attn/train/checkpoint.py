@@ -5,6 +5,8 @@ A checkpoint is a directory ``step_00000040`` holding:
 * the DCP files of the model and the optimizer (each replicated tensor written once),
 * ``rng_rank00000.pt`` ... one per rank: that rank's RNG states,
 * ``train_state.json``: step, data position, data fingerprint, mesh shape,
+* ``run_config.json``: the run's config; ``config.json``: the model's transformers config (``ring-attn
+  export`` rebuilds the model from it, without the pretrained directory the run started from),
 * ``manifest.json``: size and CRC32 of every other file, written last.
 
 Saving writes into ``step_00000040.partial`` and renames it only once every
@@ -31,10 +33,13 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 MANIFEST = "manifest.json"
 TRAIN_STATE = "train_state.json"
+RUN_CONFIG = "run_config.json"  # the run config that wrote it
+MODEL_CONFIG = "config.json"    # the model's transformers config: what `ring-attn export` rebuilds the model from
 PARTIAL_SUFFIX = ".partial"
 _NAME = re.compile(r"^step_(\d{8})$")
 
@@ -122,8 +127,14 @@ def _model_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -
 
 
 def save(root: Path, state: TrainState, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
-         keep: int) -> Path:
-    """Write checkpoint ``step_<state.step>`` under ``root``; every rank calls this. Returns its path."""
+         keep: int, run_config: dict) -> Path:
+    """Write checkpoint ``step_<state.step>`` under ``root``; every rank calls this. Returns its path.
+
+    Any failure (an unwritable directory, a full disk, DCP's ``CheckpointException``, which is a
+    ``BaseException``) on any rank becomes the same CheckpointError on every rank, naming each failing rank's
+    cause; the ``.partial`` directory is left for the next save to remove and every complete checkpoint is
+    left as it was.
+    """
     rank = dist.get_rank()
     final = root / checkpoint_name(state.step)
     partial = final.with_name(final.name + PARTIAL_SUFFIX)
@@ -132,28 +143,65 @@ def save(root: Path, state: TrainState, model: nn.Module, optimizer: torch.optim
         if final.exists():
             problem = f"checkpoint {final} already exists; refusing to overwrite it"
         else:
-            shutil.rmtree(partial, ignore_errors=True)  # left by a crash during an earlier save
-            partial.mkdir(parents=True)
+            try:
+                shutil.rmtree(partial, ignore_errors=True)  # left by a crash during an earlier save
+                partial.mkdir(parents=True)
+            except OSError as exc:
+                problem = f"checkpoint {final} not saved: rank 0: cannot create {partial}: {_cause(exc)}"
     _raise_on_every_rank(problem)
 
-    dcp.save(_model_optimizer_state(model, optimizer), checkpoint_id=str(partial))
-    torch.save(_rng_state(device), partial / f"rng_rank{rank:05d}.pt")
-    dist.barrier()
+    try:
+        dcp.save(_model_optimizer_state(model, optimizer), checkpoint_id=str(partial))
+        torch.save(_rng_state(device), partial / f"rng_rank{rank:05d}.pt")
+        failure = None
+    except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
+        failure = _cause(exc)
+    _raise_if_any_rank_failed(failure, f"checkpoint {final} not saved")
     if rank == 0:
-        (partial / TRAIN_STATE).write_text(json.dumps(asdict(state), indent=1))
-        files = {p.name: {"size": p.stat().st_size, "crc32": _crc32(p)} for p in sorted(partial.iterdir())}
-        for name in files:  # the data must be durable before the rename makes the checkpoint visible
-            with open(partial / name, "rb") as handle:
-                os.fsync(handle.fileno())
-        (partial / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
-        with open(partial / MANIFEST, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.rename(partial, final)
-        _fsync_dir(root)
-        for _, old in list_checkpoints(root)[:-keep]:
-            shutil.rmtree(old)
-    dist.barrier()
+        try:
+            _complete(root, partial, final, state, keep, run_config, model.config.to_json_string())
+        except OSError as exc:
+            problem = f"checkpoint {final} not saved: rank 0: completing {partial}: {_cause(exc)}"
+    _raise_on_every_rank(problem)
     return final
+
+
+def _complete(root: Path, partial: Path, final: Path, state: TrainState, keep: int, run_config: dict,
+              model_config_json: str) -> None:
+    """Rank 0, once every rank's files are written: train state, run config, manifest, rename, then drop old
+    checkpoints."""
+    (partial / TRAIN_STATE).write_text(json.dumps(asdict(state), indent=1))
+    (partial / RUN_CONFIG).write_text(json.dumps(run_config, indent=1))
+    (partial / MODEL_CONFIG).write_text(model_config_json)
+    files = {p.name: {"size": p.stat().st_size, "crc32": _crc32(p)} for p in sorted(partial.iterdir())}
+    for name in files:  # the data must be durable before the rename makes the checkpoint visible
+        with open(partial / name, "rb") as handle:
+            os.fsync(handle.fileno())
+    (partial / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+    with open(partial / MANIFEST, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.rename(partial, final)
+    _fsync_dir(root)
+    for _, old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old)
+
+
+def _cause(exc: BaseException) -> str:
+    """One line naming the real cause: DCP's CheckpointException wraps each failing rank's exception."""
+    if isinstance(exc, CheckpointException):
+        return "; ".join(f"rank {r}: {_cause(inner)}" for r, (inner, _) in sorted(exc.failures.items()))
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _raise_if_any_rank_failed(failure: Optional[str], context: str) -> None:
+    """Every rank says what failed on it (None: nothing); if any rank failed, every rank raises the same error."""
+    failures = [None] * dist.get_world_size()
+    dist.all_gather_object(failures, failure)
+    distinct = sorted({f for f in failures if f is not None})
+    if len(distinct) == 1 and failures.count(distinct[0]) == len(failures):  # DCP reports alike on every rank
+        raise CheckpointError(f"{context}: {distinct[0]}")
+    if distinct:
+        raise CheckpointError(f"{context}: " + "; ".join(f"rank {r}: {f}" for r, f in enumerate(failures) if f))
 
 
 def _raise_on_every_rank(problem: Optional[str]) -> None:
@@ -174,20 +222,23 @@ def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, device:
     """Restore model, optimizer and this rank's RNG from ``path``; every rank calls this.
 
     ``expected`` carries this run's mesh shape and data fingerprint (its step fields are ignored): a checkpoint
-    from another mesh or other data cannot continue this run exactly, so it is refused.
+    of other data is refused; one from another mesh is resharded (it continues within rounding, not bit for
+    bit: sums run in another order).
     """
     _raise_on_every_rank(verify(path, check_crc) if dist.get_rank() == 0 else None)
     state = TrainState(**json.loads((path / TRAIN_STATE).read_text()))
     # Every rank reads the same file, so every rank reaches the same verdict here.
-    if (state.dp_size, state.cp_size) != (expected.dp_size, expected.cp_size):
-        raise CheckpointError(f"checkpoint {path}: written with dp={state.dp_size} x cp={state.cp_size}, this run "
-                              f"is dp={expected.dp_size} x cp={expected.cp_size}; resume with the same mesh")
     if state.data_fingerprint != expected.data_fingerprint:
         raise CheckpointError(f"checkpoint {path}: written for data {state.data_fingerprint}, this run reads "
                               f"{expected.data_fingerprint} (other data or seq_len); resume with the same data")
     target = _model_optimizer_state(model, optimizer)
-    dcp.load(target, checkpoint_id=str(path))
+    try:
+        dcp.load(target, checkpoint_id=str(path))  # DCP reshards when the mesh differs from the one that saved
+    except CheckpointException as exc:  # a BaseException: it would escape every `except Exception`
+        raise CheckpointError(f"checkpoint {path}: loading failed: {_cause(exc)}") from None
     set_state_dict(model, optimizer, model_state_dict=target["model"], optim_state_dict=target["optim"])
-    # Our own file (listed in the verified manifest); it holds Python's RNG tuple, which needs the full unpickler.
-    _set_rng_state(torch.load(path / f"rng_rank{dist.get_rank():05d}.pt", weights_only=False), device)
+    if (state.dp_size, state.cp_size) == (expected.dp_size, expected.cp_size):
+        # Our own file (listed in the verified manifest); it holds Python's RNG tuple, which needs the full
+        # unpickler. On another mesh the ranks' RNG streams have no counterpart: they continue as seeded.
+        _set_rng_state(torch.load(path / f"rng_rank{dist.get_rank():05d}.pt", weights_only=False), device)
     return state

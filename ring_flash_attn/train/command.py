@@ -23,6 +23,20 @@ from .config import ConfigError, load_config, parse_overrides
 EXIT_CONFIG_ERROR = 2
 EXIT_FAILED = 1
 
+# What `ring-attn train --help` shows: for users, so plain text (the docstring above is for readers of the code).
+DESCRIPTION = """\
+Train a decoder-only language model on long sequences: each sequence is split
+over the context-parallel ranks (parallel.cp) of the job, the other ranks are
+data-parallel replicas, and the model is sharded over every rank (FSDP2).
+Launch one process per device with torchrun, mpiexec or srun, e.g. on 4 CPU
+processes (about a minute):
+
+  torchrun --standalone --nproc_per_node 4 -m ring_flash_attn train --config configs/cpu_demo.yaml
+
+Bad input stops every rank with a one-line error and a non-zero exit. SIGTERM
+or Ctrl-C saves a checkpoint and exits with 128 + the signal number; continue
+with --resume. Guide: docs/training.md."""
+
 # Short flags for the overrides people type most.
 SHORTCUTS = {"cp": "parallel.cp", "variant": "parallel.variant", "steps": "train.steps", "device": "parallel.device",
              "seq_len": "data.seq_len", "log_dir": "log.dir"}
@@ -52,17 +66,20 @@ class TrainArgumentParser(argparse.ArgumentParser):
 
 
 def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("--config", help="YAML run config (see configs/); defaults apply to missing keys")
+    parser.add_argument("--config", metavar="YAML",
+                        help="run config file (examples in configs/); keys it leaves out take their defaults")
     parser.add_argument("--resume", action="store_true",
-                        help="continue from the newest complete checkpoint in checkpoint.dir (start fresh if none)")
+                        help="continue from the newest complete checkpoint in checkpoint.dir (start from step 0 "
+                             "if there is none)")
     parser.add_argument("--check", action="store_true",
-                        help="train check.steps steps with context parallelism and with full attention on one rank; "
-                             "exit non-zero if the losses differ beyond check.rtol")
+                        help="train check.steps steps with context parallelism, then the same steps with full "
+                             "attention on one rank, and exit non-zero if the losses differ by more than check.rtol")
     for flag, key in SHORTCUTS.items():
         parser.add_argument(f"--{flag.replace('_', '-')}", dest=f"shortcut_{flag}", metavar="VALUE",
                             help=f"same as --{key}")
     parser.epilog = ("Override any config key with --<section>.<key> <value>, e.g. --train.steps 20 "
-                     "--checkpoint.every 10. Sections: model, data, train, parallel, checkpoint, log, check.")
+                     "--checkpoint.every 10 (sections: model, data, train, parallel, checkpoint, log, check; "
+                     "every key is listed in docs/training.md).")
     parser.set_defaults(handler=main_train, overrides=[])
     return parser
 
@@ -70,7 +87,7 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``train`` sub-command to an ``argparse`` sub-parser collection; returns its parser."""
     parser = subparsers.add_parser("train", help="long-context training with context parallelism",
-                                   description=__doc__.split("\n\n")[0],
+                                   description=DESCRIPTION,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.__class__ = TrainArgumentParser  # see TrainArgumentParser: lets --section.key overrides through
     return _configure(parser)
@@ -122,5 +139,6 @@ def main_train(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """``python -m ring_flash_attn.train ...``: the train command without the ``ring-attn`` front end."""
-    parser = _configure(TrainArgumentParser(prog="ring-attn train", description=__doc__.split("\n\n")[0]))
+    parser = _configure(TrainArgumentParser(prog="ring-attn train", description=DESCRIPTION,
+                                            formatter_class=argparse.RawDescriptionHelpFormatter))
     return main_train(parser.parse_args(argv))

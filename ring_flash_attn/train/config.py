@@ -33,7 +33,11 @@ class ModelConfig:
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
     num_key_value_heads: int = 4
-    rope_theta: float = 10000.0
+    rope_theta: Optional[float] = None    # rotary base; None: the pretrained model's, or 10000 for a new one
+    rope_scaling: Optional[Dict[str, Any]] = None  # transformers' rope parameters, e.g. {rope_type: llama3 |
+                                          # yarn | linear | dynamic, factor: 8, original_max_position_embeddings: ...}
+    pretrained: Optional[str] = None      # a local transformers model directory (config.json + safetensors);
+                                          # the architecture keys above are then the directory's, not these
     extra: Dict[str, Any] = field(default_factory=dict)  # more transformers config fields, passed through as-is
 
 
@@ -41,9 +45,15 @@ class ModelConfig:
 class DataConfig:
     source: str = "stdlib"                # "stdlib": this Python's own sources; "files": data.path
     path: Optional[str] = None            # a file, a directory or a glob (source "files")
-    format: str = "text"                  # "text": each file is a document; "jsonl": one JSON object a line
-    text_key: str = "text"                # the field holding the document in jsonl
+    format: str = "text"                  # "text": each file is a document; "jsonl": one JSON object a line;
+                                          # "parquet": files of rows; "hf_dataset": a datasets save_to_disk dir
+    text_key: str = "text"                # the field (jsonl) or column (parquet, hf_dataset) holding the document
+    tokenizer: Optional[str] = None       # a local tokenizer directory (transformers); None: bytes as tokens
+    cache_dir: Optional[str] = None       # token caches (tokenizer only); default ~/.cache/ring_flash_attn/tokens;
+                                          # on a file system every rank sees
     seq_len: int = 1024                   # tokens per sequence (the full sequence, before context-parallel split)
+    document_mask: bool = False           # each packed document attends only within itself (positions restart);
+                                          # context parallelism then all-gathers K/V over contiguous pieces (llama3)
     max_bytes: int = 4_000_000            # stop reading the corpus after this many bytes
     seed: int = 0                         # shuffles the order of packed sequences
 
@@ -61,7 +71,11 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0                # max global gradient norm; 0 = off
     seed: int = 0                         # model initialisation and RNG streams
-    precision: str = "fp32"               # "fp32", or "bf16" (bfloat16 autocast, float32 weights and optimizer)
+    precision: str = "fp32"               # "fp32", or "bf16" (bfloat16 compute, float32 weights, optimizer, reduction)
+    activation_checkpointing: str = "none"  # per decoder layer: none, full (every layer) or every_n
+    activation_checkpointing_n: int = 2   # every_n: checkpoint layers 0, n, 2n, ...
+    compile: bool = False                 # torch.compile each decoder layer
+    compile_backend: str = "inductor"     # torch.compile's backend (aot_eager: no code generation, for tests)
 
 
 @dataclass
@@ -72,6 +86,8 @@ class ParallelConfig:
     device: str = "auto"                  # auto, cpu, cuda or xpu
     dist_backend: Optional[str] = None    # force a torch.distributed backend (gloo, nccl, xccl, ccl)
     timeout_s: float = 600.0              # a collective waiting longer than this fails the run
+    fsdp_replicate: int = 1               # hybrid sharding: replicate over this many groups of consecutive ranks
+                                          # (one per node), shard within each; 1 = shard over every rank
 
 
 @dataclass
@@ -89,6 +105,7 @@ class LogConfig:
     progress: str = "auto"                # auto (bar on a terminal, lines otherwise), bar, lines, off
     every: int = 1                        # progress lines every N steps (the JSONL log has every step)
     plot: bool = True                     # loss-vs-step PNG at the end (needs matplotlib)
+    peak_tflops: Optional[float] = None   # the device's peak dense TFLOP/s for MFU; default: known devices' table
 
 
 @dataclass
@@ -120,8 +137,9 @@ DEFAULT_CHECK_RTOL = {"fp32": 1e-4, "bf16": 2e-2}
 
 CHOICES = {
     "data.source": ("stdlib", "files"),
-    "data.format": ("text", "jsonl"),
+    "data.format": ("text", "jsonl", "parquet", "hf_dataset"),
     "train.precision": ("fp32", "bf16"),
+    "train.activation_checkpointing": ("none", "full", "every_n"),
     "parallel.device": ("auto", "cpu", "cuda", "xpu"),
     "log.progress": ("auto", "bar", "lines", "off"),
 }
@@ -249,7 +267,9 @@ def validate(config: RunConfig) -> None:
                 "parallel.timeout_s": config.parallel.timeout_s, "check.steps": config.check.steps,
                 "log.every": config.log.every, "checkpoint.keep": config.checkpoint.keep,
                 "model.hidden_size": config.model.hidden_size,
-                "model.num_hidden_layers": config.model.num_hidden_layers}
+                "model.num_hidden_layers": config.model.num_hidden_layers,
+                "train.activation_checkpointing_n": config.train.activation_checkpointing_n,
+                "parallel.fsdp_replicate": config.parallel.fsdp_replicate}
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"config key {key}: expected a positive value, got {value}")
@@ -275,14 +295,36 @@ def validate(config: RunConfig) -> None:
         raise ConfigError(f"config key parallel.{exc}") from None
 
 
+def _launch_hint(world_size: int) -> str:
+    if world_size != 1:
+        return ""
+    return (" (this is a single process: launch with torchrun, e.g. torchrun --standalone --nproc_per_node 4 -m "
+            "ring_flash_attn train ..., or set --parallel.cp 1)")
+
+
 def validate_for_world(config: RunConfig, world_size: int) -> int:
     """Checks that need the world size; returns the data-parallel degree."""
     cp = config.parallel.cp
     if world_size % cp:
         raise ConfigError(f"config key parallel.cp: the world size {world_size} must be a multiple of the "
-                          f"context-parallel degree, got cp={cp}")
+                          f"context-parallel degree, got cp={cp}{_launch_hint(world_size)}")
+    if world_size % config.parallel.fsdp_replicate:
+        raise ConfigError(f"config key parallel.fsdp_replicate: the world size {world_size} must be a multiple of "
+                          f"the number of replica groups, got fsdp_replicate={config.parallel.fsdp_replicate}")
+    if config.data.document_mask:
+        if config.data.seq_len % cp:
+            raise ConfigError(f"config key data.seq_len: with data.document_mask each sequence is cut into cp={cp} "
+                              f"contiguous pieces, so it must be a multiple of {cp}, got {config.data.seq_len}")
+        return world_size // cp
     try:
         get_layout(config.parallel.variant).check_global(config.data.seq_len, cp)
     except ValueError as exc:
         raise ConfigError(f"config key data.seq_len: cannot split over cp={cp}: {exc}") from None
     return world_size // cp
+
+
+def config_from_dict(raw: Dict[str, Any]) -> RunConfig:
+    """A config from its ``to_dict()`` form (as a checkpoint keeps it), checked as a YAML file would be."""
+    config = _build(RunConfig, raw, "")
+    validate(config)
+    return config

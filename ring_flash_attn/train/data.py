@@ -24,7 +24,7 @@ import os
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, List, Tuple
+from typing import Iterable, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -32,6 +32,7 @@ from .config import ConfigError, DataConfig
 
 EOS = 256
 VOCAB_SIZE = 257
+IGNORE_INDEX = -100  # cross-entropy's label for "no target here"
 
 
 @functools.lru_cache(maxsize=1)
@@ -67,7 +68,7 @@ def _user_paths(path: str, fmt: str) -> List[Path]:
     if candidate.is_file():
         return [candidate]
     if candidate.is_dir():
-        suffix = ".jsonl" if fmt == "jsonl" else ""
+        suffix = {"jsonl": ".jsonl", "parquet": ".parquet"}.get(fmt, "")
         found = sorted(p for p in candidate.rglob("*") if p.is_file() and p.name.endswith(suffix)
                        and not p.name.startswith("."))
         if not found:
@@ -99,13 +100,79 @@ def _jsonl_documents(paths: List[Path], text_key: str, max_bytes: int) -> Iterat
                 yield data
 
 
+def _texts_until(texts: Iterable, where: str, text_key: str, max_bytes: int) -> Iterator[bytes]:
+    total = 0
+    for index, text in enumerate(texts):
+        if total >= max_bytes:
+            return
+        if not isinstance(text, str):
+            raise ConfigError(f"data.text_key: {where} row {index} has no string field {text_key!r}")
+        data = text.encode("utf-8")[: max_bytes - total]
+        total += len(data)
+        yield data
+
+
+def _parquet_documents(paths: List[Path], text_key: str, max_bytes: int) -> Iterator[bytes]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ConfigError("data.format parquet needs pyarrow: pip install pyarrow") from None
+    budget = max_bytes
+    for path in paths:
+        try:
+            table = pq.read_table(path, columns=[text_key])
+        except (KeyError, ValueError, OSError) as exc:
+            raise ConfigError(f"data.path: {path}: cannot read column {text_key!r} (data.text_key): "
+                              f"{str(exc).splitlines()[0]}") from None
+        for data in _texts_until(table.column(text_key).to_pylist(), str(path), text_key, budget):
+            budget -= len(data)
+            yield data
+        if budget <= 0:
+            return
+
+
+def _hf_dataset_documents(path: str, text_key: str, max_bytes: int) -> Iterator[bytes]:
+    """A dataset written by ``datasets``' ``save_to_disk`` (a Dataset, or the "train" split of a DatasetDict)."""
+    try:
+        import datasets
+    except ImportError:
+        raise ConfigError("data.format hf_dataset needs datasets: pip install datasets") from None
+    try:
+        dataset = datasets.load_from_disk(path)
+    except (FileNotFoundError, ValueError) as exc:
+        raise ConfigError(f"data.path: {path!r} is not a dataset saved with save_to_disk: "
+                          f"{str(exc).splitlines()[0]}") from None
+    if isinstance(dataset, datasets.DatasetDict):
+        if "train" not in dataset:
+            raise ConfigError(f"data.path: {path!r} holds splits {sorted(dataset)}, none called 'train'")
+        dataset = dataset["train"]
+    if text_key not in dataset.column_names:
+        raise ConfigError(f"data.text_key: {path!r} has no column {text_key!r}; columns: {dataset.column_names}")
+    return _texts_until((row[text_key] for row in dataset), path, text_key, max_bytes)
+
+
 def documents(config: DataConfig) -> Iterator[bytes]:
+    """The corpus's documents as UTF-8 bytes, in a fixed order, up to ``data.max_bytes`` in all."""
     if config.source == "stdlib":
         return _stdlib_documents(config.max_bytes)
+    if config.format == "hf_dataset":
+        return _hf_dataset_documents(config.path, config.text_key, config.max_bytes)
     paths = _user_paths(config.path, config.format)
     if config.format == "jsonl":
         return _jsonl_documents(paths, config.text_key, config.max_bytes)
+    if config.format == "parquet":
+        return _parquet_documents(paths, config.text_key, config.max_bytes)
     return _read_until(paths, config.max_bytes)
+
+
+def source_files(config: DataConfig) -> List[Path]:
+    """Every file the corpus is read from (for the token cache's key)."""
+    if config.source == "stdlib":
+        return list(_stdlib_paths())
+    if config.format == "hf_dataset":
+        root = Path(config.path).expanduser()
+        return sorted(p for p in root.rglob("*") if p.is_file())
+    return _user_paths(config.path, config.format)
 
 
 def pack(docs: Iterator[bytes]) -> torch.Tensor:
@@ -125,24 +192,30 @@ class Batch:
     input_ids: torch.Tensor
     labels: torch.Tensor
     position_ids: torch.Tensor
+    # Document masking: the documents of the whole packed row, all context-parallel ranks' pieces together
+    # (what the all-gather exchange needs before the forward); None otherwise.
+    cu_seqlens: Optional[torch.Tensor] = None
 
     @property
-    def num_tokens(self) -> int:
-        return self.labels.numel()
+    def num_targets(self) -> int:
+        return int((self.labels != IGNORE_INDEX).sum())
 
 
 class PackedDataset:
     """Sequences of ``seq_len + 1`` tokens cut from a packed stream; sample ``i`` in a seeded per-epoch order."""
 
-    def __init__(self, stream: torch.Tensor, seq_len: int, seed: int):
-        self.seq_len, self.seed = seq_len, seed
+    def __init__(self, stream: torch.Tensor, seq_len: int, seed: int, fingerprint: Optional[str] = None,
+                 eos: int = EOS):
+        self.seq_len, self.seed, self.eos = seq_len, seed, eos
         self.num_sequences = stream.numel() // (seq_len + 1)
         if self.num_sequences < 1:
             raise ConfigError(f"data.seq_len: the corpus has {stream.numel()} tokens, fewer than one sequence of "
                               f"seq_len + 1 = {seq_len + 1}; give more data (data.max_bytes, data.path) or a "
                               f"shorter data.seq_len")
         self.sequences = stream[: self.num_sequences * (seq_len + 1)].view(self.num_sequences, seq_len + 1)
-        self.fingerprint = hashlib.sha256(self.sequences.numpy().tobytes()).hexdigest()[:16]
+        # A token cache names its own fingerprint (hashing a multi-GB memory map at every start would cost more
+        # than the check is worth).
+        self.fingerprint = fingerprint or hashlib.sha256(self.sequences.numpy().tobytes()).hexdigest()[:16]
         self._epoch, self._order = -1, None
 
     @classmethod
@@ -160,10 +233,34 @@ class PackedDataset:
         epoch, within = divmod(index, self.num_sequences)
         return self.sequences[int(self._order_for(epoch)[within])].long()
 
-    def batch(self, indices: List[int]) -> Batch:
+    def batch(self, indices: List[int], document_mask: bool = False) -> Batch:
+        """Full sequences ``indices``; with ``document_mask``, each document attends only within itself: its
+        position ids restart at 0 after every EOS, and the prediction made at an EOS (the first token of an
+        unrelated next document) is not a target (label -100)."""
         tokens = torch.stack([self.sample(i) for i in indices])
+        inputs, labels = tokens[:, :-1], tokens[:, 1:]
         positions = torch.arange(self.seq_len).expand(len(indices), -1)
-        return Batch(tokens[:, :-1], tokens[:, 1:], positions)
+        if document_mask:
+            positions = document_positions(inputs, self.eos)
+            labels = labels.masked_fill(inputs == self.eos, IGNORE_INDEX)
+        return Batch(inputs, labels, positions)
+
+
+def document_positions(inputs: torch.Tensor, eos: int) -> torch.Tensor:
+    """``[batch, seq]`` positions that restart at 0 on the token after each ``eos`` (a new document)."""
+    starts = torch.zeros_like(inputs, dtype=torch.bool)
+    starts[:, 0] = True
+    starts[:, 1:] = inputs[:, :-1] == eos
+    index = torch.arange(inputs.shape[1]).expand_as(inputs)
+    last_start = torch.where(starts, index, 0).cummax(dim=1).values
+    return index - last_start
+
+
+def document_cu_seqlens(position_ids: torch.Tensor) -> torch.Tensor:
+    """int32 cu_seqlens of the documents of ``position_ids`` rows laid one after the other (each row starts one)."""
+    flat = position_ids.reshape(-1)
+    starts = torch.nonzero(flat == 0).flatten()
+    return torch.cat([starts, torch.tensor([flat.numel()])]).to(torch.int32)
 
 
 @dataclass(frozen=True)
@@ -173,14 +270,22 @@ class BatchPlan:
     dp_size: int
     micro_batch_size: int
     grad_accum: int
+    # Where a resumed run picks up: optimizer step ``first_step`` reads from sample ``first_sample`` on (the
+    # checkpoint's data position, which a run on another mesh cannot derive from the step alone).
+    first_step: int = 0
+    first_sample: int = 0
 
     @property
     def samples_per_step(self) -> int:
         return self.dp_size * self.micro_batch_size * self.grad_accum
 
+    def samples_before(self, step: int) -> int:
+        """The data position when optimizer step ``step`` (0-based) starts."""
+        return self.first_sample + (step - self.first_step) * self.samples_per_step
+
     def indices(self, step: int, micro_step: int, dp_rank: int) -> List[int]:
         """Sample indices for optimizer step ``step`` (0-based), micro-step ``micro_step``, replica ``dp_rank``."""
-        first = ((step * self.grad_accum + micro_step) * self.dp_size + dp_rank) * self.micro_batch_size
+        first = self.samples_before(step) + (micro_step * self.dp_size + dp_rank) * self.micro_batch_size
         return list(range(first, first + self.micro_batch_size))
 
     def global_indices(self, step: int, micro_step: int) -> List[int]:

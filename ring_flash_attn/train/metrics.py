@@ -72,8 +72,10 @@ class Progress:
                 self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
 
     def update(self, record: dict) -> None:
-        summary = (f"loss {record['loss']:.4f}  {record['tokens_per_s']:,.0f} tok/s  "
-                   f"lr {record['lr']:.2e}  peak mem {_format_bytes(record['peak_memory_bytes'])}")
+        mfu = f"  MFU {100 * record['mfu']:.1f}%" if record.get("mfu") is not None else ""
+        summary = (f"loss {record['loss']:.4f}  {record['tokens_per_s_per_device']:,.0f} tok/s/device  "
+                   f"{record['tflops_per_device']:.3g} TFLOP/s/device{mfu}  lr {record['lr']:.2e}  "
+                   f"peak mem {_format_bytes(record['peak_memory_bytes'])}")
         if self._bar is not None:
             self._bar.set_postfix_str(summary, refresh=False)
             self._bar.update(1)

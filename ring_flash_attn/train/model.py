@@ -1,38 +1,158 @@
-"""A decoder-only transformers model, randomly initialised from the run config (nothing is downloaded)."""
+"""A decoder-only transformers model, random or pretrained: the full model on one rank, empty shells on the rest.
+
+Nothing is downloaded (a pretrained model is a local directory, see pretrained.py). Every rank builds the model on the ``meta`` device (no
+memory), the parallelisation wraps and shards it, each rank allocates only its
+shards, and rank 0, the one rank that builds the whole model in host memory,
+broadcasts each parameter as the ranks fill their shards.
+"""
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+from pathlib import Path
+from typing import Optional
 
-from .config import ConfigError, ModelConfig
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+from . import pretrained, tokens
+from .config import ConfigError, RunConfig
 from .data import VOCAB_SIZE
 
 # Embedding and LM-head matrices whose row count is a multiple of 64 map onto full matrix-engine tiles.
 VOCAB_MULTIPLE = 64
+DEFAULT_ROPE_THETA = 10000.0
+# What wrappers (activation checkpointing, torch.compile) put in front of a wrapped module's names.
+WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")
 
 
-def padded_vocab_size() -> int:
-    return -(-VOCAB_SIZE // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+def padded_vocab_size(tokens: int = VOCAB_SIZE) -> int:
+    return -(-tokens // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
 
-def build_model(config: ModelConfig, seq_len: int, attn_implementation: str, seed: int) -> nn.Module:
-    """A causal LM of ``config.family`` with fresh weights from ``seed`` (identical on every rank), on the CPU."""
+def _set_rope(hf_config, rope_theta: Optional[float], rope_scaling: Optional[dict]) -> None:
+    """Apply the run's rotary settings over the model's own (transformers 5 keeps both in ``rope_parameters``,
+    4.x in ``rope_theta`` and ``rope_scaling``)."""
+    if hasattr(hf_config, "rope_parameters"):
+        params = dict(hf_config.rope_parameters or {})
+        params.update(rope_scaling or {})
+        if rope_theta is not None:
+            params["rope_theta"] = rope_theta
+        hf_config.rope_parameters = params
+        return
+    if rope_scaling is not None:
+        hf_config.rope_scaling = dict(rope_scaling)
+    if rope_theta is not None:
+        hf_config.rope_theta = rope_theta
+
+
+def _rope_type(hf_config) -> str:
+    params = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {}
+    return params.get("rope_type", params.get("type", "default"))
+
+
+def model_config(run_config: RunConfig):
+    """The transformers config of the run's model: the pretrained directory's, or one built from the run config;
+    either with the run's rotary settings, ``max_position_embeddings`` covering ``data.seq_len`` and an
+    embedding that holds every token id of the data (bytes, or ``data.tokenizer``'s vocabulary)."""
+    config, seq_len = run_config.model, run_config.data.seq_len
+    data_vocab = tokens.vocab_size(run_config.data) or VOCAB_SIZE
     try:
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoConfig
     except ImportError:
         raise ConfigError("training needs transformers: pip install 'ring-attention-xpu[hf]'") from None
-    fields = dict(vocab_size=padded_vocab_size(), hidden_size=config.hidden_size,
-                  intermediate_size=config.intermediate_size, num_hidden_layers=config.num_hidden_layers,
-                  num_attention_heads=config.num_attention_heads, num_key_value_heads=config.num_key_value_heads,
-                  max_position_embeddings=seq_len, rope_theta=config.rope_theta, use_cache=False)
-    fields.update(config.extra)
-    try:
-        hf_config = AutoConfig.for_model(config.family, **fields)
-    except ValueError as exc:
-        raise ConfigError(f"config key model.family: transformers does not know {config.family!r}: {exc}") from None
-    torch.manual_seed(seed)
+    if config.pretrained:
+        hf_config = pretrained.load_config(Path(config.pretrained))
+        positions = hf_config.max_position_embeddings
+        extends = config.rope_theta is not None or config.rope_scaling is not None
+        if seq_len > positions and not extends and _rope_type(hf_config) == "default":
+            raise ConfigError(f"data.seq_len: {seq_len} is beyond the {positions} positions of model.pretrained "
+                              f"{config.pretrained!r}; set model.rope_scaling (e.g. {{rope_type: yarn, factor: "
+                              f"{-(-seq_len // positions)}, original_max_position_embeddings: {positions}}}) or "
+                              f"model.rope_theta to extend its context, or a data.seq_len <= {positions}")
+        for key, value in config.extra.items():
+            setattr(hf_config, key, value)
+        hf_config.use_cache = False
+        if data_vocab > hf_config.vocab_size:
+            what = f"data.tokenizer {run_config.data.tokenizer!r}" if run_config.data.tokenizer else "byte tokens"
+            raise ConfigError(f"{what}: {data_vocab} token ids, more than the {hf_config.vocab_size} rows of the "
+                              f"embedding of model.pretrained {config.pretrained!r}; use the model's own tokenizer")
+    else:
+        fields = dict(vocab_size=padded_vocab_size(data_vocab), hidden_size=config.hidden_size,
+                      intermediate_size=config.intermediate_size, num_hidden_layers=config.num_hidden_layers,
+                      num_attention_heads=config.num_attention_heads,
+                      num_key_value_heads=config.num_key_value_heads, use_cache=False)
+        fields.update(config.extra)
+        try:
+            hf_config = AutoConfig.for_model(config.family, **fields)
+        except ValueError as exc:
+            raise ConfigError(f"config key model.family: transformers does not know {config.family!r}: "
+                              f"{exc}") from None
+        positions = seq_len
+    _set_rope(hf_config, DEFAULT_ROPE_THETA if config.rope_theta is None and not config.pretrained
+              else config.rope_theta, config.rope_scaling)
+    hf_config.max_position_embeddings = max(seq_len, positions)
+    return hf_config
+
+
+def build_model(run_config: RunConfig, attn_implementation: str) -> nn.Module:
+    """The whole model in host memory, float32: the pretrained weights, or fresh ones from ``train.seed``."""
+    from transformers import AutoModelForCausalLM
+
+    hf_config = model_config(run_config)
+    if run_config.model.pretrained:
+        return AutoModelForCausalLM.from_pretrained(run_config.model.pretrained, config=hf_config,
+                                                    local_files_only=True, attn_implementation=attn_implementation,
+                                                    dtype=torch.float32)
+    torch.manual_seed(run_config.train.seed)
     return AutoModelForCausalLM.from_config(hf_config, attn_implementation=attn_implementation)
+
+
+def build_empty_model(run_config: RunConfig, attn_implementation: str) -> nn.Module:
+    """The same model on the ``meta`` device: structure and shapes, no memory."""
+    from transformers import AutoModelForCausalLM
+
+    hf_config = model_config(run_config)
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(hf_config, attn_implementation=attn_implementation)
+    except (KeyError, TypeError, ValueError) as exc:  # e.g. a rope_scaling that lacks a key its rope_type needs
+        raise ConfigError(f"model: transformers cannot build the model from its config (check model.rope_scaling "
+                          f"and model.extra): {type(exc).__name__}: {exc}") from None
+
+
+def check_model(run_config: RunConfig, attn_implementation: str) -> None:
+    """What can be checked before any communication: the model builds, its embedding holds the data's tokens,
+    and a pretrained directory's weights match its config (see pretrained.py)."""
+    empty = build_empty_model(run_config, attn_implementation)
+    if run_config.model.pretrained:
+        pretrained.check_weights(Path(run_config.model.pretrained), empty)
+
+
+def _plain_name(name: str) -> str:
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def materialize_from_rank0(model: nn.Module, full_model: Optional[nn.Module], device: torch.device) -> None:
+    """Allocate this rank's shards of the (sharded, meta) ``model`` on ``device`` and fill them with rank 0's
+    ``full_model`` (None on the other ranks); every rank calls this.
+
+    Parameters and persistent buffers travel through ``set_model_state_dict(broadcast_from_rank0=True)``; the
+    buffers a state dict leaves out (rotary frequencies) are broadcast one by one, matched by name.
+    """
+    model.to_empty(device=device)
+    full_state = full_model.state_dict() if full_model is not None else {}
+    set_model_state_dict(model, full_state, options=StateDictOptions(full_state_dict=True,
+                                                                    broadcast_from_rank0=True))
+    source = dict(full_model.named_buffers()) if full_model is not None else {}
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if dist.get_rank() == 0:
+                buffer.copy_(source[_plain_name(name)])
+            dist.broadcast(buffer, src=0)
 
 
 def token_loss_sum(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,

@@ -1,33 +1,40 @@
-"""The training loop: data-parallel x context-parallel, checkpointed, resumable, and its ``--check`` twin.
+"""The training loop: FSDP-sharded over data x context ranks, checkpointed, resumable, and its ``--check`` twin.
 
 Order of work in a run, chosen so that nothing can hang on bad input: read
-and check the config and the data on every rank (no communication), then join
-the process group, build the mesh and the model, restore a checkpoint, train.
+and check the config, the model (a pretrained directory's headers) and the data
+on every rank (no communication), then join the process group, build the mesh,
+let rank 0 tokenize a corpus that has no token cache yet (its verdict reaches
+every rank), build and shard the model, restore a checkpoint, train.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from ..comm import choose_backend, default_device_type, detect_launch, init_distributed
-from . import checkpoint
-from ..integrations.hf import register_ring_attention, shard_batch
+from . import checkpoint, tokens
+from ..integrations.hf import (register_ring_attention, shard_batch, substitute_hf_flash_attn,
+                               update_ring_flash_attn_params)
 from .config import DEFAULT_CHECK_RTOL, ConfigError, RunConfig, validate_for_world
-from .data import Batch, BatchPlan, PackedDataset
+from .data import Batch, BatchPlan, PackedDataset, document_cu_seqlens
 from .faults import FaultInjector
+from .flops import flops_per_token, peak_tflops
 from .metrics import METRICS_FILE, PLOT_FILE, MetricsLog, Progress, StepTimer, peak_memory_bytes, plot_loss
-from .model import build_model, token_loss_sum
-from .parallel import Mesh, all_reduce_gradients, broadcast_parameters, build_mesh
+from .mesh import Mesh, build_mesh
+from .model import (build_empty_model, build_model, check_model, materialize_from_rank0, model_config,
+                    token_loss_sum)
+from .parallel import parallelize
 from .preemption import StopRequest, TrainingInterrupted
 
 # The attention full-sequence runs use in --check: PyTorch's fused attention over the whole sequence.
@@ -66,12 +73,23 @@ def setup(config: RunConfig) -> Run:
     """Check everything that can be checked alone, then join the process group and build the mesh."""
     launch = detect_launch()
     dp_size = validate_for_world(config, launch.world_size)
-    dataset = PackedDataset.from_config(config.data)
+    check_model(config, FULL_ATTENTION)
+    dataset = None if config.data.tokenizer else PackedDataset.from_config(config.data)
     device_type = default_device_type() if config.parallel.device == "auto" else config.parallel.device
     _, device = init_distributed(device_type, config.parallel.dist_backend, config.parallel.timeout_s)
-    mesh = build_mesh(device_type, dp_size, config.parallel.cp, config.parallel.timeout_s)
+    mesh = build_mesh(device_type, dp_size, config.parallel.cp, config.parallel.timeout_s,
+                      config.parallel.fsdp_replicate)
+    if dataset is None:  # tokenized once, by rank 0, into the shared token cache (tokens.py)
+        tokens.prepare(config.data, launch.rank)
+        stream, meta, fingerprint = tokens.load(config.data)
+        dataset = PackedDataset(stream, config.data.seq_len, config.data.seed, fingerprint, eos=meta["eos"])
     _check_same_data(dataset)
     attn_implementation = register_ring_attention(mesh.cp_group, config.parallel.variant, config.parallel.attn_backend)
+    if config.data.document_mask:
+        # Documents of any length, crossing the ranks' pieces: the all-gather (llama3) exchange over contiguous
+        # pieces serves them; the zigzag/stripe layouts would need every document's length divisible by 2 x cp.
+        kv_heads = model_config(config).num_key_value_heads
+        substitute_hf_flash_attn(mesh.cp_group, heads_k_stride=kv_heads)
     plan = BatchPlan(dp_size, config.train.micro_batch_size, config.train.grad_accum)
     return Run(config, launch.rank, launch.world_size, device, mesh, dataset, plan, attn_implementation)
 
@@ -103,54 +121,96 @@ def make_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer
     return torch.optim.AdamW(groups, lr=config.train.lr, betas=(config.train.beta1, config.train.beta2))
 
 
-def _autocast(config: RunConfig, device: torch.device):
-    if config.train.precision == "bf16":
+def _reference_autocast(config: RunConfig, device: torch.device, sharded: bool):
+    """bfloat16 compute for the unsharded --check reference (FSDP's MixedPrecisionPolicy does it when sharded)."""
+    if config.train.precision == "bf16" and not sharded:
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
 def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: List[Batch],
-                   tokens_per_step: int, lr: float, config: RunConfig, device: torch.device,
-                   distributed: bool) -> Tuple[float, float]:
+                   targets_per_step: int, lr: float, config: RunConfig, device: torch.device,
+                   distributed: bool, cp_group=None) -> Tuple[float, float]:
     """One optimizer step over ``micro_batches`` (this rank's tokens); returns (global mean loss, grad norm).
 
-    ``tokens_per_step`` counts the tokens of the whole step on every rank, so each rank's loss is its share of
-    the global mean and the SUM all-reduce of gradients (``distributed``) yields the global mean's gradient.
+    ``targets_per_step`` counts the targets of the whole step on every rank, so each rank's loss is its share of
+    the global mean and FSDP's SUM reduce-scatter of gradients (``distributed``: the model is sharded) yields
+    the global mean's gradient (see fsdp.py).
     """
     optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=device, dtype=torch.float32)
     for batch in micro_batches:
-        with _autocast(config, device):
+        if batch.cu_seqlens is not None:  # document masking: the all-gather exchange needs the row's documents
+            update_ring_flash_attn_params(batch.cu_seqlens.to(device), cp_group)
+        with _reference_autocast(config, device, distributed):
             token_losses = token_loss_sum(model, batch.input_ids.to(device), batch.labels.to(device),
                                           batch.position_ids.to(device))
-        (token_losses / tokens_per_step).backward()
+        (token_losses / targets_per_step).backward()
         loss_sum += token_losses.detach()
     if distributed:
-        all_reduce_gradients(model)
         dist.all_reduce(loss_sum)
     max_norm = config.train.grad_clip if config.train.grad_clip > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    if hasattr(grad_norm, "full_tensor"):  # a DTensor when the parameters are sharded
+        grad_norm = grad_norm.full_tensor()
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.step()
-    return loss_sum.item() / tokens_per_step, grad_norm.item()
+    return loss_sum.item() / targets_per_step, grad_norm.item()
 
 
 def local_micro_batches(run: Run, step: int) -> List[Batch]:
     """This rank's slices of its replica's sequences for optimizer step ``step`` (0-based)."""
     batches = []
     for micro_step in range(run.plan.grad_accum):
-        full = run.dataset.batch(run.plan.indices(step, micro_step, run.mesh.dp_rank))
+        full = run.dataset.batch(run.plan.indices(step, micro_step, run.mesh.dp_rank), run.config.data.document_mask)
+        if run.config.data.document_mask:
+            batches.append(_contiguous_piece(full, run.mesh.cp_rank, run.mesh.cp_size))
+            continue
         local = shard_batch(full.input_ids, full.labels, full.position_ids, variant=run.config.parallel.variant,
                             group=run.mesh.cp_group)
         batches.append(Batch(local["input_ids"], local["labels"], local["position_ids"]))
     return batches
 
 
-def _build_replicated_model(run: Run) -> nn.Module:
-    model = build_model(run.config.model, run.config.data.seq_len, run.attn_implementation,
-                        run.config.train.seed).to(run.device)
-    broadcast_parameters(model)
+def _contiguous_piece(full: Batch, cp_rank: int, cp_size: int) -> Batch:
+    """Document masking: the micro-batch's sequences as one packed row, cut into ``cp_size`` contiguous pieces
+    (the all-gather exchange's layout); this rank's piece and the row's document boundaries."""
+    row = [t.reshape(1, -1) for t in (full.input_ids, full.labels, full.position_ids)]
+    piece = row[0].shape[1] // cp_size
+    local = [t[:, cp_rank * piece:(cp_rank + 1) * piece] for t in row]
+    return Batch(*local, cu_seqlens=document_cu_seqlens(row[2]))
+
+
+def step_targets(dataset: PackedDataset, plan: BatchPlan, step: int, document_mask: bool) -> int:
+    """The targets of optimizer step ``step`` over every replica: computed by every rank from the data alone
+    (no communication); every token when every position is a target."""
+    if not document_mask:
+        return plan.samples_per_step * dataset.seq_len
+    return sum(dataset.batch(plan.global_indices(step, micro), True).num_targets for micro in range(plan.grad_accum))
+
+
+def full_model(config: RunConfig, attn_implementation: str) -> nn.Module:
+    """The whole model with its initial weights, in host memory (rank 0 only, and the --check reference)."""
+    return build_model(config, attn_implementation)
+
+
+def build_sharded_model(run: Run) -> nn.Module:
+    """The run's model, parallelised (parallel.py) and sharded over every rank, with rank 0's initial weights."""
+    config = run.config
+    model = build_empty_model(config, run.attn_implementation)
+    parallelize(model, config, run.mesh)
+    full, problem = None, None
+    if run.rank == 0:
+        try:
+            full = full_model(config, run.attn_implementation)
+        except Exception as exc:  # e.g. unreadable weights the header check could not see: fail every rank alike
+            problem = f"model: rank 0 could not build the model: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+    verdict = [problem]
+    dist.broadcast_object_list(verdict, src=0)
+    if verdict[0] is not None:
+        raise ConfigError(verdict[0])
+    materialize_from_rank0(model, full, run.device)
     model.train()
     return model
 
@@ -168,15 +228,16 @@ def _collective(run: Run, step: int, fn, *args):
 
 def _step(run: Run, model, optimizer, step: int) -> Tuple[float, float]:
     """Optimizer step ``step`` (0-based)."""
-    return _collective(run, step, optimizer_step, model, optimizer, local_micro_batches(run, step),
-                       run.tokens_per_step, learning_rate(run.config, step), run.config, run.device, True)
+    targets = step_targets(run.dataset, run.plan, step, run.config.data.document_mask)
+    return _collective(run, step, optimizer_step, model, optimizer, local_micro_batches(run, step), targets,
+                       learning_rate(run.config, step), run.config, run.device, True, run.mesh.cp_group)
 
 
 def train(run: Run) -> List[dict]:
     """Train for ``train.steps`` steps (continuing from a checkpoint if asked); returns rank 0's step records."""
     config = run.config
     root = config.checkpoint_dir()
-    model = _build_replicated_model(run)
+    model = build_sharded_model(run)
     optimizer = make_optimizer(model, config)
     expected = checkpoint.TrainState(0, 0, run.dataset.fingerprint, run.mesh.dp_size, run.mesh.cp_size)
     start_step = 0
@@ -185,10 +246,19 @@ def train(run: Run) -> List[dict]:
         raise checkpoint.CheckpointError(f"checkpoint.dir {root} already holds {found.name}: pass --resume to "
                                          f"continue from it, or choose another checkpoint.dir / log.dir")
     if found is not None:
-        start_step = checkpoint.load(found, model, optimizer, run.device, config.checkpoint.verify, expected).step
-        run.say(f"resumed from {found} (step {start_step})")
+        state = checkpoint.load(found, model, optimizer, run.device, config.checkpoint.verify, expected)
+        start_step = state.step
+        run.plan = dataclasses.replace(run.plan, first_step=state.step, first_sample=state.samples_consumed)
+        resharded = (state.dp_size, state.cp_size) != (run.mesh.dp_size, run.mesh.cp_size)
+        run.say(f"resumed from {found} (step {start_step})" + (
+            f", written at dp={state.dp_size} x cp={state.cp_size}, resharded to dp={run.mesh.dp_size} x "
+            f"cp={run.mesh.cp_size}" if resharded else ""))
     elif config.checkpoint.resume:
         run.say(f"--resume: no checkpoint in {root} yet, starting from step 0")
+    if start_step >= config.train.steps:
+        run.say(f"nothing to train: the run is complete ({found.name} in {root} is at step {start_step}, "
+                f"train.steps = {config.train.steps}); raise --train.steps to train further")
+        return []
 
     run.say(_describe(run, model))
     log_dir = Path(config.log.dir)
@@ -197,6 +267,8 @@ def train(run: Run) -> List[dict]:
                         config.log.every)
     faults = FaultInjector(run.rank)
     timer = StepTimer(run.device)
+    model_flops = flops_per_token(model, config.data.seq_len)
+    peak = peak_tflops(run.device, config.train.precision, config.log.peak_tflops)
     records, last_saved = [], start_step if found is not None else None
     final_step, stopped_by = config.train.steps, None
     started = time.perf_counter()
@@ -207,8 +279,12 @@ def train(run: Run) -> List[dict]:
                 timer.start()
                 loss, grad_norm = _step(run, model, optimizer, step)
                 seconds = timer.stop()
+                tflops_per_device = model_flops * run.tokens_per_step / seconds / run.world_size / 1e12
                 record = {"step": step + 1, "loss": loss, "grad_norm": grad_norm, "lr": learning_rate(config, step),
                           "tokens": run.tokens_per_step, "tokens_per_s": run.tokens_per_step / seconds,
+                          "tokens_per_s_per_device": run.tokens_per_step / seconds / run.world_size,
+                          "tflops_per_device": tflops_per_device,
+                          "mfu": tflops_per_device / peak if peak else None,
                           "step_time_s": seconds, "peak_memory_bytes": peak_memory_bytes(run.device)}
                 records.append(record)
                 if metrics is not None:
@@ -217,7 +293,7 @@ def train(run: Run) -> List[dict]:
                 every = config.checkpoint.every
                 if every and (step + 1) % every == 0:
                     checkpoint.save(root, _train_state(run, step + 1), model, optimizer, run.device,
-                                    config.checkpoint.keep)
+                                    config.checkpoint.keep, config.to_dict())
                     last_saved = step + 1
                 stopped_by = _collective(run, step, stop.agreed_signal, run.device)
                 if stopped_by is not None:
@@ -228,7 +304,8 @@ def train(run: Run) -> List[dict]:
         if metrics is not None:
             metrics.close()
     if last_saved != final_step:
-        checkpoint.save(root, _train_state(run, final_step), model, optimizer, run.device, config.checkpoint.keep)
+        checkpoint.save(root, _train_state(run, final_step), model, optimizer, run.device, config.checkpoint.keep,
+                        config.to_dict())
     if stopped_by is not None:
         raise TrainingInterrupted(f"stopped by {signal.Signals(stopped_by).name} after step {final_step} of "
                                   f"{config.train.steps}; checkpoint {checkpoint.checkpoint_name(final_step)} "
@@ -243,7 +320,7 @@ def train(run: Run) -> List[dict]:
 
 
 def _train_state(run: Run, steps_done: int) -> checkpoint.TrainState:
-    return checkpoint.TrainState(steps_done, steps_done * run.plan.samples_per_step, run.dataset.fingerprint,
+    return checkpoint.TrainState(steps_done, run.plan.samples_before(steps_done), run.dataset.fingerprint,
                                  run.mesh.dp_size, run.mesh.cp_size)
 
 
@@ -251,10 +328,28 @@ def _describe(run: Run, model: nn.Module) -> str:
     config = run.config
     params = sum(p.numel() for p in model.parameters())
     backend = choose_backend(run.device.type, config.parallel.dist_backend)
-    return (f"model {config.model.family}: {params / 1e6:.2f} M parameters | mesh dp={run.mesh.dp_size} x "
-            f"cp={run.mesh.cp_size} ({config.parallel.variant}) on {run.world_size} x {run.device.type} ({backend}) | "
+    shard_mib = sum(p.to_local().numel() * p.element_size() for p in model.parameters()) / 2**20
+    source = f"pretrained {config.model.pretrained}" if config.model.pretrained else config.model.family
+    layout = "document mask, all-gather K/V" if config.data.document_mask else config.parallel.variant
+    return (f"model {source}: {params / 1e6:.2f} M parameters, {shard_mib:.1f} MiB of them on each "
+            f"rank (FSDP) | mesh dp={run.mesh.dp_size} x "
+            f"cp={run.mesh.cp_size} ({layout}) on {run.world_size} x {run.device.type} ({backend}) | "
             f"{run.plan.samples_per_step} sequences x {config.data.seq_len} tokens = {run.tokens_per_step} tokens "
             f"per step | data: {run.dataset.num_sequences} sequences ({config.data.source})")
+
+
+def reference_steps(config: RunConfig, dataset: PackedDataset, plan: BatchPlan, steps: int,
+                    device: torch.device) -> Iterator[Tuple[float, nn.Module]]:
+    """The run's first ``steps`` optimizer steps on this one process, full attention, the whole batch of every
+    replica at once: yields (loss, model) after each step (the model's gradients are that step's)."""
+    model = full_model(config, FULL_ATTENTION).to(device).train()
+    optimizer = make_optimizer(model, config)
+    document_mask = config.data.document_mask
+    for step in range(steps):
+        batches = [dataset.batch(plan.global_indices(step, micro), document_mask) for micro in range(plan.grad_accum)]
+        loss, _ = optimizer_step(model, optimizer, batches, step_targets(dataset, plan, step, document_mask),
+                                 learning_rate(config, step), config, device, distributed=False)
+        yield loss, model
 
 
 def check(run: Run) -> List[Tuple[float, float]]:
@@ -266,8 +361,7 @@ def check(run: Run) -> List[Tuple[float, float]]:
     config = run.config
     steps = config.check.steps
     rtol = config.check.rtol if config.check.rtol is not None else DEFAULT_CHECK_RTOL[config.train.precision]
-    model = _build_replicated_model(run)
-    initial_weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    model = build_sharded_model(run)
     optimizer = make_optimizer(model, config)
     parallel_losses = [_step(run, model, optimizer, step)[0] for step in range(steps)]
 
@@ -275,16 +369,7 @@ def check(run: Run) -> List[Tuple[float, float]]:
     if run.rank == 0:
         print(f"--check: {steps} steps with full attention on rank 0 (the other ranks wait, up to "
               f"parallel.timeout_s = {config.parallel.timeout_s:g} s)", flush=True)
-        reference = build_model(config.model, config.data.seq_len, FULL_ATTENTION, config.train.seed)
-        reference.load_state_dict(initial_weights)
-        reference.to(run.device).train()
-        reference_optimizer = make_optimizer(reference, config)
-        full_losses = []
-        for step in range(steps):
-            batches = [run.dataset.batch(run.plan.global_indices(step, micro)) for micro in range(run.plan.grad_accum)]
-            loss, _ = optimizer_step(reference, reference_optimizer, batches, run.tokens_per_step,
-                                     learning_rate(config, step), config, run.device, distributed=False)
-            full_losses.append(loss)
+        full_losses = [loss for loss, _ in reference_steps(config, run.dataset, run.plan, steps, run.device)]
         pairs = list(zip(parallel_losses, full_losses))
         worst = max(abs(p - f) / abs(f) for p, f in pairs)
         for step, (p, f) in enumerate(pairs, 1):

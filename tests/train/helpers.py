@@ -48,3 +48,35 @@ def torchrun(nproc: int, args, *, env=None, max_restarts: int = 0, timeout_s: fl
 def losses(metrics_path: Path):
     """(step, loss) of every record in a run's metrics.jsonl."""
     return [(r["step"], r["loss"]) for r in map(json.loads, metrics_path.read_text().splitlines())]
+
+
+def save_tiny_llama(directory: Path, max_position_embeddings: int = 64, seed: int = 7) -> Path:
+    """A tiny Llama saved with save_pretrained (config.json + model.safetensors), the shape of TINY's model."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=320, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_position_embeddings)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+def save_tiny_tokenizer(directory: Path, vocab_size: int = 300) -> Path:
+    """A byte-level BPE tokenizer trained here by `tokenizers` on a little of Python's standard library, saved
+    as a transformers tokenizer directory (tokenizer.json + tokenizer_config.json) with an EOS token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from ring_flash_attn.train.config import DataConfig
+    from ring_flash_attn.train.data import documents
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    texts = [d.decode("utf-8", errors="replace") for d in documents(DataConfig(max_bytes=100_000))]
+    tokenizer.train_from_iterator(texts, trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", unk_token="<unk>").save_pretrained(directory)
+    return directory

@@ -52,6 +52,10 @@ def test_world_checks(tmp_path):
     assert validate_for_world(config, 4) == 2  # dp = world / cp
     with pytest.raises(ConfigError, match="world size 3 must be a multiple of the context-parallel degree, got cp=2"):
         validate_for_world(config, 3)
+    with pytest.raises(ConfigError, match=r"this is a single process: launch with torchrun, e\.g\. torchrun "
+                                          r"--standalone --nproc_per_node 4 -m ring_flash_attn train \.\.\., or set "
+                                          r"--parallel\.cp 1"):
+        validate_for_world(config, 1)
     odd = load_config(str(write_config(tmp_path, data={"seq_len": 66})), [("parallel.cp", "4")])
     with pytest.raises(ConfigError, match="data.seq_len: cannot split over cp=4.*multiple of 8, got 66"):
         validate_for_world(odd, 4)
@@ -75,6 +79,17 @@ def test_subcommand_parser_accepts_overrides_and_shortcuts():
     assert callable(args.handler)
     with pytest.raises(SystemExit):
         parent.parse_args(["train", "--no-such-flag"])
+
+
+def test_help_is_plain_text_for_users(capsys):
+    parent = argparse.ArgumentParser(prog="ring-attn")
+    add_train_parser(parent.add_subparsers(dest="command", required=True))
+    with pytest.raises(SystemExit):
+        parent.parse_args(["train", "--help"])
+    text = capsys.readouterr().out
+    assert "torchrun --standalone --nproc_per_node 4 -m ring_flash_attn train --config configs/cpu_demo.yaml" in text
+    for internal in ("``", ":func:", ":mod:", "the command line of the trainer"):
+        assert internal not in text
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (REPO_ROOT / "configs").glob("*.yaml")))

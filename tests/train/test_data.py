@@ -78,3 +78,17 @@ def test_missing_data_and_too_little_data(tmp_path):
     (tmp_path / "short.txt").write_text("tiny")
     with pytest.raises(ConfigError, match="data.seq_len: the corpus has 5 tokens, fewer than one sequence"):
         PackedDataset.from_config(DataConfig(source="files", path=str(tmp_path / "short.txt"), seq_len=64))
+
+
+def test_document_mask_restarts_positions_and_drops_the_target_across_a_boundary():
+    from ring_flash_attn.train.data import IGNORE_INDEX, document_cu_seqlens
+
+    stream = torch.tensor([5, 6, EOS, 7, EOS, 8, 9, 10, 11], dtype=torch.int16)  # one sequence of 8 + 1 tokens
+    batch = PackedDataset(stream, seq_len=8, seed=0).batch([0], document_mask=True)
+    assert batch.input_ids[0].tolist() == [5, 6, EOS, 7, EOS, 8, 9, 10]
+    assert batch.position_ids[0].tolist() == [0, 1, 2, 0, 1, 0, 1, 2]
+    # The prediction at an EOS would be the next document's first token: not a target.
+    assert batch.labels[0].tolist() == [6, EOS, IGNORE_INDEX, EOS, IGNORE_INDEX, 9, 10, 11]
+    assert batch.num_targets == 6
+    two_rows = torch.stack([batch.position_ids[0], batch.position_ids[0]])
+    assert document_cu_seqlens(two_rows).tolist() == [0, 3, 5, 8, 11, 13, 16]

@@ -1,5 +1,7 @@
 """Training on 2 in-process CPU ranks (gloo): exact resume, refusing to overwrite, corrupt checkpoints, --check."""
 
+import json
+
 import pytest
 
 from tests.distributed.harness import run_world
@@ -26,6 +28,44 @@ def test_resume_equals_uninterrupted(world):
     assert [r["resume"]["resumed_steps"] for r in results] == [[4, 5, 6]] * 2
     checkpoints = sorted(p.name for p in (base / "resumed" / "checkpoints").iterdir())
     assert checkpoints == ["step_00000003", "step_00000006"]  # no .partial left behind
+
+
+@pytest.mark.parametrize("failure, cause", [
+    ("unwritable", "PermissionError: [Errno 13] Permission denied"),
+    ("dcp_base_exception", "rank 1: OSError: [Errno 28] No space left on device"),
+    ("one_rank_fails", "rank 1: OSError: [Errno 28] No space left on device"),
+])
+def test_failed_save_is_one_error_on_every_rank_and_keeps_the_last_checkpoint(world, failure, cause):
+    base, results = world
+    messages = {r["save_failures"]["errors"][failure] for r in results}
+    assert len(messages) == 1, messages  # the same line on every rank
+    message = messages.pop()
+    assert message.startswith(f"checkpoint {base / 'save_failures' / 'checkpoints' / 'step_00000006'} not saved")
+    assert cause in message and "\n" not in message
+    assert results[0]["save_failures"]["left"][failure] == ["step_00000003"]
+
+
+def test_resume_after_failed_saves_equals_uninterrupted(world):
+    base, results = world
+    assert [r["save_failures"]["resumed_steps"] for r in results] == [[4, 5, 6]] * 2
+    assert losses(base / "save_failures" / "metrics.jsonl") == losses(base / "straight" / "metrics.jsonl")
+
+
+def test_resume_of_a_complete_run_says_so_and_trains_nothing(world):
+    base, results = world
+    assert [r["resume"]["complete"]["records"] for r in results] == [[], []]
+    printed = results[0]["resume"]["complete"]["printed"]
+    assert f"nothing to train: the run is complete (step_00000006 in {base / 'resumed' / 'checkpoints'} is at " \
+           f"step 6, train.steps = 6); raise --train.steps to train further" in printed
+    assert "steps 7-6" not in printed and results[1]["resume"]["complete"]["printed"] == ""
+
+
+def test_log_has_per_device_throughput_flops_and_mfu(world):
+    base, _ = world
+    record = json.loads((base / "straight" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["tokens_per_s_per_device"] == pytest.approx(record["tokens_per_s"] / 2)
+    assert record["tflops_per_device"] > 0
+    assert record["mfu"] is None  # a CPU has no peak in the table and log.peak_tflops is not set
 
 
 def test_existing_checkpoints_are_never_overwritten(world):

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import shutil
 from pathlib import Path
+from unittest import mock
 
+import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from ring_flash_attn.train import checkpoint, trainer
 from ring_flash_attn.train.config import load_config
@@ -42,6 +47,11 @@ def resume_refuse_corrupt(rank: int, world_size: int, config_path: Path, base: P
     refused = _error_of(lambda: trainer.train(trainer.setup(_config(config_path, base / "resumed"))),
                         checkpoint.CheckpointError)
 
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):  # --resume on a run that has done all its steps
+        again = trainer.train(trainer.setup(_config(config_path, base / "resumed", ("checkpoint.resume", "true"))))
+    complete = {"records": again, "printed": printed.getvalue()}
+
     def corrupt():
         shard = next(last.glob("*.distcp"))
         data = bytearray(shard.read_bytes())
@@ -52,7 +62,8 @@ def resume_refuse_corrupt(rank: int, world_size: int, config_path: Path, base: P
     corrupted = _error_of(lambda: trainer.train(trainer.setup(
         _config(config_path, base / "resumed", ("checkpoint.resume", "true"), ("train.steps", "9")))),
         checkpoint.CheckpointError)
-    return {"resumed_steps": [r["step"] for r in resumed], "refused": refused, "corrupted": corrupted}
+    return {"resumed_steps": [r["step"] for r in resumed], "refused": refused, "corrupted": corrupted,
+            "complete": complete}
 
 
 def check_pass_and_fail(rank: int, world_size: int, config_path: Path, base: Path) -> dict:
@@ -72,8 +83,42 @@ def check_other_meshes(rank: int, world_size: int, config_path: Path, base: Path
     return {"data_parallel": data_parallel, "bf16": bf16}
 
 
+def save_failures(rank: int, world_size: int, config_path: Path, base: Path) -> dict:
+    """Each way a save can fail, at step 6 of a run resumed from its step-3 checkpoint: the error every rank
+    raises, the checkpoints left; then a resume from step 3 that must finish as the uninterrupted run."""
+    log_dir = base / "save_failures"
+    trainer.train(trainer.setup(_config(config_path, log_dir, ("train.steps", "3"))))
+
+    def mkdir_denied_on_rank0(self, *args, **kwargs):
+        if rank == 0 and self.name.endswith(checkpoint.PARTIAL_SUFFIX):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    def disk_full_in_dcp(*args, **kwargs):  # what DCP raises on every rank when one rank's write fails
+        raise CheckpointException("save failed", {1: (OSError(28, "No space left on device"), None)})
+
+    def rank1_cannot_write(obj, path, *args, **kwargs):
+        if rank == 1:
+            raise OSError(28, "No space left on device", str(path))
+        return real_torch_save(obj, path, *args, **kwargs)
+
+    real_mkdir, real_torch_save = Path.mkdir, torch.save
+    injected = {"unwritable": mock.patch.object(Path, "mkdir", mkdir_denied_on_rank0),
+                "dcp_base_exception": mock.patch.object(checkpoint.dcp, "save", disk_full_in_dcp),
+                "one_rank_fails": mock.patch.object(checkpoint.torch, "save", rank1_cannot_write)}
+    errors, left = {}, {}
+    for name, patch in injected.items():
+        with patch:
+            errors[name] = _error_of(lambda: trainer.train(trainer.setup(
+                _config(config_path, log_dir, ("checkpoint.resume", "true")))), checkpoint.CheckpointError)
+        left[name] = [p.name for _, p in checkpoint.list_checkpoints(log_dir / "checkpoints")]
+    resumed = trainer.train(trainer.setup(_config(config_path, log_dir, ("checkpoint.resume", "true"))))
+    return {"errors": errors, "left": left, "resumed_steps": [r["step"] for r in resumed]}
+
+
 def all_scenarios(rank: int, world_size: int, config_path: Path, base: Path) -> dict:
     """Every scenario in one world: starting CPU ranks costs more than the scenarios themselves."""
-    return {"resume": resume_refuse_corrupt(rank, world_size, config_path, base),
+    return {"save_failures": save_failures(rank, world_size, config_path, base),
+            "resume": resume_refuse_corrupt(rank, world_size, config_path, base),
             "check": check_pass_and_fail(rank, world_size, config_path, base),
             "other_meshes": check_other_meshes(rank, world_size, config_path, base)}

@@ -1,0 +1,101 @@
+"""``ring-attn export``: a training checkpoint as a Hugging Face model directory.
+
+``ring-attn export --checkpoint runs/x/checkpoints --out hf_model`` writes the
+consolidated weights (safetensors), ``config.json`` and, when the run used
+``data.tokenizer``, the tokenizer, so ``AutoModelForCausalLM.from_pretrained``
+(and ``AutoTokenizer``) load it with nothing of this package installed. It runs
+in one process: DCP reads the sharded checkpoint whatever mesh wrote it. The
+model is rebuilt from the transformers config the checkpoint holds (the
+pretrained directory a run started from is not needed); the saved config names
+PyTorch's SDPA attention (ring attention is a training-time choice).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+
+from . import checkpoint
+from .config import ConfigError, config_from_dict
+
+DESCRIPTION = """\
+Write a training checkpoint as a Hugging Face model directory: consolidated
+safetensors weights, config.json and the run's tokenizer (if it used one), for
+AutoModelForCausalLM.from_pretrained. One process; no GPU needed.
+
+  ring-attn export --checkpoint runs/cpu_demo/checkpoints --out runs/cpu_demo/hf_model"""
+
+
+def _checkpoint_dir(path: Path) -> Path:
+    """A checkpoint directory, or the newest complete one under a checkpoints directory."""
+    if (path / checkpoint.MANIFEST).is_file():
+        return path
+    found = checkpoint.list_checkpoints(path)
+    complete = [p for _, p in found if (p / checkpoint.MANIFEST).is_file()]
+    if not complete:
+        raise ConfigError(f"--checkpoint {str(path)!r}: neither a complete checkpoint nor a directory holding one")
+    return complete[-1]
+
+
+def export(checkpoint_path: Path, out: Path) -> Path:
+    """Write the model of ``checkpoint_path`` to ``out`` (which must not exist or be empty); returns the
+    checkpoint directory used."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .tokens import load_tokenizer
+
+    source = _checkpoint_dir(checkpoint_path)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"--out {str(out)!r}: exists and is not an empty directory; refusing to overwrite it")
+    problem = checkpoint.verify(source, check_crc=True)
+    if problem is not None:
+        raise ConfigError(problem)
+    if not (source / checkpoint.MODEL_CONFIG).is_file():
+        raise ConfigError(f"--checkpoint {str(source)!r}: has no {checkpoint.MODEL_CONFIG} (written by an older "
+                          f"version of ring-attn train), so the model it holds is unknown")
+    config = config_from_dict(json.loads((source / checkpoint.RUN_CONFIG).read_text()))
+    hf_config = AutoConfig.from_pretrained(str(source), local_files_only=True)
+    # Meta-device shell, then real memory for the weights only (non-persistent buffers such as rotary
+    # frequencies are not saved: from_pretrained recomputes them).
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa")
+    model.to_empty(device="cpu")
+    state = {"model": model.state_dict()}
+    with warnings.catch_warnings():  # one process by design, not by accident
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(source), no_dist=True)
+    model.load_state_dict(state["model"])
+    model.config.use_cache = True
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    if config.data.tokenizer:
+        load_tokenizer(config.data.tokenizer).save_pretrained(out)
+    return source
+
+
+def add_export_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("export", help="a training checkpoint as a Hugging Face model directory",
+                                   description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, metavar="DIR",
+                        help="a checkpoint (step_N) or a checkpoints directory (its newest complete one)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="the model directory to write (new or empty)")
+    parser.set_defaults(handler=main_export)
+    return parser
+
+
+def main_export(args: argparse.Namespace) -> int:
+    try:
+        source = export(Path(args.checkpoint), Path(args.out))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    print(f"exported {source} to {args.out}", flush=True)
+    if not (Path(args.out) / "tokenizer_config.json").is_file():
+        print("no tokenizer: the run trained on bytes (token ids 0-255, 256 = end of document)", flush=True)
+    return 0
