@@ -70,7 +70,7 @@ setup(
         # 3.7.1 too, so the kernels upcast them when interpreted); the integration tests run the newest
         # transformers and megatron-core of the supported ranges below.
         "test": ["pytest>=8", "hypothesis>=6", "numpy", "triton==3.7.1", "transformers==5.24.0",
-                 "megatron-core==0.16.1", "matplotlib>=3.8", "ninja"],
+                 "megatron-core==0.16.1", "matplotlib>=3.8", "ninja", "datasets==5.2.0", "pyarrow==26.0.1"],
         # 3.6.0 ran the kernels on H100 (benchmarks/RESULTS.md).
         "triton": ["triton>=3.6"],
         "hf": ["transformers>=4.56,<6"],
@@ -78,6 +78,8 @@ setup(
         "plot": ["matplotlib>=3.8"],
         # What `ring-attn train` uses beyond the core: models and tokenizers, the loss plot.
         "train": ["transformers>=4.56,<6", "matplotlib>=3.8"],
+        # Corpus formats of ring-attn train beyond text and jsonl: parquet files, `datasets` saved to disk.
+        "data": ["datasets>=2.19", "pyarrow>=14"],
     },
     entry_points={"console_scripts": ["ring-attn=ring_flash_attn.cli:main"]},
     ext_modules=ext_modules,

@@ -103,6 +103,8 @@ def wait_bounded(works, what: str) -> None:
 _call = threading.local()
 # Per (process group, kind of call): the description the whole group last agreed on (RING_FLASH_ATTN_AGREE=once).
 _last_agreed: dict = {}
+# Per device-only process group: the gloo group over the same ranks that carries these checks.
+_control_groups: dict = {}
 
 
 def _call_state():
@@ -193,12 +195,27 @@ def _group_key(group):
     return dist.group.WORLD if group is None else group
 
 
-def _collective_device(group, device: Optional[torch.device]) -> torch.device:
-    """CPU when the group has a CPU (gloo) backend: no device synchronisation for these host-side checks."""
+def _control_channel(group, device: Optional[torch.device]):
+    """``(group, device)`` for these host-side checks, so that they never synchronise the host with a device.
+
+    A group with a CPU (gloo) backend runs them on CPU tensors itself. A device-only group (NCCL, XCCL) would
+    need device tensors whose values the host then reads: a host-device synchronisation at every call, which
+    stalls the GPU queue layer after layer. For it the checks run on a gloo group over the same ranks, made at
+    the group's first agreement (which every rank of the group reaches: the first call is always checked)
+    and kept for the process; where gloo is not available they fall back to the group itself.
+    """
     backend = str(dist.get_backend(group))
     if "gloo" in backend or device is None or device.type == "cpu":
-        return torch.device("cpu")
-    return device
+        return group, torch.device("cpu")
+    key = _group_key(group)
+    if key not in _control_groups:
+        try:
+            _control_groups[key] = dist.new_group(dist.get_process_group_ranks(key), backend="gloo",
+                                                  use_local_synchronization=True)
+        except (RuntimeError, ValueError):  # no gloo in this build of torch
+            _control_groups[key] = None
+    control = _control_groups[key]
+    return (group, device) if control is None else (control, torch.device("cpu"))
 
 
 def _gather_ints(values, group, device, what: str):
@@ -231,7 +248,7 @@ def _agree(group, items: Optional[tuple], error: Optional[BaseException], device
         fingerprint = _fingerprint(description)
     else:
         description, fingerprint = json.dumps(f"{type(error).__name__}: {error}"), 0
-    device = _collective_device(group, device)
+    group, device = _control_channel(group, device)
     what = "argument agreement before the first exchange"
     try:
         status = _gather_ints([int(error is not None), fingerprint, len(description.encode())], group, device, what)
@@ -276,7 +293,7 @@ def finish(group, failure: Optional[ComputeFailure], device: torch.device, what:
         if failure is not None:
             raise failure.error
         return
-    device = _collective_device(group, device)
+    group, device = _control_channel(group, device)
     message = "" if failure is None else f"{failure.where}: {type(failure.error).__name__}: {failure.error}"
     status = _gather_ints([int(failure is not None), len(message.encode())], group, device,
                           f"{what}: failure check after the last exchange")

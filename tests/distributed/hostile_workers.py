@@ -212,3 +212,28 @@ def once_mode(rank, world_size, timeout_s):
 def agreement_world(rank, world_size, cases, timeout_s):
     """:func:`disagreements`, then :func:`once_mode` (last: it leaves the group unusable), in one world."""
     return disagreements(rank, world_size, cases), once_mode(rank, world_size, timeout_s)
+
+
+def control_channel_world(rank, world_size):
+    """A device-only group (NCCL/XCCL, stood in for by reporting "nccl" on gloo ranks): the checks go to a gloo
+    group over the same ranks, made once, on CPU tensors, so they never make the host wait for a device; and a
+    failure still reaches every rank through it."""
+    from unittest import mock
+
+    import torch.distributed as dist
+
+    from ring_flash_attn import agreement
+
+    accelerator = torch.device("meta")  # any non-CPU device: no tensor of the checks may land on it
+    with mock.patch.object(agreement.dist, "get_backend", return_value="nccl"):
+        group, device = agreement._control_channel(None, accelerator)
+        again, _ = agreement._control_channel(None, accelerator)
+        report = {"device": str(device), "cached": group is again, "separate": group is not dist.group.WORLD}
+        agreement.finish(None, None, accelerator, "control test, no failure")
+        failure = agreement.ComputeFailure(RuntimeError("injected"), "forward step 0") if rank == 1 else None
+        try:
+            agreement.finish(None, failure, accelerator, "control test")
+        except (RuntimeError, agreement.PeerRankError) as error:
+            report["raised"] = f"{type(error).__name__}: {error}"
+    report["control_backend"] = str(dist.get_backend(group))  # the real answer, outside the stand-in
+    return report

@@ -109,3 +109,14 @@ def test_once_rank_that_changes_alone_fails_every_rank_within_the_bound(once):
     assert kind1 == "ValueError" and message1.startswith("softcap: expected a finite value >= 0")
     # Rank 0 may wait out the bound once per transfer of the exchange (send, then receive).
     assert all(TIMEOUT_S <= r["elapsed"] < 2 * TIMEOUT_S + 5 for r in once), [r["elapsed"] for r in once]
+
+
+def test_device_only_group_checks_on_a_gloo_side_channel():
+    from tests.distributed.hostile_workers import control_channel_world
+
+    reports = run_world(2, control_channel_world, timeout_s=60)
+    for report in reports:
+        assert report["device"] == "cpu" and report["cached"] and report["separate"], report
+        assert report["control_backend"] == "gloo", report
+    assert reports[1]["raised"] == "RuntimeError: injected"
+    assert reports[0]["raised"].startswith("PeerRankError: control test: rank 1 failed at forward step 0"), reports

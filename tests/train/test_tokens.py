@@ -100,8 +100,8 @@ def test_missing_tokenizer_directory(tmp_path, corpus):
 
 
 def test_parquet_and_saved_dataset_sources(tmp_path):
-    pyarrow = pytest.importorskip("pyarrow.parquet", reason="parquet needs pyarrow (not a test dependency)")
-    datasets = pytest.importorskip("datasets", reason="data.format hf_dataset needs datasets")
+    pyarrow = pytest.importorskip("pyarrow.parquet", reason="parquet needs pyarrow (pip install .[data])")
+    datasets = pytest.importorskip("datasets", reason="data.format hf_dataset needs datasets (pip install .[data])")
     import pyarrow as pa
 
     texts = ["first document", "second", "third one"]
