@@ -38,7 +38,7 @@ import torch.distributed as dist
 
 from ring_flash_attn import ring_attention, shard_sequence, usp_attention, usp_process_groups
 from ring_flash_attn.comm.launch import init_distributed
-from ring_flash_attn.comm.ring import RingComm
+from ring_flash_attn.comm.ring import RingComm, SingleProcessFinish
 from ring_flash_attn.kernels import Features, get_backend, select_backend
 
 VARIANTS = {  # name -> (layout, causal, exchange)
@@ -57,7 +57,7 @@ class _Done:
         pass
 
 
-class ComputeOnlyComm:
+class ComputeOnlyComm(SingleProcessFinish):
     """The ring's shape without its traffic: every exchange completes at once and moves nothing."""
 
     def __init__(self, comm: RingComm):

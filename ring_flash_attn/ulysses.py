@@ -41,7 +41,7 @@ from typing import Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from .comm.ring import RingComm
+from .comm.ring import RingComm, SingleProcessFinish
 from .functional import ring_attention
 from .kernels import Features, select_backend
 from .kernels.mask import Band, check_window
@@ -317,19 +317,13 @@ class _UlyssesAttention(torch.autograd.Function):
 # Groups.
 
 
-class _OneRankRing:
+class _OneRankRing(SingleProcessFinish):
     """The ring of a mesh whose ring dimension is one rank: the engine makes no exchange on it."""
 
     rank, world_size = 0, 1
 
     def exchange(self, send, recv, kind="kv"):
         raise RuntimeError("a ring of one rank has no peer to exchange with")
-
-    def finish(self, failure, what: str, device: torch.device) -> None:
-        """No ring peer to tell: this rank's compute error raises here, and the Ulysses exchange around the
-        engine finishes its own all-to-alls before passing it on."""
-        if failure is not None:
-            raise failure.error
 
 
 @dataclass(frozen=True)

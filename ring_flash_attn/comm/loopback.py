@@ -29,6 +29,9 @@ from typing import Sequence
 
 import torch
 
+from .ring import SingleProcessFinish
+
+
 class PendingLoopback:
     """A copy in flight; ``wait()`` orders the current stream after it."""
 
@@ -42,7 +45,7 @@ class PendingLoopback:
         self._done, self._tensors = None, ()
 
 
-class LoopbackComm:
+class LoopbackComm(SingleProcessFinish):
     """Stands in for the ring as seen by rank ``rank``; ``kv_by_rank[r]`` is rank r's stacked K/V [2, B, S, Hk, D]."""
 
     def __init__(self, rank: int, kv_by_rank: Sequence[torch.Tensor]):
@@ -77,8 +80,3 @@ class LoopbackComm:
             done = torch.cuda.Event()
             done.record()
         return PendingLoopback(done, (send, recv, source))
-
-    def finish(self, failure, what: str, device: torch.device) -> None:
-        """One process: nobody else to tell; this rank's compute error (if any) raises here."""
-        if failure is not None:
-            raise failure.error

@@ -73,3 +73,12 @@ class RingComm:
     def finish(self, failure, what: str, device: torch.device) -> None:
         """After the last exchange of a call: every rank raises if any rank's compute failed (``failure``: ours)."""
         agreement.finish(self.group, failure, device, what)
+
+
+class SingleProcessFinish:
+    """``finish`` for a communicator with no other process to tell (the loopback, a ring of one rank, test and
+    benchmark stand-ins): this rank's compute error, if any, raises there."""
+
+    def finish(self, failure, what: str, device: torch.device) -> None:
+        if failure is not None:
+            raise failure.error

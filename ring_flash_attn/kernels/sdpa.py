@@ -57,6 +57,13 @@ def _cudnn_preferred(device_index: int) -> bool:
     return torch.backends.cudnn.is_available() and torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
+def _cudnn_serves(seqlen_q: int, seqlen_k: int) -> bool:
+    """Whether the plain fused call goes to cuDNN. Not for 1 x 1 blocks (a packed sequence of one token per
+    rank): cuDNN's backward refuses them ("s_q = s_kv = 1 is not supported", cuDNN 9.19, seen on H200), and
+    FlashAttention-2 serves them."""
+    return _cuda_fused_op() == "cudnn" and (seqlen_q, seqlen_k) != (1, 1)
+
+
 def _cuda_fused_op() -> str:
     """cuDNN is the faster op on Hopper (shared/anchors: 604 vs 343 TFLOP/s fwd at 16k); allow an override."""
     choice = os.environ.get("RING_FLASH_ATTN_SDPA_OP", "")
@@ -121,7 +128,7 @@ class SdpaBackend(KernelBackend):
         else:
             groups = q.shape[2] // k.shape[2]
             qh = _bhsd(q)
-            if plain and q.dtype in _HALF and q.device.type == "cuda" and _cuda_fused_op() == "cudnn":
+            if plain and q.dtype in _HALF and q.device.type == "cuda" and _cudnn_serves(sq, sk):
                 # cuDNN and FA2 take fewer K/V heads as they are (GQA): no repeated copy of K/V.
                 out, lse = aten._scaled_dot_product_cudnn_attention(
                     qh, _bhsd(k), _bhsd(v), None, True, 0.0, is_causal, False, scale=scale)[:2]
@@ -172,7 +179,7 @@ class SdpaBackend(KernelBackend):
         qh, douth, outh = _bhsd(q), _bhsd(dout), _bhsd(out)
         seed = torch.zeros((), dtype=torch.int64, device=q.device)
         # cum_seq_q/k = None: not variable-length (an empty tensor would select the varlen kernels).
-        if plain and q.dtype in _HALF and q.device.type == "cuda" and _cuda_fused_op() == "cudnn":
+        if plain and q.dtype in _HALF and q.device.type == "cuda" and _cudnn_serves(sq, sk):
             dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(
                 douth, qh, _bhsd(k), _bhsd(v), outh, lse.unsqueeze(-1), seed, seed, None, None, None, sq, sk, 0.0,
                 is_causal, scale=scale)

@@ -82,6 +82,7 @@ class TrainConfig:
 class ParallelConfig:
     cp: int = 1                           # context-parallel degree; the rest of the world is data-parallel
     variant: str = "zigzag"               # sequence layout over the CP ranks: zigzag, ring or stripe
+    ulysses: int = 1                      # Ulysses degree inside cp (USP: cp = ulysses x ring); heads split by it
     attn_backend: Optional[str] = None    # force a local attention kernel (see ring_flash_attn.kernels)
     device: str = "auto"                  # auto, cpu, cuda or xpu
     dist_backend: Optional[str] = None    # force a torch.distributed backend (gloo, nccl, xccl, ccl)
@@ -269,7 +270,7 @@ def validate(config: RunConfig) -> None:
                 "model.hidden_size": config.model.hidden_size,
                 "model.num_hidden_layers": config.model.num_hidden_layers,
                 "train.activation_checkpointing_n": config.train.activation_checkpointing_n,
-                "parallel.fsdp_replicate": config.parallel.fsdp_replicate}
+                "parallel.fsdp_replicate": config.parallel.fsdp_replicate, "parallel.ulysses": config.parallel.ulysses}
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"config key {key}: expected a positive value, got {value}")
@@ -293,6 +294,17 @@ def validate(config: RunConfig) -> None:
         get_layout(config.parallel.variant)
     except ValueError as exc:
         raise ConfigError(f"config key parallel.{exc}") from None
+    ulysses = config.parallel.ulysses
+    if config.parallel.cp % ulysses:
+        raise ConfigError(f"config key parallel.ulysses: must divide parallel.cp ({config.parallel.cp}: cp = ulysses "
+                          f"x ring), got {ulysses}")
+    if not config.model.pretrained and model.num_attention_heads % ulysses:  # a checkpoint's heads: checked at use
+        raise ConfigError(f"config key parallel.ulysses: must divide model.num_attention_heads "
+                          f"({model.num_attention_heads}): each Ulysses rank attends with its share of the heads, "
+                          f"got {ulysses}")
+    if ulysses > 1 and config.data.document_mask:
+        raise ConfigError("config key parallel.ulysses: data.document_mask runs the all-gather (llama3) exchange, "
+                          "which has no Ulysses form; set parallel.ulysses 1")
 
 
 def _launch_hint(world_size: int) -> str:

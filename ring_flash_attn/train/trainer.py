@@ -15,6 +15,7 @@ import math
 import signal
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Iterator, List, Optional, Tuple
 
@@ -36,6 +37,7 @@ from .model import (build_empty_model, build_model, check_model, materialize_fro
                     token_loss_sum)
 from .parallel import parallelize
 from .preemption import StopRequest, TrainingInterrupted
+from ..ulysses import usp_process_groups
 
 # The attention full-sequence runs use in --check: PyTorch's fused attention over the whole sequence.
 FULL_ATTENTION = "sdpa"
@@ -84,7 +86,10 @@ def setup(config: RunConfig) -> Run:
         stream, meta, fingerprint = tokens.load(config.data)
         dataset = PackedDataset(stream, config.data.seq_len, config.data.seed, fingerprint, eos=meta["eos"])
     _check_same_data(dataset)
-    attn_implementation = register_ring_attention(mesh.cp_group, config.parallel.variant, config.parallel.attn_backend)
+    if config.parallel.ulysses > 1:  # the ulysses x ring mesh over the cp ranks, with the run's collective timeout
+        usp_process_groups(config.parallel.ulysses, mesh.cp_group, timeout=timedelta(seconds=config.parallel.timeout_s))
+    attn_implementation = register_ring_attention(mesh.cp_group, config.parallel.variant, config.parallel.attn_backend,
+                                                  ulysses_size=config.parallel.ulysses)
     if config.data.document_mask:
         # Documents of any length, crossing the ranks' pieces: the all-gather (llama3) exchange over contiguous
         # pieces serves them; the zigzag/stripe layouts would need every document's length divisible by 2 x cp.
@@ -388,6 +393,8 @@ def check(run: Run) -> List[Tuple[float, float]]:
 
 def shutdown() -> None:
     if dist.is_initialized():
+        # On gloo a rank tearing down subgroups (the Ulysses mesh) while a peer still uses them aborts the peer.
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -35,6 +35,8 @@ CASES += [("sdpa", None, FP32, 64, 4, 4, 300, 300, PLAIN)]
 CASES += [("triton", None, dt, d, 8, 2, 500, 700, m) for dt in (BF16, FP16, FP32) for d in (64, 128)
           for m in (PLAIN, CAUSAL_OFFSET, WINDOW, EMPTY_ROWS)]
 CASES += [("triton", None, BF16, 128, 4, 4, 640, 640, CAUSAL)]
+# One-token blocks (a packed sequence of one token per rank): cuDNN's backward refuses 1 x 1, FA2 serves them.
+CASES += [("sdpa", "cudnn", dt, 128, 8, 2, 1, 1, m) for dt in (BF16, FP16) for m in (PLAIN, CAUSAL)]
 
 
 def _id(case):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from ring_flash_attn.comm.loopback import LoopbackComm
+from ring_flash_attn.comm.ring import SingleProcessFinish
 from ring_flash_attn.functional import ring_attention
 from ring_flash_attn.kernels import get_backend
 from ring_flash_attn.ring.layouts import get_layout
@@ -21,7 +22,7 @@ class _Done:
         pass
 
 
-class EchoComm:
+class EchoComm(SingleProcessFinish):
     """A rank of a ring of ``world_size`` in one process: each exchange hands the rank its own buffer back.
 
     Not the real ring's data (see test_true_ring_over_loopback for that), but every step

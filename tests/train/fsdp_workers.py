@@ -45,6 +45,9 @@ def all_scenarios(rank: int, world_size: int, config_path: Path, base: Path) -> 
                                               ("train.activation_checkpointing_n", "2")),
         "hybrid": losses_and_gradients(config_path, base / "hybrid", ("parallel.cp", "2"),
                                        ("parallel.fsdp_replicate", "2")),
+        # USP: Ulysses over pairs of ranks inside the cp group, the ring across the pairs.
+        "ulysses2_ring2": losses_and_gradients(config_path, base / "usp", ("parallel.cp", "4"),
+                                               ("parallel.ulysses", "2")),
     }
     # A run at dp2 x cp2 with checkpoints every 3 of 6 steps, for test_fsdp's resume on 2 ranks.
     trainer.train(trainer.setup(load_config(str(config_path), [("log.dir", str(base / "resize")),

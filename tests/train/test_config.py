@@ -29,6 +29,8 @@ def test_defaults_and_overrides(tmp_path):
     (("parallel.variant", "spiral"), "parallel.variant: expected one of"),
     (("data.source", "files"), "data.path: data.source is 'files'"),
     (("model.num_key_value_heads", "3"), "model.num_key_value_heads: must divide"),
+    (("parallel.ulysses", "3"), "parallel.ulysses: must divide parallel.cp"),
+    (("parallel.ulysses", "0"), "parallel.ulysses: expected a positive value, got 0"),
 ])
 def test_bad_values_name_the_key(tmp_path, override, message):
     with pytest.raises(ConfigError) as info:

@@ -40,7 +40,7 @@ def _reference(config_path, dp_size):
     return steps
 
 
-@pytest.mark.parametrize("scenario, dp_size", [("dp2_cp2", 2), ("cp4", 1), ("hybrid", 2)])
+@pytest.mark.parametrize("scenario, dp_size", [("dp2_cp2", 2), ("cp4", 1), ("hybrid", 2), ("ulysses2_ring2", 1)])
 def test_losses_and_gradients_equal_one_process(world, scenario, dp_size):
     _, config, results = world
     sharded = results[scenario]
@@ -61,6 +61,18 @@ def test_activation_checkpointing_changes_nothing(world, scenario):
     for step in range(STEPS):
         for name, gradient in plain["gradients"][step].items():
             assert (checkpointed["gradients"][step][name] == gradient).all(), (scenario, step, name)
+
+
+def test_ulysses_x_ring_matches_ring_only(world):
+    """parallel.ulysses 2 x ring 2 against cp 4 on the ring alone: the same losses, the same gradients."""
+    _, _, results = world
+    ring, usp = results["cp4"], results["ulysses2_ring2"]
+    assert usp["losses"] == pytest.approx(ring["losses"], rel=LOSS_RTOL)
+    for step in range(STEPS):
+        tolerance = GRADIENT[torch.float32] if step == 0 else LATER_GRADIENT_RTOL
+        for name, gradient in ring["gradients"][step].items():
+            error = rel_err(torch.from_numpy(usp["gradients"][step][name]), torch.from_numpy(gradient))
+            assert error <= tolerance, (step, name, error)
 
 
 def test_state_bytes_per_rank_fall_as_one_over_ranks(world):
