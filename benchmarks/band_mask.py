@@ -31,11 +31,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
 from functools import partial
 
 import torch
@@ -43,6 +41,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ring_flash_attn import ring_attention  # noqa: E402
+from ring_flash_attn.bench import environment  # noqa: E402
 from ring_flash_attn.comm.loopback import LoopbackComm  # noqa: E402
 from ring_flash_attn.kernels import Features, get_backend, select_backend  # noqa: E402
 from ring_flash_attn.kernels.mask import Band  # noqa: E402
@@ -270,20 +269,6 @@ def summary(rows) -> str:
         lines.append("| " + " | ".join([r["part"], r.get("layout", ""), str(r["seqlen_local"]), r["mask"],
                                          r["candidate"], *figures, *ratios]) + " |")
     return "\n".join(lines)
-
-
-def environment(device) -> dict:
-    env = dict(torch=torch.__version__, python=platform.python_version(), device=str(device),
-               date=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    try:
-        import triton
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
-    if device.type == "cuda":
-        env["device_name"] = torch.cuda.get_device_name(device)
-        env["cudnn"] = torch.backends.cudnn.version()
-    return env
 
 
 def parse_args(argv=None):

@@ -140,6 +140,10 @@ def main_check(args) -> int:
     if args.dtype is None:
         args.dtype = "float32" if device.type == "cpu" else "bfloat16"
     try:
-        return run_check(args, device)
+        failed = run_check(args, device)
+        # Every rank leaves together: gloo aborts a rank whose peer tears the group down under it (seen:
+        # "terminate called without an active exception" at exit, after a passing check).
+        dist.barrier()
+        return failed
     finally:
         dist.destroy_process_group()

@@ -45,7 +45,7 @@ from .comm.ring import RingComm, SingleProcessFinish
 from .functional import ring_attention
 from .kernels import Features, select_backend
 from .kernels.mask import Band, check_window
-from .ring.layouts import Layout, PackedLayout, Run, get_layout
+from .ring.layouts import DerivedLayout, Layout, PackedLayout, Run, get_layout
 from .ring.engine import RingPlan, ring_backward, ring_forward
 from .ring.planner import layout_needs_band_mask
 from .validation import (check_alibi_slopes, check_cu_seqlens, check_packed_alibi_slopes, check_packed_qkv,
@@ -57,7 +57,7 @@ from .validation import (check_alibi_slopes, check_cu_seqlens, check_packed_alib
 
 
 @dataclass(frozen=True)
-class UlyssesLayout(Layout):
+class UlyssesLayout(DerivedLayout):
     """The ring's view of a ``ulysses x ring`` mesh: ring rank r holds the tokens of context-parallel ranks
     ``rU .. rU+U-1`` under ``base`` (laid out over ``U * R`` ranks), in the order :func:`_arrangement` chose.
 
@@ -66,14 +66,6 @@ class UlyssesLayout(Layout):
 
     base: Layout
     ulysses_size: int
-
-    @property
-    def name(self) -> str:
-        return self.base.name
-
-    @property
-    def causal_only(self) -> bool:
-        return self.base.causal_only
 
     def check(self, seqlen_local, world_size, causal):
         self.base.check(seqlen_local // self.ulysses_size, world_size * self.ulysses_size, causal)

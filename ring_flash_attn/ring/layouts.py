@@ -165,8 +165,23 @@ def _geometry(q_len, k_len, delta, stride):
     return torch.broadcast_tensors(q_len, k_len, delta, torch.as_tensor(stride, dtype=torch.int64))
 
 
+class DerivedLayout(Layout):
+    """A layout built on a ``base`` layout (packed sequences, a Ulysses mesh's ring view): it keeps the base's
+    name and causal-only rule."""
+
+    base: Layout
+
+    @property
+    def name(self) -> str:
+        return self.base.name
+
+    @property
+    def causal_only(self) -> bool:
+        return self.base.causal_only
+
+
 @dataclass(frozen=True)
-class PackedLayout(Layout):
+class PackedLayout(DerivedLayout):
     """Packed variable-length sequences, each laid out over the ranks by ``base``.
 
     ``seqlens_local`` are the per-rank lengths of the packed sequences (every
@@ -179,14 +194,6 @@ class PackedLayout(Layout):
 
     base: Layout
     seqlens_local: Tuple[int, ...]
-
-    @property
-    def name(self) -> str:
-        return self.base.name
-
-    @property
-    def causal_only(self) -> bool:
-        return self.base.causal_only
 
     def check(self, seqlen_local, world_size, causal):
         if seqlen_local != sum(self.seqlens_local):
