@@ -13,9 +13,10 @@ Launch with ``torchrun --nproc_per_node N benchmarks/agreement_cost.py [--device
   ``RING_FLASH_ATTN_AGREE=never|once|always`` (median; modes interleaved call by
   call), and the difference to ``never``.
 
-On GPUs the checks read their result on the host: with a group whose backend
-has no CPU part (plain ``nccl``), that synchronises with the device; a group
-created with ``backend="cuda:nccl,cpu:gloo"`` runs them on the CPU instead.
+On GPUs the checks never touch the device: a group with a CPU part
+(``backend="cuda:nccl,cpu:gloo"``) runs them on CPU tensors, and for a device-only
+group (plain ``nccl``) they run on a gloo group over the same ranks, made at the
+group's first agreement.
 """
 
 from __future__ import annotations
