@@ -159,8 +159,11 @@ def shares_errors(fn):
 
 
 def _takes_part(group) -> bool:
-    """Whether this rank can join a collective on ``group`` (the check is off, or it is not a member: no)."""
-    return mode() != "never" and dist.is_available() and dist.is_initialized() and dist.get_rank(group) >= 0
+    """Whether this rank checks with the others of ``group``: not when the checks are off, when it is not a
+    member, or when it is the group's only rank (nobody to disagree with or to tell; its errors raise here,
+    and a one-rank run such as the trainer at cp = 1 pays no collective per attention call)."""
+    return (mode() != "never" and dist.is_available() and dist.is_initialized() and dist.get_rank(group) >= 0
+            and dist.get_world_size(group) > 1)
 
 
 def describe(q, k, v, **shared) -> tuple:

@@ -15,7 +15,7 @@ import ring_flash_attn as rfa
 from ring_flash_attn.kernels import get_backend, register_backend
 from ring_flash_attn.kernels.base import KernelBackend
 from ring_flash_attn.ring.layouts import get_layout
-from tests.distributed.workers import make_inputs, oracle
+from tests.distributed.workers import make_inputs, oracle, ring_errors
 from tests.tolerances import rel_err
 
 
@@ -236,4 +236,30 @@ def control_channel_world(rank, world_size):
         except (RuntimeError, agreement.PeerRankError) as error:
             report["raised"] = f"{type(error).__name__}: {error}"
     report["control_backend"] = str(dist.get_backend(group))  # the real answer, outside the stand-in
+    return report
+
+
+def one_rank_world(rank, world_size):
+    """A group of one rank makes no check collective (nothing to agree on, nobody to tell), its results still
+    match the float64 oracle, and its compute errors still raise."""
+    from unittest import mock
+
+    import torch.distributed as dist
+
+    from ring_flash_attn import agreement
+
+    def no_collective(*args, **kwargs):
+        raise AssertionError("a check collective ran on a group of one rank")
+
+    report = {}
+    with mock.patch.object(agreement.dist, "all_gather", no_collective):
+        report["errors"] = ring_errors(rank, world_size, [dict(variant="zigzag", causal=True, backend="reference",
+                                                               dtype="float64", heads_k=2, batch=1, seqlen=8,
+                                                               heads=4, head_dim=8, seed=99)])[0]
+        try:
+            agreement.finish(None, agreement.ComputeFailure(RuntimeError("injected"), "forward step 0"),
+                             torch.device("cpu"), "one rank")
+        except RuntimeError as error:
+            report["raised"] = str(error)
+    report["world_size"] = dist.get_world_size()
     return report

@@ -120,3 +120,12 @@ def test_device_only_group_checks_on_a_gloo_side_channel():
         assert report["control_backend"] == "gloo", report
     assert reports[1]["raised"] == "RuntimeError: injected"
     assert reports[0]["raised"].startswith("PeerRankError: control test: rank 1 failed at forward step 0"), reports
+
+
+def test_one_rank_group_makes_no_check_collective():
+    from tests.distributed.hostile_workers import one_rank_world
+
+    report, = run_world(1, one_rank_world, timeout_s=60)
+    assert report["world_size"] == 1
+    assert all(error <= GRADIENT[torch.float64] for error in report["errors"].values()), report
+    assert report["raised"] == "injected"
