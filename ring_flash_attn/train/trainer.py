@@ -76,9 +76,11 @@ def setup(config: RunConfig) -> Run:
     launch = detect_launch()
     dp_size = validate_for_world(config, launch.world_size)
     check_model(config, FULL_ATTENTION)
-    dataset = None if config.data.tokenizer else PackedDataset.from_config(config.data)
     device_type = default_device_type() if config.parallel.device == "auto" else config.parallel.device
     _, device = init_distributed(device_type, config.parallel.dist_backend, config.parallel.timeout_s)
+    # Read on every rank (each its own file system), then every rank raises whichever rank's error: a rank
+    # that failed alone would exit, and the launcher would kill the others before they said why.
+    dataset = _shared_errors(lambda: None if config.data.tokenizer else PackedDataset.from_config(config.data))
     mesh = build_mesh(device_type, dp_size, config.parallel.cp, config.parallel.timeout_s,
                       config.parallel.fsdp_replicate)
     if dataset is None:  # tokenized once, by rank 0, into the shared token cache (tokens.py)
@@ -97,6 +99,25 @@ def setup(config: RunConfig) -> Run:
         substitute_hf_flash_attn(mesh.cp_group, heads_k_stride=kv_heads)
     plan = BatchPlan(dp_size, config.train.micro_batch_size, config.train.grad_accum)
     return Run(config, launch.rank, launch.world_size, device, mesh, dataset, plan, attn_implementation)
+
+
+def _shared_errors(read):
+    """``read()`` on every rank; if it raised on any rank, every rank raises (its own error, or a ConfigError
+    naming the first rank that failed and why)."""
+    error = None
+    try:
+        result = read()
+    except Exception as exc:  # shared below, then raised on every rank
+        error, result = exc, None
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, None if error is None else str(error))
+    if error is not None:
+        raise error
+    failed = [(rank, message) for rank, message in enumerate(errors) if message is not None]
+    if failed:
+        rank, message = failed[0]
+        raise ConfigError(f"{message} (on rank {rank})")
+    return result
 
 
 def _check_same_data(dataset: PackedDataset) -> None:
