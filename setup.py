@@ -81,7 +81,7 @@ setup(
         # Corpus formats of ring-attn train beyond text and jsonl: parquet files, `datasets` saved to disk.
         "data": ["datasets>=2.19", "pyarrow>=14"],
     },
-    entry_points={"console_scripts": ["ring-attn=ring_flash_attn.cli:main"]},
+    entry_points={"console_scripts": ["ring-attn=ring_flash_attn.cli:run"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -8,6 +8,7 @@ kernel, on one device), ``env`` (what to attach to a bug report).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -64,5 +65,57 @@ def main(argv=None) -> int:
     return int(args.handler(args) or 0)
 
 
+def run(entry=None) -> None:
+    """The process entry point (the ``ring-attn`` script, ``python -m ring_flash_attn``, ``python -m
+    ring_flash_attn.train``): ``entry()`` (default :func:`main`), then exit with its code.
+
+    A process that took part in a process group leaves without Python's interpreter finalization. Gloo's
+    worker threads may still be dropping their last references to the tensors of a finished collective
+    (even after ``destroy_process_group``); a thread that needs the GIL once finalization has begun is
+    unwound by the interpreter inside a C++ destructor, and the process dies of ``std::terminate``
+    ("terminate called without an active exception", SIGABRT) after a run that passed. Seen once in CI, on
+    one rank of a passing 3-rank ``ring-attn check`` (not reproduced in 15 runs here); the same race is
+    described upstream (pytorch/pytorch#179291). Everything the commands write is closed by then (the
+    trainer waits for its checkpoints); output streams and logging are flushed here.
+    """
+    try:
+        code = (entry or main)()
+    except SystemExit as leaving:
+        code = leaving.code
+    except KeyboardInterrupt:
+        import traceback
+
+        traceback.print_exc()
+        code = 130  # as Python itself exits on an uncaught Ctrl-C
+    except BaseException:  # noqa: B036 - printed like an uncaught exception, then the same exit as below
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    if isinstance(code, str):  # sys.exit("message"): Python prints it and exits 1
+        print(code, file=sys.stderr)
+        code = 1
+    code = 0 if code is None else int(code)
+    if not _took_part_in_a_process_group():
+        sys.exit(code)
+    import logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can reach it
+            pass
+    os._exit(code)
+
+
+def _took_part_in_a_process_group() -> bool:
+    if "torch.distributed" not in sys.modules:
+        return False
+    from .comm.launch import process_group_started
+
+    return process_group_started()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

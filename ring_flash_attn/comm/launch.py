@@ -21,6 +21,14 @@ from typing import Mapping, Optional
 DEFAULT_MASTER_ADDR = "127.0.0.1"
 DEFAULT_MASTER_PORT = "29500"
 
+# Whether this process initialised the default process group (see cli.run: how such a process exits).
+_started = False
+
+
+def process_group_started() -> bool:
+    """True once :func:`init_distributed` has initialised a process group in this process (destroyed or not)."""
+    return _started
+
 
 @dataclass(frozen=True)
 class LaunchInfo:
@@ -83,7 +91,9 @@ def init_distributed(device_type: Optional[str] = None, backend: Optional[str] =
     else:
         device = torch.device(device_type, info.local_rank)
         getattr(torch, device_type).set_device(device)
+    global _started
     if not dist.is_initialized():
+        _started = True
         os.environ.setdefault("MASTER_ADDR", DEFAULT_MASTER_ADDR)
         os.environ.setdefault("MASTER_PORT", DEFAULT_MASTER_PORT)
         timeout = timedelta(seconds=timeout_s)

@@ -1,7 +1,6 @@
 """``python -m ring_flash_attn.train``: the train command on its own (also under torchrun -m)."""
 
-import sys
-
+from ..cli import run
 from .command import main
 
-sys.exit(main())
+run(main)
