@@ -21,12 +21,13 @@ def _torchrun(nproc, *args):
                  "-m", "ring_flash_attn", *args])
 
 
-def test_check_passes_on_three_ranks():
-    result = _torchrun(3, "check", "--device", "cpu", "--seqlen", "96", "--heads", "4", "--heads-k", "2",
-                       "--head-dim", "16")
+def test_check_passes_on_three_ranks_at_the_default_length():
+    """3 ranks (like 6 or 12, one Aurora node) cannot split 1024 into 2P chunks: the default length adapts."""
+    result = _torchrun(3, "check", "--device", "cpu", "--heads", "4", "--heads-k", "2", "--head-dim", "8")
     assert result.returncode == 0, result.stdout + result.stderr
     lines = [line for line in result.stdout.splitlines() if line.rstrip().endswith("OK")]
     assert len(lines) == 3 * 4, result.stdout  # every rank, every variant
+    assert "seqlen 1026" in result.stdout
     assert "all ranks match full attention" in result.stdout
 
 
@@ -38,21 +39,49 @@ def test_check_default_length_splits_at_any_world_size():
         assert seqlen % unit == 0 and DEFAULT_MIN_SEQLEN <= seqlen < DEFAULT_MIN_SEQLEN + unit, world_size
 
 
-def test_check_without_a_length_at_a_world_size_that_does_not_divide_1024():
-    """3 ranks (like 6 or 12, one Aurora node) cannot split 1024 into 2P chunks: the default length adapts."""
-    result = _torchrun(3, "check", "--device", "cpu", "--heads", "2", "--heads-k", "1", "--head-dim", "8")
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "seqlen 1026" in result.stdout
-    assert "all ranks match full attention" in result.stdout
+@pytest.mark.parametrize("command", [["--help"], ["check", "--help"], ["bench", "--help"], ["train", "--help"]])
+def test_help_texts_are_plain_text(command, capsys):
+    """No reStructuredText markup or internal module paths in what users read first (in-process: the same
+    parsers the command line builds)."""
+    from ring_flash_attn.cli import main
+
+    with pytest.raises(SystemExit) as leaving:
+        main(command)
+    assert leaving.value.code == 0
+    shown = capsys.readouterr().out
+    assert "usage: ring-attn" in shown
+    for markup in ("``", ":func:", ":mod:", ":class:", "ring_flash_attn/"):
+        assert markup not in shown, (command, markup)
 
 
-def test_help_texts_are_plain_text():
-    """No reStructuredText markup or internal module paths in what users read first."""
-    for command in (["--help"], ["check", "--help"], ["bench", "--help"], ["train", "--help"]):
-        result = _run([sys.executable, "-m", "ring_flash_attn", *command])
-        assert result.returncode == 0, result.stderr
-        for markup in ("``", ":func:", ":mod:", ":class:", "ring_flash_attn/"):
-            assert markup not in result.stdout, (command, markup)
+class _Exited(Exception):
+    pass
+
+
+@pytest.mark.parametrize("started", [True, False])
+@pytest.mark.parametrize("outcome, code", [(0, 0), (3, 3), (None, 0), (SystemExit(2), 2), (SystemExit("bad"), 1),
+                                           (ValueError("boom"), 1), (KeyboardInterrupt(), 130)])
+def test_process_exit_code(outcome, code, started, monkeypatch, capsys):
+    """``run``: the entry's exit code in every way it can end; a process that took part in a process group
+    leaves through ``os._exit`` (no interpreter finalization, see cli.run), any other through ``sys.exit``."""
+    from ring_flash_attn import cli
+    from ring_flash_attn.comm import launch
+
+    def entry():
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def fake_exit(value):
+        raise _Exited(value)
+
+    monkeypatch.setattr(launch, "_started", started)
+    monkeypatch.setattr(cli.os, "_exit", fake_exit)
+    with pytest.raises(_Exited if started else SystemExit) as leaving:
+        cli.run(entry)
+    assert (leaving.value.args[0] if started else leaving.value.code) == code
+    if isinstance(outcome, Exception) and not isinstance(outcome, SystemExit):
+        assert "boom" in capsys.readouterr().err  # the traceback, as Python prints an uncaught one
 
 
 def test_check_fails_loudly_on_mismatch():

@@ -31,11 +31,15 @@ EAGER_TOL = 1e-6
 
 
 MISC_WORLD_SIZE = 2  # bad inputs, right padding and the replaced project's helpers run in this world too
+# Every model and variant at 2 ranks; at 4 (more ring steps, the same integration code) one case per model,
+# both variants among them: 4 processes on the CI's 2 cores are the suite's slowest world.
+CASES_BY_WORLD = {2: CASES, 4: [c for c in CASES if (c[0], c[1]) in {("llama", "zigzag"), ("mistral", "ring"),
+                                                                     ("gemma2", "zigzag")}]}
 
 
 @pytest.fixture(scope="module")
 def results_by_world():
-    return {world_size: run_world(world_size, hf_workers.world_checks, CASES,
+    return {world_size: run_world(world_size, hf_workers.world_checks, CASES_BY_WORLD[world_size],
                                   SESSION_SEED + 1000 if world_size == MISC_WORLD_SIZE else None)
             for world_size in WORLD_SIZES}
 
@@ -46,15 +50,16 @@ def model_errors_by_world(results_by_world):
             for world_size, per_rank in results_by_world.items()}
 
 
-@pytest.mark.parametrize("world_size", WORLD_SIZES)
-@pytest.mark.parametrize("case", CASES, ids=[f"{kind}-{variant}" for kind, variant, _ in CASES])
+@pytest.mark.parametrize("world_size, case", [(w, c) for w in WORLD_SIZES for c in CASES_BY_WORLD[w]],
+                         ids=[f"{c[0]}-{c[1]}-{w}" for w in WORLD_SIZES for c in CASES_BY_WORLD[w]])
 def test_model_matches_single_process(model_errors_by_world, world_size, case):
     kind = case[0]
     per_rank = model_errors_by_world[world_size]
-    errors = per_rank[0][CASES.index(case)]
+    index = CASES_BY_WORLD[world_size].index(case)
+    errors = per_rank[0][index]
     assert errors["n_params"] > 10, "every parameter must have a gradient"
     for rank_errors in per_rank:
-        assert rank_errors[CASES.index(case)] == errors, "ranks disagree on the gathered results"
+        assert rank_errors[index] == errors, "ranks disagree on the gathered results"
     for key in ("logits", "loss", "local_loss"):
         assert errors["exact"][key] <= EXACT_TOL[kind], (key, errors["exact"])
         assert errors["eager"][key] <= EAGER_TOL, (key, errors["eager"])
@@ -83,8 +88,8 @@ def test_two_rings_side_by_side(results_by_world):
 
 def test_report_largest_errors(model_errors_by_world, capsys):
     worst = {}
-    for per_rank in model_errors_by_world.values():
-        for (kind, _, _), errors in zip(CASES, per_rank[0]):
+    for world_size, per_rank in model_errors_by_world.items():
+        for (kind, _, _), errors in zip(CASES_BY_WORLD[world_size], per_rank[0]):
             for ref in ("exact", "eager"):
                 key = (kind, ref)
                 worst[key] = max(worst.get(key, 0.0), *errors[ref].values())

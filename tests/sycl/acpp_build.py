@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[2]
 SOURCES = REPO / "csrc" / "sycl"
 ACPP_SCRIPT = REPO.parent / "shared" / "toolchains" / "build-adaptivecpp.sh"
 CACHE_ROOT = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ring_flash_attn"
-CFLAGS = ["--acpp-targets=omp.accelerated", "-O2", "-DRFA_CPU_TEST_BUILD=1"]
+CFLAGS = ["--acpp-targets=omp.accelerated", "-O0", "-DRFA_CPU_TEST_BUILD=1"]
 LDFLAGS = ["--acpp-targets=omp.accelerated"]
 
 
