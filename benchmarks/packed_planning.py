@@ -16,7 +16,9 @@ most lengths are distinct, the hard case for per-length caching.
 Time per call (``--calls``): ``zigzag_ring_flash_attn_varlen_func``'s own path (``ring_attention`` with
 ``cu_seqlens``: validation, planning, the ring engine), forward + backward, for rank P - 1 over the loopback
 communicator (ring_flash_attn/comm/loopback.py: the K/V blocks of the other ranks, made locally), on
-sequences of ``--call-seqlen`` tokens each; first call (planning included) and repeated call. Against it:
+sequences of ``--call-seqlen`` tokens each; first call (planning included) and repeated call, and with
+``--compare-unbatched`` the repeated call with the engine's batching of equal-shape calls
+(ring/batching.py) switched off. Against it:
 the same rank's queries over the same tokens as one sequence of the total length with a block-diagonal
 (document) mask, in one call of PyTorch's fused attention (``--baseline sdpa``: a dense boolean mask;
 ``--baseline flex``: FlexAttention with a document block mask, compiled; GPU only, it has no CPU
@@ -45,6 +47,7 @@ sys.path.insert(0, ROOT)
 from ring_flash_attn.comm.loopback import LoopbackComm  # noqa: E402
 from ring_flash_attn.functional import ring_attention  # noqa: E402
 from ring_flash_attn.kernels.mask import Band  # noqa: E402
+from ring_flash_attn.ring import batching  # noqa: E402
 from ring_flash_attn.ring.layouts import LAYOUTS, PackedLayout, get_layout  # noqa: E402
 from ring_flash_attn.ring.planner import clear_plan_caches, layout_needs_band_mask, plan_step  # noqa: E402
 
@@ -166,6 +169,16 @@ def call_rows(args):
             clear_plan_caches()
             first = best_ms(ring_call, 1)
             repeated = best_ms(ring_call, args.reps)
+            unbatched = None
+            if args.compare_unbatched:
+                saved, batching.MAX_BATCHED_ROWS = batching.MAX_BATCHED_ROWS, 0
+                try:
+                    clear_plan_caches()
+                    ring_call()  # planning
+                    unbatched = best_ms(ring_call, args.reps)
+                finally:
+                    batching.MAX_BATCHED_ROWS = saved
+                    clear_plan_caches()
             base_ms = None
             if args.baseline:
                 # the same tokens as one sequence: every rank's keys in position order, documents of
@@ -185,7 +198,8 @@ def call_rows(args):
                 baseline_call()  # compiles FlexAttention
                 base_ms = best_ms(baseline_call, args.reps)
             row = dict(world_size=world_size, sequences=count, seqlen=args.call_seqlen, local_tokens=total_local,
-                       first_call_ms=first, repeated_call_ms=repeated, baseline=args.baseline, baseline_ms=base_ms)
+                       first_call_ms=first, repeated_call_ms=repeated, unbatched_call_ms=unbatched,
+                       baseline=args.baseline, baseline_ms=base_ms)
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows
@@ -208,6 +222,9 @@ def main(argv=None):
     parser.add_argument("--calls", action="store_true", help="also time calls over the loopback communicator")
     parser.add_argument("--calls-max-seqs", type=int, default=256,
                         help="time calls up to this many sequences (default: %(default)s)")
+    parser.add_argument("--compare-unbatched", action="store_true",
+                        help="calls: also time the repeated call with the engine's batching of equal-shape calls "
+                             "off (every call its own kernel launch, as before issue 19's batching)")
     parser.add_argument("--call-seqlen", type=int, default=16, help="tokens per sequence in the calls (global)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")

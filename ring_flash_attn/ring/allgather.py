@@ -31,13 +31,14 @@ from ..agreement import ComputeFailure
 from ..kernels import Features, select_backend
 from ..kernels.base import KernelBackend
 from ..merge import new_accumulators
-from .engine import ContextParallelAttention, kernel_kwargs
+from .batching import Call, batch_calls
+from .engine import ContextParallelAttention, add_key_gradients, call_gradients, fold_call, kernel_kwargs
 from .planner import BlockTask, plan_step
 
 
 @dataclass(frozen=True)
 class AllGatherPlan:
-    tasks: Tuple[BlockTask, ...]  # key ranges index the gathered K/V
+    tasks: Tuple[Call, ...]  # key ranges index the gathered K/V; small calls of one shape batched
     scale: float
     softcap: float
     backend: KernelBackend
@@ -107,10 +108,9 @@ def allgather_forward(q, k, v, plan: AllGatherPlan):
         if failure is not None:
             continue  # keep gathering: the other ranks' all-gathers must stay matched
         try:
-            for task in plan.tasks:
-                plan.backend.forward_accumulate(
-                    q[:, task.q, q_heads], k_all[task.k].unsqueeze(0), v_all[task.k].unsqueeze(0),
-                    out_acc[:, task.q, q_heads], lse_acc[:, q_heads, task.q], **plan.kernel_kwargs(task, q_heads))
+            for call in plan.tasks:
+                fold_call(plan.backend, call, plan.kernel_kwargs(call, q_heads), q[:, :, q_heads],
+                          k_all.unsqueeze(0), v_all.unsqueeze(0), out_acc[:, :, q_heads], lse_acc[:, q_heads])
         except BaseException as error:
             failure = ComputeFailure(error, f"forward head chunk {n}")
     agreement.finish(plan.group, failure, q.device, "all-gather forward")
@@ -134,14 +134,12 @@ def allgather_backward(dout, q, k, v, out, lse, plan: AllGatherPlan):
         dv_all = torch.zeros_like(dk_all)
         if failure is None:
             try:
-                for task in plan.tasks:
-                    dq, dk_blk, dv_blk = plan.backend.backward(
-                        dout[:, task.q, q_heads], q[:, task.q, q_heads], k_all[task.k].unsqueeze(0),
-                        v_all[task.k].unsqueeze(0), out[:, task.q, q_heads], lse[:, q_heads, task.q],
-                        **plan.kernel_kwargs(task, q_heads))
-                    dq_acc[:, task.q, q_heads] += dq
-                    dk_all[task.k] += dk_blk[0]
-                    dv_all[task.k] += dv_blk[0]
+                for call in plan.tasks:
+                    dk_blk, dv_blk = call_gradients(
+                        plan.backend, call, plan.kernel_kwargs(call, q_heads), dout[:, :, q_heads], q[:, :, q_heads],
+                        k_all.unsqueeze(0), v_all.unsqueeze(0), out[:, :, q_heads], lse[:, q_heads],
+                        dq_acc[:, :, q_heads])
+                    add_key_gradients(call, dk_blk, dv_blk, dk_all.unsqueeze(0), dv_all.unsqueeze(0))
             except BaseException as error:  # keep reduce-scattering (ours are partial sums) to the last chunk
                 failure = ComputeFailure(error, f"backward head chunk {n}")
         dk_mine = torch.empty(dk_all.shape[0] // plan.world_size, *dk_all.shape[1:], dtype=acc_dtype,
@@ -183,7 +181,8 @@ def allgather_attention(q, k, v, tasks, *, softmax_scale, softcap, group, backen
                         alibi=alibi_slopes is not None)
     kernel = select_backend(features, backend)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    plan = AllGatherPlan(tuple(tasks), scale, softcap, kernel, group, world_size, heads_k_stride, alibi_slopes)
+    plan = AllGatherPlan(batch_calls(tuple(tasks)), scale, softcap, kernel, group, world_size, heads_k_stride,
+                         alibi_slopes)
     agreement.agree(group, agreement.describe(
         q, k, v, exchange="allgather", softmax_scale=scale, softcap=softcap, heads_k_stride=heads_k_stride,
         alibi_slopes=None if alibi_slopes is None else tuple(alibi_slopes.shape), **(shared or {})), q.device)

@@ -34,8 +34,8 @@ from ..agreement import ComputeFailure
 from ..kernels.base import KernelBackend
 from ..kernels.mask import Band
 from ..merge import new_accumulators
+from .batching import TaskBatch, add_rows, gather_rows, put_rows, step_calls
 from .layouts import Layout
-from .planner import plan_step
 
 
 @dataclass(frozen=True)
@@ -50,9 +50,10 @@ class RingPlan:
     comm: Any  # RingComm or any object with rank, world_size, exchange(send, recv, kind) and finish(...)
     alibi_slopes: Optional[torch.Tensor] = None
 
-    def tasks(self, src: int, seqlen_local: int):
-        return plan_step(self.layout, self.comm.rank, src, self.comm.world_size, seqlen_local, self.band,
-                         keep_positions=self.alibi_slopes is not None)
+    def calls(self, src: int, seqlen_local: int):
+        """The kernel calls on the K/V of rank ``src``: the planner's, small ones of equal shape batched."""
+        return step_calls(self.layout, self.comm.rank, src, self.comm.world_size, seqlen_local, self.band,
+                          keep_positions=self.alibi_slopes is not None)
 
     def kernel_kwargs(self, task) -> dict:
         return kernel_kwargs(task, self.scale, self.softcap, self.alibi_slopes)
@@ -69,8 +70,54 @@ def kernel_kwargs(task, scale: float, softcap: float, alibi_slopes: Optional[tor
     kwargs = dict(scale=scale, softcap=softcap, **task.kernel_mask_args())
     if alibi_slopes is not None:
         delta, stride = task.positions
+        if alibi_slopes.dim() == 2 and isinstance(task, TaskBatch):  # [B, H]: a batch is B x n blocks, b-major
+            alibi_slopes = alibi_slopes.repeat_interleave(len(task), dim=0)
         kwargs.update(alibi_slopes=alibi_slopes, alibi_delta=delta, alibi_stride=stride)
     return kwargs
+
+
+def fold_call(backend, call, kwargs, q, k, v, out_acc, lse_acc) -> None:
+    """Fold one planned call (a block, or a :class:`TaskBatch` of blocks) into the accumulators, with the
+    kernel arguments ``kwargs`` (:func:`kernel_kwargs`)."""
+    if not isinstance(call, TaskBatch):
+        backend.forward_accumulate(q[:, call.q], k[:, call.k], v[:, call.k], out_acc[:, call.q],
+                                   lse_acc[:, :, call.q], **kwargs)
+        return
+    q_rows, k_rows = call.indices(q.device)
+    out_part = gather_rows(out_acc, q_rows, call.q_len)
+    lse_part = gather_rows(lse_acc, q_rows, call.q_len, dim=2)
+    backend.forward_accumulate(
+        gather_rows(q, q_rows, call.q_len), gather_rows(k, k_rows, call.k_len), gather_rows(v, k_rows, call.k_len),
+        out_part, lse_part, **kwargs)
+    put_rows(out_acc, q_rows, out_part)
+    put_rows(lse_acc, q_rows, lse_part, dim=2)
+
+
+def call_gradients(backend, call, kwargs, dout, q, k, v, out, lse, dq_acc):
+    """One planned call's backward: its dQ is added to ``dq_acc``; its ``(dK, dV)`` are returned, for
+    :func:`add_key_gradients` once the partial sums they join have arrived."""
+    if not isinstance(call, TaskBatch):
+        dq, dk, dv = backend.backward(dout[:, call.q], q[:, call.q], k[:, call.k], v[:, call.k],
+                                      out[:, call.q], lse[:, :, call.q], **kwargs)
+        dq_acc[:, call.q] += dq
+        return dk, dv
+    q_rows, k_rows = call.indices(q.device)
+    dq, dk, dv = backend.backward(
+        *(gather_rows(t, q_rows, call.q_len) for t in (dout, q)),
+        *(gather_rows(t, k_rows, call.k_len) for t in (k, v)),
+        gather_rows(out, q_rows, call.q_len), gather_rows(lse, q_rows, call.q_len, dim=2), **kwargs)
+    add_rows(dq_acc, q_rows, dq)
+    return dk, dv
+
+
+def add_key_gradients(call, dk, dv, dk_acc, dv_acc) -> None:
+    if not isinstance(call, TaskBatch):
+        dk_acc[:, call.k] += dk
+        dv_acc[:, call.k] += dv
+        return
+    _, k_rows = call.indices(dk_acc.device)
+    add_rows(dk_acc, k_rows, dk)
+    add_rows(dv_acc, k_rows, dv)
 
 
 def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RingPlan):
@@ -87,10 +134,8 @@ def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RingPl
             pending = comm.exchange(kv[0], kv[1])
         if failure is None:
             try:
-                for task in plan.tasks((comm.rank - step) % comm.world_size, seqlen):
-                    plan.backend.forward_accumulate(
-                        q[:, task.q], kv[0][0][:, task.k], kv[0][1][:, task.k],
-                        out_acc[:, task.q], lse_acc[:, :, task.q], **plan.kernel_kwargs(task))
+                for call in plan.calls((comm.rank - step) % comm.world_size, seqlen):
+                    fold_call(plan.backend, call, plan.kernel_kwargs(call), q, kv[0][0], kv[0][1], out_acc, lse_acc)
             except BaseException as error:  # keep passing K/V: the other ranks' exchanges must stay matched
                 failure = ComputeFailure(error, f"forward step {step}")
         if pending is not None:
@@ -118,19 +163,15 @@ def ring_backward(dout, q, k, v, out, lse, plan: RingPlan):
         block_grads = []
         if failure is None:
             try:
-                for task in plan.tasks((comm.rank - step) % comm.world_size, seqlen):
-                    dq, dk, dv = plan.backend.backward(
-                        dout[:, task.q], q[:, task.q], kv[0][0][:, task.k], kv[0][1][:, task.k],
-                        out[:, task.q], lse[:, :, task.q], **plan.kernel_kwargs(task))
-                    dq_acc[:, task.q] += dq
-                    block_grads.append((task, dk, dv))
+                for call in plan.calls((comm.rank - step) % comm.world_size, seqlen):
+                    block_grads.append((call, *call_gradients(plan.backend, call, plan.kernel_kwargs(call), dout, q,
+                                                              kv[0][0], kv[0][1], out, lse, dq_acc)))
             except BaseException as error:  # keep passing K/V and dK/dV (ours left out) to the end of the ring
                 failure, block_grads = ComputeFailure(error, f"backward step {step}"), []
         if pending_dkv is not None:
             pending_dkv.wait()  # dkv[0] now holds the partial sums for the K/V block we just used
-        for task, dk, dv in block_grads:
-            dkv[0][0][:, task.k] += dk
-            dkv[0][1][:, task.k] += dv
+        for call, dk, dv in block_grads:
+            add_key_gradients(call, dk, dv, dkv[0][0], dkv[0][1])
         if comm.world_size > 1:
             pending_dkv = comm.exchange(dkv[0], dkv[1], kind="grad")
             dkv.reverse()

@@ -223,11 +223,13 @@ def plan_step(layout: Layout, rank: int, src: int, world_size: int, seqlen_local
 # calls, reused by every sequence of its length in later batches too.
 _packed_plan = lru_cache(maxsize=256)(_plan_packed)
 _base_plan = lru_cache(maxsize=1 << 16)(_plan_runs)
+# Every cache of plans, for clear_plan_caches (ring/batching.py adds its batched calls).
+PLAN_CACHES = [_packed_plan, _base_plan]
 
 
 def clear_plan_caches() -> None:
     """Forget every plan (benchmarks time planning from cold with it)."""
-    for cached in (_packed_plan, _base_plan, layout_needs_band_mask):
+    for cached in PLAN_CACHES:
         cached.cache_clear()
 
 
@@ -249,6 +251,9 @@ def layout_needs_band_mask(layout: Layout, world_size: int, seqlen_local: int, b
         return False
     geometry = base.pair_geometries(world_size, torch.tensor(lengths, dtype=torch.int64))
     return bool(_pairs_need_band(*geometry, band).any())
+
+
+PLAN_CACHES.append(layout_needs_band_mask)
 
 
 def _index_bands(q_len, k_len, delta, stride, band: Band):

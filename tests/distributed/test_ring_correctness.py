@@ -50,11 +50,15 @@ def _cases():
         dict(variant="zigzag", causal=True, seqlens=(0, 48, 0, 0, 24, 0), cu_dtype="int64"),
         dict(variant="ring", causal=False, seqlens=(24, 0, 48), window=(5, 3)),
         dict(variant="stripe", causal=True, seqlens=(0, 72), cu_dtype="int64"),
+        # many sequences of few lengths: the engine batches their equal-shape calls (ring/batching.py)
+        dict(variant="zigzag", causal=True, seqlens=(24,) * 5 + (48,) * 2),
+        dict(variant="ring", causal=False, seqlens=(24,) * 4 + (0, 24), window=(5, 3)),
         # ALiBi by true token distance; backend=None checks the automatic choice falls back to one that has it.
         dict(variant="ring", causal=False, alibi=True, backend=None),
         dict(variant="zigzag", causal=True, alibi=True, backend=None),
         dict(variant="stripe", causal=True, alibi=True, window=(9, -1), backend=None),
         dict(variant="zigzag", causal=True, alibi=True, seqlens=(48, 24), backend=None),
+        dict(variant="stripe", causal=True, alibi=True, seqlens=(24,) * 4, backend=None),
     ]
     for n, spec in enumerate(extra):
         for backend, dtype, heads_k in (("sdpa", "float64", 2), ("sdpa", "bfloat16", 1)):

@@ -1,0 +1,144 @@
+"""Many small kernel calls of one ring step as a few batched ones.
+
+A packed batch of many short sequences plans one call per sequence per ring step (per (query run, key
+run) pair of a sequence), and on a GPU each call costs a launch and its host work, far more than the
+arithmetic of a short block: a thousand 16-token documents took 100-300x the time of one block-diagonal
+call (benchmarks/RESULTS.md). Calls of the same shape (query rows, key rows, index-space band, positions)
+do the same arithmetic on different rows, so they are one call of the kernel on a batch: their rows are
+gathered into ``[n, L, H, D]`` (``[B * n, ...]`` for a batch of B) tensors, the kernel runs once, and the
+results go back to their rows (written for the forward's accumulators, added for the gradients).
+
+Only small blocks are batched: gathering copies the rows, which for long blocks costs more memory traffic
+than the launches it saves (and the few calls of an unpacked layout are long blocks). Calls batched together
+never share query rows, so the forward's accumulator rows they write back are disjoint.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Tuple, Union
+
+import torch
+
+from .planner import PLAN_CACHES, BlockTask, plan_step
+
+# Blocks of at most this many query rows are batched. A gathered block of 1024 rows x 32 heads x 128 dims is
+# 8 MiB in bfloat16, copied in a few microseconds on a GPU, about the host time of one call it saves; longer
+# blocks are already long enough to keep a device busy on their own.
+MAX_BATCHED_ROWS = 1024
+# Fewer calls than this stay as they are: the gathers and write-backs of a batch are about seven small
+# device operations, which two or three calls of the kernel cost too. (So only packed batches of many
+# sequences are batched; an unpacked layout has at most two calls of one shape per step.)
+MIN_BATCHED_CALLS = 4
+
+
+class TaskBatch:
+    """Kernel calls of one shape on disjoint query rows, made as one call on a batch of their rows."""
+
+    __slots__ = ("tasks", "q_len", "k_len", "band", "positions", "_indices")
+
+    def __init__(self, tasks: Tuple[BlockTask, ...]):
+        first = tasks[0]
+        self.tasks = tasks
+        self.q_len, self.k_len = first.q_stop - first.q_start, first.k_stop - first.k_start
+        self.band, self.positions = first.band, first.positions
+        self._indices = {}
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def kernel_mask_args(self) -> dict:
+        return self.tasks[0].kernel_mask_args()
+
+    def indices(self, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Row indices ``(query rows, key rows)``, task after task, on ``device`` (made once per device)."""
+        found = self._indices.get(device)
+        if found is None:
+            q_starts = torch.tensor([t.q_start for t in self.tasks], dtype=torch.int64)
+            k_starts = torch.tensor([t.k_start for t in self.tasks], dtype=torch.int64)
+            found = ((q_starts[:, None] + torch.arange(self.q_len)).reshape(-1).to(device),
+                     (k_starts[:, None] + torch.arange(self.k_len)).reshape(-1).to(device))
+            self._indices[device] = found
+        return found
+
+
+Call = Union[BlockTask, TaskBatch]
+
+
+@lru_cache(maxsize=256)  # as the packed plans: one batch's P sources, reused by its layers and its backward
+def step_calls(layout, rank: int, src: int, world_size: int, seqlen_local: int, band,
+               keep_positions: bool = False) -> Tuple[Call, ...]:
+    """:func:`~ring_flash_attn.ring.planner.plan_step`'s calls, batched by :func:`batch_calls`."""
+    return batch_calls(plan_step(layout, rank, src, world_size, seqlen_local, band, keep_positions))
+
+
+PLAN_CACHES.append(step_calls)
+
+
+def batch_calls(tasks: Tuple[BlockTask, ...]) -> Tuple[Call, ...]:
+    """``tasks`` (one ring step's calls) with the small calls of equal shape grouped into :class:`TaskBatch`es.
+
+    Linear in the number of calls: calls are grouped by shape in one pass; within a shape, calls whose query
+    rows overlap an earlier call's go to another batch (interval partitioning over calls sorted by row).
+    """
+    if len(tasks) < 2:
+        return tasks
+    by_shape = {}
+    kept = []
+    for task in tasks:
+        rows = task.q_stop - task.q_start
+        if rows > MAX_BATCHED_ROWS:
+            kept.append(task)
+            continue
+        by_shape.setdefault((rows, task.k_stop - task.k_start, task.band, task.positions), []).append(task)
+    calls, batched = list(kept), False
+    for group in by_shape.values():
+        if len(group) < MIN_BATCHED_CALLS:
+            calls.extend(group)
+            continue
+        group.sort(key=lambda t: t.q_start)
+        batches = []  # [tasks, end of the last query row range]
+        for task in group:
+            for batch in batches:
+                if batch[1] <= task.q_start:
+                    batch[0].append(task)
+                    batch[1] = task.q_stop
+                    break
+            else:
+                batches.append([[task], task.q_stop])
+        for batch_tasks, _ in batches:
+            if len(batch_tasks) < MIN_BATCHED_CALLS:
+                calls.extend(batch_tasks)
+            else:
+                calls.append(TaskBatch(tuple(batch_tasks)))
+                batched = True
+    return tuple(calls) if batched else tasks  # nothing to batch: the planner's calls in the planner's order
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor, length: int, dim: int = 1) -> torch.Tensor:
+    """The rows ``index`` of ``x`` along ``dim`` (the sequence dim), as a batch: ``[B, S, H, D]`` ->
+    ``[B * n, length, H, D]``; ``[B, H, S]`` (LSE, ``dim=2``) -> ``[B * n, H, length]``."""
+    picked = x.index_select(dim, index)
+    n = index.numel() // length
+    if dim == 1:
+        return picked.reshape(x.shape[0] * n, length, *x.shape[2:])
+    return picked.reshape(x.shape[0], x.shape[1], n, length).transpose(1, 2).reshape(x.shape[0] * n, x.shape[1], length)
+
+
+def _ungathered(value: torch.Tensor, like: torch.Tensor, dim: int) -> torch.Tensor:
+    """The inverse of :func:`gather_rows`'s reshape: a batch back to ``like``'s layout with the rows along ``dim``."""
+    batch = like.shape[0]
+    if dim == 1:
+        return value.reshape(batch, -1, *like.shape[2:])
+    n, heads, length = value.shape[0] // batch, like.shape[1], value.shape[2]
+    return value.reshape(batch, n, heads, length).transpose(1, 2).reshape(batch, heads, n * length)
+
+
+def put_rows(dst: torch.Tensor, index: torch.Tensor, value: torch.Tensor, dim: int = 1) -> None:
+    """Write a batch (from :func:`gather_rows`) back to its rows of ``dst``, in place."""
+    dst.index_copy_(dim, index, _ungathered(value, dst, dim).to(dst.dtype))
+
+
+def add_rows(dst: torch.Tensor, index: torch.Tensor, value: torch.Tensor, dim: int = 1) -> None:
+    """Add a batch to its rows of ``dst`` in place (rows repeated in ``index`` get every addend)."""
+    dst.index_add_(dim, index, _ungathered(value, dst, dim).to(dst.dtype))

@@ -1,0 +1,146 @@
+"""Equal-shape kernel calls of a ring step batched into one call (ring/batching.py).
+
+The grouping: every planned call is made exactly once, a batch holds calls of one shape on disjoint query
+rows. The numbers: one rank's schedule through the loopback communicator (no ranks needed) on packed batches
+of many short sequences, against the float64 oracle (out, LSE and dQ are exact through the loopback; dK/dV
+of batched calls are checked on real ranks in tests/distributed/test_ring_correctness.py), and against the
+same schedule with batching off.
+"""
+
+import os
+import random
+
+import pytest
+import torch
+
+from ring_flash_attn import ring_attention
+from ring_flash_attn.comm.loopback import LoopbackComm
+from ring_flash_attn.kernels.mask import Band
+from ring_flash_attn.ring import batching
+from ring_flash_attn.ring.batching import TaskBatch, add_rows, batch_calls, gather_rows, put_rows
+from ring_flash_attn.ring.layouts import PackedLayout, get_layout
+from ring_flash_attn.ring.planner import clear_plan_caches, plan_step
+from tests.distributed.workers import packed_oracle
+from tests.tolerances import rel_err
+
+SEED = int.from_bytes(os.urandom(4), "little")
+
+
+def _random_packed(variant, world_size, rng):
+    unit = get_layout(variant).chunks_per_rank
+    lengths = [unit * rng.choice((1, 1, 2, 3)) for _ in range(rng.randint(2, 40))]
+    return PackedLayout(get_layout(variant), tuple(lengths))
+
+
+@pytest.mark.parametrize("variant", ["ring", "zigzag", "stripe"])
+def test_batches_hold_every_call_once_on_disjoint_query_rows(variant):
+    rng = random.Random(SEED)
+    for _ in range(30):
+        world_size = rng.randint(1, 8)
+        layout = _random_packed(variant, world_size, rng)
+        band = rng.choice((Band.from_kernel_args(True, (-1, -1)), Band.from_kernel_args(False, (-1, -1)),
+                           Band.from_kernel_args(True, (rng.randint(0, 9), -1))))
+        rank = rng.randrange(world_size)
+        for src in range(world_size):
+            tasks = plan_step(layout, rank, src, world_size, sum(layout.seqlens_local), band)
+            calls = batch_calls(tasks)
+            flat = [t for c in calls for t in (c.tasks if isinstance(c, TaskBatch) else (c,))]
+            assert sorted(flat) == sorted(tasks), (SEED, variant)
+            for call in calls:
+                if not isinstance(call, TaskBatch):
+                    continue
+                assert len(call) >= batching.MIN_BATCHED_CALLS
+                assert len({(t.q_stop - t.q_start, t.k_stop - t.k_start, t.band, t.positions) for t in call.tasks}) == 1
+                rows = sorted((t.q_start, t.q_stop) for t in call.tasks)
+                assert all(a[1] <= b[0] for a, b in zip(rows, rows[1:])), (SEED, rows)
+        # many sequences of one length: a step's calls collapse to a few batches
+        many = PackedLayout(get_layout(variant), (get_layout(variant).chunks_per_rank,) * 64)
+        calls = batch_calls(plan_step(many, rank, 0, world_size, sum(many.seqlens_local), band))
+        assert len(calls) <= 4, calls
+
+
+def test_long_blocks_are_not_batched():
+    long = batching.MAX_BATCHED_ROWS + 1
+    layout = PackedLayout(get_layout("ring"), (long, long, long))
+    tasks = plan_step(layout, 0, 0, 1, 3 * long, Band.from_kernel_args(True, (-1, -1)))
+    assert batch_calls(tasks) == tasks
+
+
+def test_gathered_rows_go_back_where_they_came_from():
+    g = torch.Generator().manual_seed(SEED)
+    x = torch.randn(2, 40, 3, 4, generator=g, dtype=torch.float64)
+    lse = torch.randn(2, 3, 40, generator=g, dtype=torch.float64)
+    index = torch.tensor([4, 5, 6, 20, 21, 22, 30, 31, 32])
+    part, lse_part = gather_rows(x, index, 3), gather_rows(lse, index, 3, dim=2)
+    assert part.shape == (6, 3, 3, 4) and lse_part.shape == (6, 3, 3)
+    assert torch.equal(part[1], x[0, 20:23]) and torch.equal(part[3 + 2], x[1, 30:33])
+    assert torch.equal(lse_part[4], lse[1, :, 20:23])
+    y, lse_y = torch.zeros_like(x), torch.zeros_like(lse)
+    put_rows(y, index, part)
+    put_rows(lse_y, index, lse_part, dim=2)
+    assert torch.equal(y[:, index], x[:, index]) and torch.equal(lse_y[:, :, index], lse[:, :, index])
+    add_rows(y, index, part)
+    assert torch.equal(y[:, index], 2 * x[:, index])
+
+
+def test_unpacked_layouts_are_not_batched():
+    """An unpacked layout's few long calls are cheaper as they are than gathered."""
+    for variant in ("ring", "zigzag", "stripe"):
+        for src in range(4):
+            tasks = plan_step(get_layout(variant), 1, src, 4, 64, Band.from_kernel_args(True, (-1, -1)))
+            assert batch_calls(tasks) == tasks
+
+
+def test_per_sequence_alibi_slopes_follow_the_batch_order():
+    """``[B, H]`` slopes for a batch of n calls on B sequences: row b * n + i is sequence b's."""
+    from ring_flash_attn.ring.engine import kernel_kwargs
+
+    tasks = tuple(plan_step(PackedLayout(get_layout("ring"), (2,) * 4), 0, 0, 1, 8, Band.from_kernel_args(True, (-1, -1))))
+    (call,) = batch_calls(tasks)
+    slopes = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    got = kernel_kwargs(call, 1.0, 0.0, slopes)["alibi_slopes"]
+    assert torch.equal(got, torch.tensor([[1.0, 2.0]] * 4 + [[3.0, 4.0]] * 4))
+
+
+def _loopback_rank(layout, rank, world_size, inputs, causal, window, alibi):
+    q, k, v, dout = (layout.shard(t, rank, world_size) for t in inputs)
+    kv_by_rank = [torch.stack((layout.shard(inputs[1], r, world_size), layout.shard(inputs[2], r, world_size)))
+                  for r in range(world_size)]
+    q.requires_grad_()
+    out, lse = ring_attention(q, k, v, variant=layout, causal=causal, window_size=window, backend="reference",
+                              alibi_slopes=alibi, comm=LoopbackComm(rank, kv_by_rank))
+    out.backward(dout)
+    return out.detach(), lse, q.grad
+
+
+@pytest.mark.parametrize("variant,causal,window,alibi", [
+    ("zigzag", True, (-1, -1), False), ("ring", False, (3, 2), False), ("stripe", True, (-1, -1), True),
+    ("ring", True, (5, -1), True),
+])
+def test_batched_schedule_matches_the_oracle_and_the_unbatched_one(variant, causal, window, alibi, monkeypatch):
+    world_size = 4
+    unit = get_layout(variant).chunks_per_rank * world_size
+    seqlens = (unit,) * 9 + (2 * unit,) * 3 + (0, unit)  # global lengths; zero-length ones as padding makes
+    layout = PackedLayout(get_layout(variant), tuple(n // world_size for n in seqlens))
+    g = torch.Generator().manual_seed(SEED)
+    total, heads, heads_k, dim = sum(seqlens), 4, 2, 8
+    inputs = [torch.randn(1, total, h, dim, generator=g, dtype=torch.float64) for h in (heads, heads_k, heads_k, heads)]
+    slopes = torch.rand(heads, generator=g) * 0.5 + 0.05 if alibi else None  # float32, as the kernels take them
+    ref = packed_oracle(*inputs, seqlens, causal=causal, window=window, scale=dim ** -0.5, alibi_slopes=slopes)
+    for rank in range(world_size):
+        clear_plan_caches()
+        batched = _loopback_rank(layout, rank, world_size, inputs, causal, window, slopes)
+        assert any(isinstance(c, TaskBatch) for src in range(world_size) for c in batching.step_calls(
+            layout, rank, src, world_size, sum(layout.seqlens_local), Band.from_kernel_args(causal, window),
+            keep_positions=alibi)), "nothing was batched: the test would not test batching"
+        want = (layout.shard(ref[0], rank, world_size), layout.shard(ref[1], rank, world_size, 2),
+                layout.shard(ref[2], rank, world_size))
+        for name, got, expected in zip(("out", "lse", "dq"), batched, want):
+            assert rel_err(got, expected) < 1e-12, (SEED, rank, name, rel_err(got, expected))
+        with monkeypatch.context() as patch:
+            patch.setattr(batching, "MAX_BATCHED_ROWS", 0)
+            clear_plan_caches()
+            unbatched = _loopback_rank(layout, rank, world_size, inputs, causal, window, slopes)
+        for name, got, expected in zip(("out", "lse", "dq"), batched, unbatched):
+            assert rel_err(got, expected) < 1e-12, (SEED, rank, name)
+    clear_plan_caches()
