@@ -1,8 +1,9 @@
 """Packed batches (issue 19): host planning time and time per call against the number of sequences.
 
 Planning (no ranks, no tensors; process CPU time, the fastest of ``--reps``): one rank's planning for one
-call, i.e. the all-ranks band answer (``layout_needs_band_mask``) and the calls of every ring step
-(``plan_step`` for every source), for rank P - 1 (the busiest under a causal mask), three ways:
+call, i.e. the all-ranks band answer (``layout_needs_band_mask``) and the calls of every ring step as the
+engine makes them (``step_calls``: ``plan_step``'s blocks, small ones of one shape batched, for every
+source), for rank P - 1 (the busiest under a causal mask), three ways:
 
 * ``cold``     every plan cache emptied first: the first call of a fresh process;
 * ``new batch`` a new packed layout (the same lengths in another order, as the next training batch brings)
@@ -48,6 +49,7 @@ from ring_flash_attn.comm.loopback import LoopbackComm  # noqa: E402
 from ring_flash_attn.functional import ring_attention  # noqa: E402
 from ring_flash_attn.kernels.mask import Band  # noqa: E402
 from ring_flash_attn.ring import batching  # noqa: E402
+from ring_flash_attn.ring.batching import step_calls  # noqa: E402
 from ring_flash_attn.ring.layouts import LAYOUTS, PackedLayout, get_layout  # noqa: E402
 from ring_flash_attn.ring.planner import clear_plan_caches, layout_needs_band_mask, plan_step  # noqa: E402
 
@@ -95,8 +97,10 @@ def planning_rows(args):
                 for count in args.seqs:
                     lengths = random_lengths(name, count, args.max_local, seed=count * 7 + world_size)
                     layout = PackedLayout(get_layout(name), lengths)
-                    calls = plan_one_call(layout, world_size, band, plan_step, layout_needs_band_mask)
-                    cold = host_ms(lambda: plan_one_call(layout, world_size, band, plan_step, layout_needs_band_mask),
+                    # What the engine runs: the planner's blocks, batched (ring/batching.py).
+                    blocks = plan_one_call(layout, world_size, band, plan_step, layout_needs_band_mask)
+                    calls = plan_one_call(layout, world_size, band, step_calls, layout_needs_band_mask)
+                    cold = host_ms(lambda: plan_one_call(layout, world_size, band, step_calls, layout_needs_band_mask),
                                    args.reps, before=clear_plan_caches)
                     shuffled = list(lengths)
 
@@ -104,14 +108,15 @@ def planning_rows(args):
                         random.Random(len(shuffled)).shuffle(shuffled)
                         return PackedLayout(get_layout(name), tuple(shuffled))
                     batches = [new_batch() for _ in range(args.reps)]
-                    warm = min(host_ms(lambda b=b: plan_one_call(b, world_size, band, plan_step,
+                    warm = min(host_ms(lambda b=b: plan_one_call(b, world_size, band, step_calls,
                                                                  layout_needs_band_mask), 1) for b in batches)
                     old = None
                     if count <= args.old_max_seqs:
                         old = host_ms(lambda: plan_one_call(layout, world_size, band, old_plan_step,
                                                             old_layout_needs_band_mask), 1)
                     row = dict(layout=name, world_size=world_size, window=window, sequences=count,
-                               distinct_lengths=len(set(lengths)), calls=calls, cold_ms=cold, new_batch_ms=warm,
+                               distinct_lengths=len(set(lengths)), blocks=blocks, calls=calls, cold_ms=cold,
+                               new_batch_ms=warm,
                                old_ms=old)
                     rows.append(row)
                     print(json.dumps(row), flush=True)

@@ -17,7 +17,7 @@ from ring_flash_attn import ring_attention
 from ring_flash_attn.comm.loopback import LoopbackComm
 from ring_flash_attn.kernels.mask import Band
 from ring_flash_attn.ring import batching
-from ring_flash_attn.ring.batching import TaskBatch, add_rows, batch_calls, gather_rows, put_rows
+from ring_flash_attn.ring.batching import TaskBatch, add_rows, batch_calls, gather_rows, put_rows, step_calls
 from ring_flash_attn.ring.layouts import PackedLayout, get_layout
 from ring_flash_attn.ring.planner import clear_plan_caches, plan_step
 from tests.distributed.workers import packed_oracle
@@ -43,20 +43,29 @@ def test_batches_hold_every_call_once_on_disjoint_query_rows(variant):
         rank = rng.randrange(world_size)
         for src in range(world_size):
             tasks = plan_step(layout, rank, src, world_size, sum(layout.seqlens_local), band)
-            calls = batch_calls(tasks)
-            flat = [t for c in calls for t in (c.tasks if isinstance(c, TaskBatch) else (c,))]
-            assert sorted(flat) == sorted(tasks), (SEED, variant)
-            for call in calls:
-                if not isinstance(call, TaskBatch):
-                    continue
-                assert len(call) >= batching.MIN_BATCHED_CALLS
-                assert len({(t.q_stop - t.q_start, t.k_stop - t.k_start, t.band, t.positions) for t in call.tasks}) == 1
-                rows = sorted((t.q_start, t.q_stop) for t in call.tasks)
-                assert all(a[1] <= b[0] for a, b in zip(rows, rows[1:])), (SEED, rows)
+            # the packed path (batched as planned) and the general one (batching planned blocks)
+            for calls in (step_calls(layout, rank, src, world_size, sum(layout.seqlens_local), band),
+                          batch_calls(tasks)):
+                _check_batches(calls, tasks)
         # many sequences of one length: a step's calls collapse to a few batches
         many = PackedLayout(get_layout(variant), (get_layout(variant).chunks_per_rank,) * 64)
-        calls = batch_calls(plan_step(many, rank, 0, world_size, sum(many.seqlens_local), band))
-        assert len(calls) <= 4, calls
+        for calls in (batch_calls(plan_step(many, rank, 0, world_size, sum(many.seqlens_local), band)),
+                      step_calls(many, rank, 0, world_size, sum(many.seqlens_local), band)):
+            assert len(calls) <= 4, calls
+
+
+def _check_batches(calls, tasks):
+    """Every planned block made exactly once; a batch: at least MIN_BATCHED_CALLS blocks of one shape, on
+    disjoint query rows."""
+    flat = [t for c in calls for t in (c.tasks if isinstance(c, TaskBatch) else (c,))]
+    assert sorted(flat) == sorted(tasks), SEED
+    for call in calls:
+        if not isinstance(call, TaskBatch):
+            continue
+        assert len(call) >= batching.MIN_BATCHED_CALLS
+        assert len({(t.q_stop - t.q_start, t.k_stop - t.k_start, t.band, t.positions) for t in call.tasks}) == 1
+        rows = sorted((t.q_start, t.q_stop) for t in call.tasks)
+        assert all(a[1] <= b[0] for a, b in zip(rows, rows[1:])), (SEED, rows)
 
 
 def test_long_blocks_are_not_batched():
@@ -64,6 +73,7 @@ def test_long_blocks_are_not_batched():
     layout = PackedLayout(get_layout("ring"), (long, long, long))
     tasks = plan_step(layout, 0, 0, 1, 3 * long, Band.from_kernel_args(True, (-1, -1)))
     assert batch_calls(tasks) == tasks
+    assert sorted(step_calls(layout, 0, 0, 1, 3 * long, Band.from_kernel_args(True, (-1, -1)))) == sorted(tasks)
 
 
 def test_gathered_rows_go_back_where_they_came_from():

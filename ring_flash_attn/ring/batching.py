@@ -20,7 +20,8 @@ from typing import Tuple, Union
 
 import torch
 
-from .planner import PLAN_CACHES, BlockTask, plan_step
+from .layouts import PackedLayout
+from .planner import PLAN_CACHES, BlockTask, _base_plan, plan_step
 
 # Blocks of at most this many query rows are batched. A gathered block of 1024 rows x 32 heads x 128 dims is
 # 8 MiB in bfloat16, copied in a few microseconds on a GPU, about the host time of one call it saves; longer
@@ -33,29 +34,41 @@ MIN_BATCHED_CALLS = 4
 
 
 class TaskBatch:
-    """Kernel calls of one shape on disjoint query rows, made as one call on a batch of their rows."""
+    """Kernel calls of one shape (``q_len`` x ``k_len`` rows, ``band``, ``positions``) on disjoint query rows,
+    made as one call on a batch of their rows; call i covers query rows ``q_starts[i] + [0, q_len)`` and key
+    rows ``k_starts[i] + [0, k_len)``."""
 
-    __slots__ = ("tasks", "q_len", "k_len", "band", "positions", "_indices")
+    __slots__ = ("q_len", "k_len", "band", "positions", "q_starts", "k_starts", "_indices")
 
-    def __init__(self, tasks: Tuple[BlockTask, ...]):
-        first = tasks[0]
-        self.tasks = tasks
-        self.q_len, self.k_len = first.q_stop - first.q_start, first.k_stop - first.k_start
-        self.band, self.positions = first.band, first.positions
+    def __init__(self, q_len: int, k_len: int, band, positions, q_starts: list, k_starts: list):
+        self.q_len, self.k_len, self.band, self.positions = q_len, k_len, band, positions
+        self.q_starts, self.k_starts = q_starts, k_starts
         self._indices = {}
 
+    @classmethod
+    def of(cls, tasks) -> "TaskBatch":
+        first = tasks[0]
+        return cls(first.q_stop - first.q_start, first.k_stop - first.k_start, first.band, first.positions,
+                   [t.q_start for t in tasks], [t.k_start for t in tasks])
+
+    @property
+    def tasks(self) -> Tuple[BlockTask, ...]:
+        """The calls this batch makes, one block each."""
+        return tuple(BlockTask(q, q + self.q_len, k, k + self.k_len, self.band, self.positions)
+                     for q, k in zip(self.q_starts, self.k_starts))
+
     def __len__(self) -> int:
-        return len(self.tasks)
+        return len(self.q_starts)
 
     def kernel_mask_args(self) -> dict:
-        return self.tasks[0].kernel_mask_args()
+        return BlockTask(0, self.q_len, 0, self.k_len, self.band, self.positions).kernel_mask_args()
 
     def indices(self, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Row indices ``(query rows, key rows)``, task after task, on ``device`` (made once per device)."""
+        """Row indices ``(query rows, key rows)``, call after call, on ``device`` (made once per device)."""
         found = self._indices.get(device)
         if found is None:
-            q_starts = torch.tensor([t.q_start for t in self.tasks], dtype=torch.int64)
-            k_starts = torch.tensor([t.k_start for t in self.tasks], dtype=torch.int64)
+            q_starts = torch.tensor(self.q_starts, dtype=torch.int64)
+            k_starts = torch.tensor(self.k_starts, dtype=torch.int64)
             found = ((q_starts[:, None] + torch.arange(self.q_len)).reshape(-1).to(device),
                      (k_starts[:, None] + torch.arange(self.k_len)).reshape(-1).to(device))
             self._indices[device] = found
@@ -68,11 +81,81 @@ Call = Union[BlockTask, TaskBatch]
 @lru_cache(maxsize=256)  # as the packed plans: one batch's P sources, reused by its layers and its backward
 def step_calls(layout, rank: int, src: int, world_size: int, seqlen_local: int, band,
                keep_positions: bool = False) -> Tuple[Call, ...]:
-    """:func:`~ring_flash_attn.ring.planner.plan_step`'s calls, batched by :func:`batch_calls`."""
+    """The kernel calls rank ``rank`` makes on the K/V of rank ``src``: :func:`~ring_flash_attn.ring.planner.
+    plan_step`'s blocks, the small ones of one shape batched (a packed batch is batched as it is planned)."""
+    if isinstance(layout, PackedLayout):
+        return _packed_calls(layout, rank, src, world_size, band, keep_positions)
     return batch_calls(plan_step(layout, rank, src, world_size, seqlen_local, band, keep_positions))
 
 
 PLAN_CACHES.append(step_calls)
+
+
+class _Batching:
+    """Blocks of one shape gathered into batches whose query rows stay disjoint (interval partitioning)."""
+
+    __slots__ = ("batches",)
+
+    def __init__(self):
+        self.batches = []  # [q_starts, k_starts, {query row range of one sequence's block: True}]
+
+    def add(self, q_start: int, q_stop: int, k_start: int, starts) -> None:
+        """The block ``(q_start, q_stop, k_start)`` of every sequence starting at one of ``starts`` (local
+        rows; the sequences are disjoint, so only two blocks of one sequence can overlap)."""
+        for q_starts, k_starts, ranges in self.batches:
+            if not any(a < q_stop and q_start < b for a, b in ranges):
+                break
+        else:
+            q_starts, k_starts, ranges = [], [], []
+            self.batches.append((q_starts, k_starts, ranges))
+        ranges.append((q_start, q_stop))
+        q_starts.extend([q_start + s for s in starts])
+        k_starts.extend([k_start + s for s in starts])
+
+
+def _packed_calls(layout: PackedLayout, rank: int, src: int, world_size: int, band, keep_positions: bool):
+    """A packed step's calls, batched from the per-length plans without placing each sequence's blocks.
+
+    Each sequence's blocks are its base layout's for its length, moved to where the sequence starts
+    (planner._plan_packed); so the blocks of one base block over all sequences of a length are one batch,
+    and base blocks of one shape from several lengths join it. Blocks of one sequence that share query rows
+    go to different batches. A batch of fewer than MIN_BATCHED_CALLS blocks is made block by block.
+    """
+    starts_by_length = {}
+    local_start = 0
+    for length in layout.seqlens_local:
+        if length:
+            starts_by_length.setdefault(length, []).append(local_start)
+        local_start += length
+    by_shape, single = {}, []
+    for length, starts in starts_by_length.items():
+        for task in _base_plan(layout.base, rank, src, world_size, length, band, keep_positions):
+            q_len, k_len = task.q_stop - task.q_start, task.k_stop - task.k_start
+            if q_len > MAX_BATCHED_ROWS:
+                single.extend(task.shifted(start, start) for start in starts)
+                continue
+            key = (q_len, k_len, task.band, task.positions)
+            batching = by_shape.get(key)
+            if batching is None:
+                batching = by_shape[key] = {}
+            # per length: blocks of one sequence may overlap only with blocks of the same length
+            batching.setdefault(length, _Batching()).add(task.q_start, task.q_stop, task.k_start, starts)
+    calls = []
+    for (q_len, k_len, task_band, positions), per_length in by_shape.items():
+        # the n-th batch of every length: disjoint rows (different sequences), one call
+        for n in range(max(len(b.batches) for b in per_length.values())):
+            q_starts, k_starts = [], []
+            for batching in per_length.values():
+                if n < len(batching.batches):
+                    q_starts.extend(batching.batches[n][0])
+                    k_starts.extend(batching.batches[n][1])
+            if len(q_starts) >= MIN_BATCHED_CALLS:
+                calls.append(TaskBatch(q_len, k_len, task_band, positions, q_starts, k_starts))
+            else:  # tuple.__new__: BlockTask(...) without the named tuple's argument handling
+                calls.extend(tuple.__new__(BlockTask, (q, q + q_len, k, k + k_len, task_band, positions))
+                             for q, k in zip(q_starts, k_starts))
+    calls.extend(single)
+    return tuple(calls)
 
 
 def batch_calls(tasks: Tuple[BlockTask, ...]) -> Tuple[Call, ...]:
@@ -81,7 +164,7 @@ def batch_calls(tasks: Tuple[BlockTask, ...]) -> Tuple[Call, ...]:
     Linear in the number of calls: calls are grouped by shape in one pass; within a shape, calls whose query
     rows overlap an earlier call's go to another batch (interval partitioning over calls sorted by row).
     """
-    if len(tasks) < 2:
+    if len(tasks) < MIN_BATCHED_CALLS:
         return tasks
     by_shape = {}
     kept = []
@@ -110,7 +193,7 @@ def batch_calls(tasks: Tuple[BlockTask, ...]) -> Tuple[Call, ...]:
             if len(batch_tasks) < MIN_BATCHED_CALLS:
                 calls.extend(batch_tasks)
             else:
-                calls.append(TaskBatch(tuple(batch_tasks)))
+                calls.append(TaskBatch.of(batch_tasks))
                 batched = True
     return tuple(calls) if batched else tasks  # nothing to batch: the planner's calls in the planner's order
 

@@ -37,6 +37,10 @@ CASES = [
          backend=None),
     dict(layout="zigzag", causal=True, seqlens=(0, 24, 0, 48, 0), heads_k=2, heads_k_stride=1, dtype="float64",
          cu_dtype="int64"),
+    # many short sequences of one length: their calls are batched (ring/batching.py), in both layouts
+    dict(layout="llama3", causal=True, seqlens=(3,) * 16, heads_k=2, heads_k_stride=1, dtype="float64"),
+    dict(layout="zigzag", causal=True, seqlens=(24,) * 6, heads_k=2, heads_k_stride=2, dtype="float64",
+         alibi=True, backend=None),
 ]
 CASES = [dict(dict(BASE, seed=SEED + n), **c) for n, c in enumerate(CASES)]
 WORLD_SIZES = (1, 2, 3, 4)

@@ -205,6 +205,16 @@ def module_round_trip(rank, world_size, variant, seed, exchange="ring"):
             "dv": rel_err(grads[2], ref[4])}
 
 
+def module_checks(rank, world_size, round_trips, seed, with_repeatability):
+    """Several :func:`module_round_trip` cases (``(variant, exchange)``) and optionally :func:`repeatability`
+    in one world: a world start costs more than the checks."""
+    results = {"round_trips": [module_round_trip(rank, world_size, variant, seed + n, exchange)
+                               for n, (variant, exchange) in enumerate(round_trips)]}
+    if with_repeatability:
+        results["repeatability"] = repeatability(rank, world_size, seed + 100)
+    return results
+
+
 def llama3_errors(rank, world_size, cases):
     """All-gather attention: the replaced project's contiguous llama3 layout (``layout="llama3"``) or our
     load-balanced zigzag one (``layout="zigzag"``), against the packed float64 oracle."""
