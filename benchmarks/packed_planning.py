@@ -32,6 +32,7 @@ backward), forward + backward.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -154,14 +155,18 @@ def call_rows(args):
             if count > args.calls_max_seqs:
                 continue
             local = args.call_seqlen // world_size
-            lengths = (local,) * count
-            total_local = local * count
+            if args.call_max_seqlen:  # random lengths: multiples of the zigzag unit 2P, seeded
+                rng = random.Random(count * 11 + world_size)
+                lengths = tuple(2 * rng.randint(1, args.call_max_seqlen // (2 * world_size)) for _ in range(count))
+            else:
+                lengths = (local,) * count
+            total_local = sum(lengths)
             g = torch.Generator(device="cpu").manual_seed(count + world_size)
             make = lambda *shape: torch.randn(*shape, generator=g).to(device, dtype)  # noqa: E731
             q, dout = make(total_local, args.heads, args.head_dim), make(total_local, args.heads, args.head_dim)
             kv_by_rank = [make(2, 1, total_local, args.heads_k, args.head_dim) for _ in range(world_size)]
             rank = world_size - 1
-            cu = torch.tensor([local * i for i in range(count + 1)], dtype=torch.int32)
+            cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
 
             def ring_call():
                 comm = LoopbackComm(rank, kv_by_rank)
@@ -194,15 +199,18 @@ def call_rows(args):
                 k_all, v_all = (torch.cat([kv[part] for kv in kv_by_rank], dim=1)[:, order] for part in (0, 1))
                 q_pos = layout.positions(rank, world_size, total_local).to(device)
                 k_pos = positions[order].to(device)
-                args_ = (q.unsqueeze(0), k_all, v_all, dout.unsqueeze(0), q_pos // args.call_seqlen,
-                         k_pos // args.call_seqlen, q_pos, k_pos)
+                # a token's document: the packed sequence whose global range holds its position
+                bounds = torch.tensor([0, *itertools.accumulate(world_size * n for n in lengths)], device=device)
+                q_doc, k_doc = (torch.searchsorted(bounds, pos, right=True) - 1 for pos in (q_pos, k_pos))
+                args_ = (q.unsqueeze(0), k_all, v_all, dout.unsqueeze(0), q_doc, k_doc, q_pos, k_pos)
 
                 def baseline_call():
                     document_baseline(args.baseline, *args_)
                     sync()
                 baseline_call()  # compiles FlexAttention
                 base_ms = best_ms(baseline_call, args.reps)
-            row = dict(world_size=world_size, sequences=count, seqlen=args.call_seqlen, local_tokens=total_local,
+            row = dict(world_size=world_size, sequences=count, distinct_lengths=len(set(lengths)),
+                       seqlen=None if args.call_max_seqlen else args.call_seqlen, local_tokens=total_local,
                        first_call_ms=first, repeated_call_ms=repeated, unbatched_call_ms=unbatched,
                        baseline=args.baseline, baseline_ms=base_ms)
             rows.append(row)
@@ -231,6 +239,9 @@ def main(argv=None):
                         help="calls: also time the repeated call with the engine's batching of equal-shape calls "
                              "off (every call its own kernel launch, as before issue 19's batching)")
     parser.add_argument("--call-seqlen", type=int, default=16, help="tokens per sequence in the calls (global)")
+    parser.add_argument("--call-max-seqlen", type=int, default=None,
+                        help="calls: random sequence lengths (global, multiples of 2P) up to this instead of "
+                             "--call-seqlen each")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--backend", default=None, help="kernel backend of the ring calls (default: automatic)")

@@ -91,35 +91,14 @@ def step_calls(layout, rank: int, src: int, world_size: int, seqlen_local: int, 
 PLAN_CACHES.append(step_calls)
 
 
-class _Batching:
-    """Blocks of one shape gathered into batches whose query rows stay disjoint (interval partitioning)."""
-
-    __slots__ = ("batches",)
-
-    def __init__(self):
-        self.batches = []  # [q_starts, k_starts, {query row range of one sequence's block: True}]
-
-    def add(self, q_start: int, q_stop: int, k_start: int, starts) -> None:
-        """The block ``(q_start, q_stop, k_start)`` of every sequence starting at one of ``starts`` (local
-        rows; the sequences are disjoint, so only two blocks of one sequence can overlap)."""
-        for q_starts, k_starts, ranges in self.batches:
-            if not any(a < q_stop and q_start < b for a, b in ranges):
-                break
-        else:
-            q_starts, k_starts, ranges = [], [], []
-            self.batches.append((q_starts, k_starts, ranges))
-        ranges.append((q_start, q_stop))
-        q_starts.extend([q_start + s for s in starts])
-        k_starts.extend([k_start + s for s in starts])
-
-
 def _packed_calls(layout: PackedLayout, rank: int, src: int, world_size: int, band, keep_positions: bool):
-    """A packed step's calls, batched from the per-length plans without placing each sequence's blocks.
+    """A packed step's calls, batched from the per-length plans without placing each sequence's blocks first.
 
     Each sequence's blocks are its base layout's for its length, moved to where the sequence starts
-    (planner._plan_packed); so the blocks of one base block over all sequences of a length are one batch,
-    and base blocks of one shape from several lengths join it. Blocks of one sequence that share query rows
-    go to different batches. A batch of fewer than MIN_BATCHED_CALLS blocks is made block by block.
+    (planner._plan_packed); so one base block over all sequences of a length is one batch, and base blocks of
+    the same shape from other lengths join it (other sequences: other rows). Two base blocks of one length
+    whose query rows overlap (one sequence's rows) go to different batches. Blocks of a shape that has fewer
+    than MIN_BATCHED_CALLS in all are made one by one.
     """
     starts_by_length = {}
     local_start = 0
@@ -127,34 +106,44 @@ def _packed_calls(layout: PackedLayout, rank: int, src: int, world_size: int, ba
         if length:
             starts_by_length.setdefault(length, []).append(local_start)
         local_start += length
-    by_shape, single = {}, []
+    by_shape = {}  # (q_len, k_len, band, positions) -> [blocks over all sequences, [(length, base block, starts)]]
     for length, starts in starts_by_length.items():
         for task in _base_plan(layout.base, rank, src, world_size, length, band, keep_positions):
-            q_len, k_len = task.q_stop - task.q_start, task.k_stop - task.k_start
-            if q_len > MAX_BATCHED_ROWS:
-                single.extend(task.shifted(start, start) for start in starts)
-                continue
-            key = (q_len, k_len, task.band, task.positions)
-            batching = by_shape.get(key)
-            if batching is None:
-                batching = by_shape[key] = {}
-            # per length: blocks of one sequence may overlap only with blocks of the same length
-            batching.setdefault(length, _Batching()).add(task.q_start, task.q_stop, task.k_start, starts)
+            key = (task.q_stop - task.q_start, task.k_stop - task.k_start, task.band, task.positions)
+            entry = by_shape.get(key)
+            if entry is None:
+                by_shape[key] = [len(starts), [(length, task, starts)]]
+            else:
+                entry[0] += len(starts)
+                entry[1].append((length, task, starts))
     calls = []
-    for (q_len, k_len, task_band, positions), per_length in by_shape.items():
-        # the n-th batch of every length: disjoint rows (different sequences), one call
-        for n in range(max(len(b.batches) for b in per_length.values())):
-            q_starts, k_starts = [], []
-            for batching in per_length.values():
-                if n < len(batching.batches):
-                    q_starts.extend(batching.batches[n][0])
-                    k_starts.extend(batching.batches[n][1])
+    make = tuple.__new__  # BlockTask(...) without the named tuple's argument handling
+    for (q_len, k_len, task_band, positions), (count, members) in by_shape.items():
+        if count < MIN_BATCHED_CALLS or q_len > MAX_BATCHED_ROWS:
+            for _, (q_start, q_stop, k_start, k_stop, _, _), starts in members:
+                calls.extend([make(BlockTask, (q_start + s, q_stop + s, k_start + s, k_stop + s, task_band, positions))
+                              for s in starts])
+            continue
+        batches = []  # [(q_starts, k_starts)]
+        rows_by_length = {}  # length -> per batch, the base query row ranges it holds
+        for length, task, starts in members:
+            used = rows_by_length.setdefault(length, [])
+            n = 0
+            while n < len(used) and any(a < task.q_stop and task.q_start < b for a, b in used[n]):
+                n += 1
+            if n == len(used):
+                used.append([])
+            used[n].append((task.q_start, task.q_stop))
+            if n == len(batches):
+                batches.append(([], []))
+            batches[n][0].extend([task.q_start + s for s in starts])
+            batches[n][1].extend([task.k_start + s for s in starts])
+        for q_starts, k_starts in batches:
             if len(q_starts) >= MIN_BATCHED_CALLS:
                 calls.append(TaskBatch(q_len, k_len, task_band, positions, q_starts, k_starts))
-            else:  # tuple.__new__: BlockTask(...) without the named tuple's argument handling
-                calls.extend(tuple.__new__(BlockTask, (q, q + q_len, k, k + k_len, task_band, positions))
+            else:
+                calls.extend(make(BlockTask, (q, q + q_len, k, k + k_len, task_band, positions))
                              for q, k in zip(q_starts, k_starts))
-    calls.extend(single)
     return tuple(calls)
 
 
