@@ -19,7 +19,8 @@ Time per call (``--calls``): ``zigzag_ring_flash_attn_varlen_func``'s own path (
 communicator (ring_flash_attn/comm/loopback.py: the K/V blocks of the other ranks, made locally), on
 sequences of ``--call-seqlen`` tokens each; first call (planning included) and repeated call, and with
 ``--compare-unbatched`` the repeated call with the engine's batching of equal-shape calls
-(ring/batching.py) switched off. Against it:
+(ring/batching.py) and the document-masked calls (ring/documents.py, with ``--backend flex``) switched
+off. Against it:
 the same rank's queries over the same tokens as one sequence of the total length with a block-diagonal
 (document) mask, in one call of PyTorch's fused attention (``--baseline sdpa``: a dense boolean mask;
 ``--baseline flex``: FlexAttention with a document block mask, compiled; GPU only, it has no CPU
@@ -49,6 +50,7 @@ sys.path.insert(0, ROOT)
 from ring_flash_attn.comm.loopback import LoopbackComm  # noqa: E402
 from ring_flash_attn.functional import ring_attention  # noqa: E402
 from ring_flash_attn.kernels.mask import Band  # noqa: E402
+from ring_flash_attn import functional  # noqa: E402
 from ring_flash_attn.ring import batching  # noqa: E402
 from ring_flash_attn.ring.batching import step_calls  # noqa: E402
 from ring_flash_attn.ring.layouts import LAYOUTS, PackedLayout, get_layout  # noqa: E402
@@ -181,13 +183,14 @@ def call_rows(args):
             repeated = best_ms(ring_call, args.reps)
             unbatched = None
             if args.compare_unbatched:
-                saved, batching.MAX_BATCHED_ROWS = batching.MAX_BATCHED_ROWS, 0
+                saved = batching.MAX_BATCHED_ROWS, functional.MIN_DOCUMENTS
+                batching.MAX_BATCHED_ROWS, functional.MIN_DOCUMENTS = 0, float("inf")
                 try:
                     clear_plan_caches()
                     ring_call()  # planning
                     unbatched = best_ms(ring_call, args.reps)
                 finally:
-                    batching.MAX_BATCHED_ROWS = saved
+                    batching.MAX_BATCHED_ROWS, functional.MIN_DOCUMENTS = saved
                     clear_plan_caches()
             base_ms = None
             if args.baseline:
@@ -237,7 +240,7 @@ def main(argv=None):
                         help="time calls up to this many sequences (default: %(default)s)")
     parser.add_argument("--compare-unbatched", action="store_true",
                         help="calls: also time the repeated call with the engine's batching of equal-shape calls "
-                             "off (every call its own kernel launch, as before issue 19's batching)")
+                             "and its document-masked calls off (every block its own kernel call, as before)")
     parser.add_argument("--call-seqlen", type=int, default=16, help="tokens per sequence in the calls (global)")
     parser.add_argument("--call-max-seqlen", type=int, default=None,
                         help="calls: random sequence lengths (global, multiples of 2P) up to this instead of "

@@ -34,6 +34,18 @@ from .validation import (check_alibi_slopes, check_cu_seqlens, check_heads_k_str
                          check_unsupported, group_rank_and_size)
 
 
+def serve_as_documents(layout, kernel) -> bool:
+    """Whether a packed batch's ring steps are each one document-masked call (ring/documents.py): where the
+    backend serves that, and the batch holds several sequences (with one or two, the planner's blocks are
+    the same work without the mask)."""
+    return (isinstance(layout, PackedLayout) and kernel.serves_documents
+            and sum(1 for n in layout.seqlens_local if n) >= MIN_DOCUMENTS)
+
+
+# A packed batch of at least this many sequences is served by document-masked calls where the backend can.
+MIN_DOCUMENTS = 4
+
+
 @agreement.shares_errors
 def ring_attention(q, k, v, *, variant: str = "ring", causal: bool = False, softmax_scale: Optional[float] = None,
                    window_size=(-1, -1), softcap: float = 0.0, group: Optional[dist.ProcessGroup] = None,
@@ -99,7 +111,7 @@ def ring_attention(q, k, v, *, variant: str = "ring", causal: bool = False, soft
     kernel = select_backend(features, backend)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     plan = RingPlan(layout=layout, band=band, scale=scale, softcap=softcap, backend=kernel, comm=comm,
-                    alibi_slopes=alibi_slopes)
+                    alibi_slopes=alibi_slopes, documents=serve_as_documents(layout, kernel))
     if agree_here:
         agreement.agree(group, agreement.describe(
             q, k, v, exchange="ring", causal=causal, window_size=window, softmax_scale=scale, softcap=softcap,

@@ -12,6 +12,7 @@ backward; the compiled GPU kernels are checked in tests/gpu/test_flex_gpu.py.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import dataclasses
 import os
 
@@ -202,15 +203,56 @@ def test_ring_over_loopback_matches_oracle(flex, case):
             assert rel_err(got, want) < tol[dtype], f"rank {rank}: {name}"
 
 
+@pytest.mark.parametrize("variant, causal, window, softcap", [
+    ("zigzag", True, (-1, -1), 0.0), ("ring", False, (5, 3), 2.0), ("stripe", True, (7, -1), 0.0)])
+def test_packed_batch_is_one_document_masked_call_per_step(flex, variant, causal, window, softcap):
+    """Many sequences of mixed lengths (zero-length ones too): each ring step one call under a document mask,
+    against the float64 oracle of each sequence on its own (out, LSE, dQ over the loopback)."""
+    from ring_flash_attn.functional import serve_as_documents
+    from ring_flash_attn.ring.layouts import PackedLayout
+    from tests.distributed.workers import packed_oracle
+
+    world_size = 3
+    unit = get_layout(variant).chunks_per_rank * world_size
+    seqlens = tuple(unit * n for n in (1, 3, 0, 2, 1, 1, 4, 2))
+    layout = PackedLayout(get_layout(variant), tuple(n // world_size for n in seqlens))
+    assert serve_as_documents(layout, flex)
+    inputs = make_inputs(dict(seed=SEED + 3, batch=1, seqlen=sum(seqlens), heads=4, heads_k=2, head_dim=HEAD_DIM))
+    kw = dict(causal=causal, window=window, softcap=softcap, scale=HEAD_DIM ** -0.5)
+    ref = packed_oracle(*inputs, seqlens, **kw)
+    kv_by_rank = [torch.stack((layout.shard(inputs[1], r, world_size), layout.shard(inputs[2], r, world_size))).float()
+                  for r in range(world_size)]
+    cu = torch.tensor([0, *itertools.accumulate(layout.seqlens_local)], dtype=torch.int32)
+    calls = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(flex), "forward_accumulate", lambda *a, **k: calls.append("block"))
+        for rank in range(world_size):
+            ql = layout.shard(inputs[0], rank, world_size).float().requires_grad_()
+            out, lse = ring_attention(ql[0], kv_by_rank[rank][0][0], kv_by_rank[rank][1][0], variant=variant,
+                                      causal=causal, window_size=window, softcap=softcap, cu_seqlens=cu,
+                                      backend=CPU_TEST_NAME, comm=LoopbackComm(rank, kv_by_rank))
+            out.backward(layout.shard(inputs[3], rank, world_size)[0].float())
+            for name, got, want, tol in (("out", out, layout.shard(ref[0], rank, world_size)[0], FORWARD),
+                                         ("lse", lse, layout.shard(ref[1], rank, world_size, 2)[0], FORWARD),
+                                         ("dq", ql.grad[0], layout.shard(ref[2], rank, world_size)[0], GRADIENT)):
+                assert rel_err(got, want) < tol[torch.float32], f"rank {rank}: {name}"
+    assert calls == [], "a packed batch went through per-block calls"
+
+
 def _gloo_flex_errors(rank, world_size, cases):
     with pytest.MonkeyPatch.context() as patch, cpu_flex(patch):
         return ring_errors(rank, world_size, cases)
 
 
 def test_ring_on_gloo_ranks_matches_oracle_with_dk_dv():
-    """A real two-rank ring, so the dK/dV that travel back around it are checked too."""
-    cases = [dict(variant="zigzag", causal=True, window=(13, -1), softcap=5.0, dtype="float32", backend=CPU_TEST_NAME,
-                  seed=SEED, batch=1, seqlen=32, heads=4, heads_k=2, head_dim=HEAD_DIM)]
+    """A real two-rank ring, so the dK/dV that travel back around it are checked too; the packed cases are
+    served as one document-masked call per step (ring/documents.py)."""
+    base = dict(dtype="float32", backend=CPU_TEST_NAME, seed=SEED, batch=1, seqlen=32, heads=4, heads_k=2,
+                head_dim=HEAD_DIM)
+    cases = [dict(base, variant="zigzag", causal=True, window=(13, -1), softcap=5.0),
+             dict(base, variant="zigzag", causal=True, seqlens=(8, 4, 0, 12, 8, 4, 24), window=(6, -1), softcap=3.0,
+                  seed=SEED + 1),
+             dict(base, variant="ring", causal=False, seqlens=(2, 6, 2, 10, 4), window=(3, 2), seed=SEED + 2)]
     for rank, errors in enumerate(run_world(2, _gloo_flex_errors, cases)):
         for name, err in errors[0].items():
             tol = FORWARD if name in ("out", "lse") else GRADIENT

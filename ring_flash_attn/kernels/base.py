@@ -48,6 +48,9 @@ class KernelBackend:
     """Base class: a named pair of forward/backward functions with a capability check."""
 
     name: str = ""
+    # True: ``forward_documents`` / ``backward_documents`` serve a packed batch's whole ring step in one call
+    # under a document mask (ring/documents.py), and the engine uses them for packed batches.
+    serves_documents: bool = False
 
     def unsupported_reason(self, features: Features) -> Optional[str]:
         """None if the backend can serve ``features``, else why not (for error messages)."""

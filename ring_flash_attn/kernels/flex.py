@@ -105,6 +105,28 @@ def _block_mask(seqlen_q: int, seqlen_k: int, offset: int, lo: int, hi: int, dev
 
 
 @functools.lru_cache(maxsize=None)
+def _document_mask_mod(segments: torch.Tensor, q_positions: torch.Tensor, k_positions: torch.Tensor,
+                       offset: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):
+    """Visible iff the same sequence and ``lo <= q_pos - k_pos + offset <= hi`` (ring/documents.py)."""
+    def document_mask(b, h, i, j):
+        d = q_positions[i] - k_positions[j] + offset
+        return (segments[i] == segments[j]) & (d >= lo) & (d <= hi)
+    return document_mask
+
+
+def _document_block_mask(call, device: torch.device):
+    """The block mask of a :class:`~ring_flash_attn.ring.documents.DocumentCall`, made once per device."""
+    def make():
+        band = call.band
+        bounds = [torch.tensor(x, dtype=torch.int32, device=device) for x in (
+            band.offset, -_UNBOUNDED if band.lo is None else band.lo, _UNBOUNDED if band.hi is None else band.hi)]
+        tensors = [t.to(device=device, dtype=torch.int32) for t in (call.segments, call.q_positions, call.k_positions)]
+        return _flex_module.create_block_mask(_document_mask_mod(*tensors, *bounds), None, None,
+                                              call.q_positions.numel(), call.k_positions.numel(), device=device)
+    return call.cached(("flex block mask", device), make)
+
+
+@functools.lru_cache(maxsize=None)
 def _softcap_score_mod(softcap: float, device: torch.device):
     """``softcap * tanh(score / softcap)``; the cap is a tensor the score_mod reads, as the band's bounds are:
     as a Python float, dynamo makes a changed value a symbolic float, which FlexAttention's tracing rejects."""
@@ -139,17 +161,30 @@ class FlexBackend(KernelBackend):
             return f"no compiled FlexAttention for device type {f.device_type!r}"
         return None
 
-    def _attend(self, q, k, v, band, scale, softcap):
-        """``(out [B, Sq, H, D], lse [B, H, Sq] float32)`` of one block; the band must not be empty."""
+    # A packed batch's ring step in one call (ring/documents.py): the engine asks for it where this is True.
+    serves_documents = True
+
+    def _attend(self, q, k, v, band, scale, softcap, block_mask=None):
+        """``(out [B, Sq, H, D], lse [B, H, Sq] float32)`` of one block; the band must not be empty.
+        ``block_mask``: a document mask instead of the band's."""
         sq, sk = q.shape[1], k.shape[1]
-        if band.is_full(sq, sk):
-            block_mask = None
-        else:
+        if block_mask is None and not band.is_full(sq, sk):
             block_mask = _block_mask(sq, sk, band.offset, -_UNBOUNDED if band.lo is None else band.lo,
                                      _UNBOUNDED if band.hi is None else band.hi, q.device)
         score_mod = _softcap_score_mod(float(softcap), q.device) if softcap else None
         out, lse = _flex_with_lse(_bhsd(q), _bhsd(k), _bhsd(v), block_mask, score_mod, scale)
         return _bhsd(out), lse
+
+    def forward_documents(self, q, k, v, call, *, scale, softcap=0.0):
+        """``(out, lse)`` of one :class:`~ring_flash_attn.ring.documents.DocumentCall`; rows that see no key
+        get ``out = 0``, ``lse = -inf``."""
+        out, lse = self._attend(q, k, v, None, scale, softcap, _document_block_mask(call, q.device))
+        return out, lse.to(lse_dtype(q.dtype))
+
+    def backward_documents(self, dout, q, k, v, out, lse, call, *, scale, softcap=0.0):
+        """Gradients of one :class:`~ring_flash_attn.ring.documents.DocumentCall` from the global out/LSE."""
+        return self._recomputed_gradients(dout, q, k, v, out, lse, None, scale, softcap,
+                                          _document_block_mask(call, q.device))
 
     def forward(self, q, k, v, *, scale, causal=False, window=(-1, -1), q_offset=0, k_offset=0, softcap=0.0):
         band = band_of(causal, window, q_offset, k_offset)
@@ -164,9 +199,13 @@ class FlexBackend(KernelBackend):
         band = band_of(causal, window, q_offset, k_offset)
         if band.is_empty(q.shape[1], k.shape[1]):
             return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        return self._recomputed_gradients(dout, q, k, v, out, lse, band, scale, softcap)
+
+    def _recomputed_gradients(self, dout, q, k, v, out, lse, band, scale, softcap, block_mask=None):
+        """The block's forward recomputed under autograd, given the global result's gradients (docstring)."""
         q_in, k_in, v_in = (x.detach().requires_grad_() for x in (q, k, v))
         with torch.enable_grad():
-            out_b, lse_b = self._attend(q_in, k_in, v_in, band, scale, softcap)
+            out_b, lse_b = self._attend(q_in, k_in, v_in, band, scale, softcap, block_mask)
         gradients = _block_output_gradients if q.device.type == "cpu" else _compiled_block_output_gradients()
         with torch._dynamo.config.patch(**{_recompile_limit_name(): _RECOMPILE_LIMIT}):
             grad_out_b, grad_lse_b = gradients(dout, out, lse, out_b.detach(), lse_b.detach())

@@ -33,8 +33,9 @@ import torch
 from ..agreement import ComputeFailure
 from ..kernels.base import KernelBackend
 from ..kernels.mask import Band
-from ..merge import new_accumulators
+from ..merge import merge_into, new_accumulators
 from .batching import TaskBatch, add_rows, gather_rows, put_rows, step_calls
+from .documents import DocumentCall, document_calls
 from .layouts import Layout
 
 
@@ -49,9 +50,14 @@ class RingPlan:
     backend: KernelBackend
     comm: Any  # RingComm or any object with rank, world_size, exchange(send, recv, kind) and finish(...)
     alibi_slopes: Optional[torch.Tensor] = None
+    # One document-masked call per step for a packed batch (ring/documents.py), where the backend serves it.
+    documents: bool = False
 
     def calls(self, src: int, seqlen_local: int):
-        """The kernel calls on the K/V of rank ``src``: the planner's, small ones of equal shape batched."""
+        """The kernel calls on the K/V of rank ``src``: one document-masked call, or the planner's with the
+        small ones of equal shape batched."""
+        if self.documents:
+            return document_calls(self.layout, self.comm.rank, src, self.comm.world_size, seqlen_local, self.band)
         return step_calls(self.layout, self.comm.rank, src, self.comm.world_size, seqlen_local, self.band,
                           keep_positions=self.alibi_slopes is not None)
 
@@ -67,6 +73,8 @@ class RingPlan:
 
 def kernel_kwargs(task, scale: float, softcap: float, alibi_slopes: Optional[torch.Tensor]) -> dict:
     """The keyword arguments of one kernel call; ALiBi's only when it is on (backends without it never see them)."""
+    if isinstance(task, DocumentCall):  # the mask is the call's own; backends serving documents take no ALiBi
+        return dict(scale=scale, softcap=softcap)
     kwargs = dict(scale=scale, softcap=softcap, **task.kernel_mask_args())
     if alibi_slopes is not None:
         delta, stride = task.positions
@@ -79,6 +87,9 @@ def kernel_kwargs(task, scale: float, softcap: float, alibi_slopes: Optional[tor
 def fold_call(backend, call, kwargs, q, k, v, out_acc, lse_acc) -> None:
     """Fold one planned call (a block, or a :class:`TaskBatch` of blocks) into the accumulators, with the
     kernel arguments ``kwargs`` (:func:`kernel_kwargs`)."""
+    if isinstance(call, DocumentCall):
+        merge_into(out_acc, lse_acc, *backend.forward_documents(q, k, v, call, **kwargs))
+        return
     if not isinstance(call, TaskBatch):
         backend.forward_accumulate(q[:, call.q], k[:, call.k], v[:, call.k], out_acc[:, call.q],
                                    lse_acc[:, :, call.q], **kwargs)
@@ -96,6 +107,10 @@ def fold_call(backend, call, kwargs, q, k, v, out_acc, lse_acc) -> None:
 def call_gradients(backend, call, kwargs, dout, q, k, v, out, lse, dq_acc):
     """One planned call's backward: its dQ is added to ``dq_acc``; its ``(dK, dV)`` are returned, for
     :func:`add_key_gradients` once the partial sums they join have arrived."""
+    if isinstance(call, DocumentCall):
+        dq, dk, dv = backend.backward_documents(dout, q, k, v, out, lse, call, **kwargs)
+        dq_acc += dq
+        return dk, dv
     if not isinstance(call, TaskBatch):
         dq, dk, dv = backend.backward(dout[:, call.q], q[:, call.q], k[:, call.k], v[:, call.k],
                                       out[:, call.q], lse[:, :, call.q], **kwargs)
@@ -111,6 +126,10 @@ def call_gradients(backend, call, kwargs, dout, q, k, v, out, lse, dq_acc):
 
 
 def add_key_gradients(call, dk, dv, dk_acc, dv_acc) -> None:
+    if isinstance(call, DocumentCall):  # every key row
+        dk_acc += dk
+        dv_acc += dv
+        return
     if not isinstance(call, TaskBatch):
         dk_acc[:, call.k] += dk
         dv_acc[:, call.k] += dv
