@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from functools import partial
@@ -41,7 +40,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ring_flash_attn import ring_attention  # noqa: E402
-from ring_flash_attn.bench import environment  # noqa: E402
+from ring_flash_attn.bench import Timer, environment  # noqa: E402
 from ring_flash_attn.comm.loopback import LoopbackComm  # noqa: E402
 from ring_flash_attn.kernels import Features, get_backend, select_backend  # noqa: E402
 from ring_flash_attn.kernels.mask import Band  # noqa: E402
@@ -60,25 +59,7 @@ def log(message: str) -> None:
 
 def median_ms(fn, device, warmup: int, reps: int) -> float:
     """Median time of ``fn`` in ms: CUDA events on a GPU, the wall clock elsewhere."""
-    for _ in range(warmup):
-        fn()
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return Timer(device).median_ms(fn, warmup, reps)
 
 
 def visible_pairs(query_positions: torch.Tensor, num_keys: int, causal: bool, window) -> int:

@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from ring_flash_attn.bench import Timer  # noqa: E402
 from ring_flash_attn.kernels import get_backend  # noqa: E402
 from ring_flash_attn.kernels.base import repeat_kv  # noqa: E402
 from ring_flash_attn.merge import merge_into, merge_into_eager, new_accumulators  # noqa: E402
@@ -28,18 +29,7 @@ aten = torch.ops.aten
 
 
 def median_ms(fn, warmup=3, reps=20):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+    return Timer(torch.device("cuda")).median_ms(fn, warmup, reps)
 
 
 def parts(seqlen, slow_paths, heads=32, heads_k=8, head_dim=128, dtype=torch.bfloat16):

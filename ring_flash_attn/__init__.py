@@ -6,8 +6,6 @@ signatures, and the same import paths: its per-variant modules such as
 runs on Intel GPUs (XPU), NVIDIA GPUs and the CPU.
 """
 
-from importlib import import_module
-
 from .functional import (
     ring_attention,
     ring_flash_attn_func,
@@ -26,6 +24,7 @@ from .functional import (
     zigzag_ring_flash_attn_varlen_kvpacked_func,
     zigzag_ring_flash_attn_varlen_qkvpacked_func,
 )
+from .lazy import lazy_exports
 from .llama3 import (
     llama3_flash_attn_prepare_cu_seqlens,
     llama3_flash_attn_varlen_func,
@@ -49,14 +48,7 @@ from . import (  # noqa: E402,F401  (isort: skip)
 # Its Hugging Face helpers at the top level, resolved on first use so that ``import ring_flash_attn`` does
 # not import transformers.
 _LAZY = {"substitute_hf_flash_attn": ".integrations.hf", "update_ring_flash_attn_params": ".integrations.hf"}
-
-
-def __getattr__(name):
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(import_module(_LAZY[name], __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _LAZY, globals())
 
 __version__ = "0.1.0"
 

@@ -113,6 +113,13 @@ class Timer:
         wall = (time.perf_counter() - t0) * 1e3
         return wall, wall
 
+    def median_ms(self, fn, warmup: int = 3, reps: int = 20) -> float:
+        """Median device time of ``fn`` in ms (CUDA events on a GPU, the wall clock elsewhere)."""
+        for _ in range(warmup):
+            fn()
+        self.sync()
+        return statistics.median(self._once_ms(fn)[0] for _ in range(reps))
+
     def interleaved_ms(self, fns: dict, warmup: int, rounds: int, reps: int) -> tuple:
         """Per function of ``fns``: (median, min, max) device ms, and median host ms, timed in turns.
 

@@ -24,7 +24,6 @@ import os
 import random
 import re
 import shutil
-import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import List, Optional, Tuple
@@ -35,6 +34,8 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from .files import file_crc32
 
 MANIFEST = "manifest.json"
 TRAIN_STATE = "train_state.json"
@@ -67,14 +68,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _crc32(path: Path) -> int:
-    crc = 0
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            crc = zlib.crc32(block, crc)
-    return crc
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -116,7 +109,7 @@ def verify(path: Path, check_crc: bool) -> Optional[str]:
         size = file.stat().st_size
         if size != expected["size"]:
             return f"checkpoint {path}: file {name} has {size} bytes, the manifest says {expected['size']}"
-        if check_crc and _crc32(file) != expected["crc32"]:
+        if check_crc and file_crc32(file) != expected["crc32"]:
             return f"checkpoint {path}: file {name} does not match its CRC32 in the manifest (corrupt)"
     return None
 
@@ -173,7 +166,7 @@ def _complete(root: Path, partial: Path, final: Path, state: TrainState, keep: i
     (partial / TRAIN_STATE).write_text(json.dumps(asdict(state), indent=1))
     (partial / RUN_CONFIG).write_text(json.dumps(run_config, indent=1))
     (partial / MODEL_CONFIG).write_text(model_config_json)
-    files = {p.name: {"size": p.stat().st_size, "crc32": _crc32(p)} for p in sorted(partial.iterdir())}
+    files = {p.name: {"size": p.stat().st_size, "crc32": file_crc32(p)} for p in sorted(partial.iterdir())}
     for name in files:  # the data must be durable before the rename makes the checkpoint visible
         with open(partial / name, "rb") as handle:
             os.fsync(handle.fileno())

@@ -35,6 +35,7 @@ import torch.distributed as dist
 
 from .config import ConfigError, DataConfig
 from .data import documents, source_files
+from .files import file_crc32
 
 CACHE_VERSION = 1
 DEFAULT_CACHE_DIR = Path("~/.cache/ring_flash_attn/tokens")
@@ -85,14 +86,6 @@ def cache_paths(config: DataConfig) -> Tuple[Path, Path]:
     return root / f"{key}.tokens", root / f"{key}.json"
 
 
-def _crc32(path: Path) -> int:
-    crc = 0
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 24), b""):
-            crc = zlib.crc32(block, crc)
-    return crc
-
-
 def _build(config: DataConfig, tokens_path: Path, meta_path: Path) -> None:
     tokenizer = load_tokenizer(config.tokenizer)
     tokens_path.parent.mkdir(parents=True, exist_ok=True)
@@ -141,7 +134,7 @@ def verify(tokens_path: Path, meta_path: Path) -> Optional[str]:
     size = tokens_path.stat().st_size
     if size != 4 * count:
         return f"token cache {tokens_path} has {size} bytes, {meta_path.name} says {4 * count}{advice}"
-    if _crc32(tokens_path) != crc:
+    if file_crc32(tokens_path) != crc:
         return f"token cache {tokens_path} does not match its CRC32 in {meta_path.name} (corrupt){advice}"
     return None
 
