@@ -78,7 +78,10 @@ class TaskBatch:
 Call = Union[BlockTask, TaskBatch]
 
 
-@lru_cache(maxsize=256)  # as the packed plans: one batch's P sources, reused by its layers and its backward
+# One batch's P sources, reused by its layers and its backward. Smaller than the plans' cache: a batch's
+# calls hold their row indices on the device (up to 16 bytes x P x local tokens per batch), and training never
+# returns to an earlier batch's layout. P > 64 still works, planning each step again.
+@lru_cache(maxsize=64)
 def step_calls(layout, rank: int, src: int, world_size: int, seqlen_local: int, band,
                keep_positions: bool = False) -> Tuple[Call, ...]:
     """The kernel calls rank ``rank`` makes on the K/V of rank ``src``: :func:`~ring_flash_attn.ring.planner.

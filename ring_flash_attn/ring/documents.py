@@ -54,7 +54,7 @@ class DocumentCall:
         return same
 
 
-@lru_cache(maxsize=256)
+@lru_cache(maxsize=64)  # as ring/batching.step_calls: a call holds device memory (a backend's block mask)
 def document_call(layout: PackedLayout, rank: int, src: int, world_size: int, seqlen_local: int,
                   band: Band) -> Optional[DocumentCall]:
     """The one call of ring step (rank, src), or None where the band leaves every block empty."""
