@@ -25,7 +25,7 @@ from .comm.ring import RingComm
 from .docstrings import compat_docstring
 from .kernels import Features, select_backend
 from .kernels.mask import Band, check_window
-from .ring.allgather import allgather_attention, allgather_tasks
+from .ring.allgather import allgather_attention, allgather_calls
 from .ring.engine import ContextParallelAttention, RingPlan
 from .ring.layouts import Layout, PackedLayout, get_layout
 from .ring.planner import layout_needs_band_mask
@@ -133,9 +133,9 @@ def _allgather(q, k, v, layout, *, causal, window, softmax_scale, softcap, group
         raise NotImplementedError("alibi_slopes: per-batch slopes ([batch, heads]) with exchange='allgather' "
                                   "(which packs the batch into one row); pass one slope per head")
     band, keep_positions = Band.from_kernel_args(causal, window), alibi_slopes is not None
-    tasks = allgather_tasks(packed, rank, world_size, batch * seqlen, band, keep_positions)
+    calls = allgather_calls(packed, rank, world_size, batch * seqlen, band, keep_positions)
     shared = dict(agreement.layout_items(layout), causal=causal, window_size=window, batch_seqlen=(batch, seqlen))
-    out, lse = allgather_attention(*flat, tasks, softmax_scale=softmax_scale, softcap=softcap, group=group,
+    out, lse = allgather_attention(*flat, calls, softmax_scale=softmax_scale, softcap=softcap, group=group,
                                    backend=backend, heads_k_stride=heads_k_stride, world_size=world_size,
                                    alibi_slopes=alibi_slopes, shared=shared,
                                    needs_band=layout_needs_band_mask(packed, world_size, batch * seqlen, band))

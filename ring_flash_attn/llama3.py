@@ -15,6 +15,7 @@ rank does the same causal work.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from itertools import accumulate
 
 import torch
@@ -24,7 +25,8 @@ from .docstrings import llama3_docstring, prepare_cu_seqlens_docstring, zigzag_l
 from .functional import ring_attention
 from .kernels.mask import Band, check_window
 from .ring.allgather import allgather_attention
-from .ring.planner import BlockTask
+from .ring.batching import batch_calls
+from .ring.planner import PLAN_CACHES, BlockTask
 from .validation import (check_cu_seqlens, check_heads_k_stride, check_max_seqlen,
                          check_packed_alibi_slopes, check_packed_qkv, check_softcap, check_unsupported,
                          group_rank_and_size)
@@ -57,11 +59,21 @@ def llama3_flash_attn_prepare_cu_seqlens(cu_seqlens, causal, rank, world_size):
     return as_tensor(cu_q), as_tensor(cu_k), max_q, max_k, slice(k_start, k_stop)
 
 
-def _llama3_tasks(cu_q, cu_k, local_k_slice, q_start: int, band: Band):
-    """One task per sequence piece, positions taken from where the piece really sits."""
+@lru_cache(maxsize=64)  # as ring/batching.step_calls: one batch, reused by its layers and its backward
+def _llama3_calls(cu_q: tuple, cu_k: tuple, k_start: int, q_start: int, band: Band):
+    """:func:`_llama3_tasks`, the small ones of one shape batched (ring/batching.py)."""
+    return batch_calls(tuple(_llama3_tasks(cu_q, cu_k, k_start, q_start, band)))
+
+
+PLAN_CACHES.append(_llama3_calls)
+
+
+def _llama3_tasks(cu_q, cu_k, k_start: int, q_start: int, band: Band):
+    """One task per sequence piece, positions taken from where the piece really sits (``k_start``: where this
+    rank's keys begin in the gathered K/V)."""
     tasks = []
     for (qa, qb), (ka, kb) in zip(zip(cu_q, cu_q[1:]), zip(cu_k, cu_k[1:])):
-        k_lo, k_hi = local_k_slice.start + ka, local_k_slice.start + kb
+        k_lo, k_hi = k_start + ka, k_start + kb
         block = Band(band.lo, band.hi, (q_start + qa) - k_lo)
         if block.is_empty(qb - qa, kb - ka):
             continue
@@ -91,12 +103,12 @@ def llama3_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqle
     if len(k_lengths) != len(q_lengths):
         raise ValueError(f"cu_seqlens_k: expected {len(q_lengths) + 1} entries like cu_seqlens_q, "
                          f"got {len(k_lengths) + 1}")
-    tasks = _llama3_tasks([0, *accumulate(q_lengths)], [0, *accumulate(k_lengths)], local_k_slice, rank * q.shape[0],
-                          Band.from_kernel_args(causal, window))
+    calls = _llama3_calls((0, *accumulate(q_lengths)), (0, *accumulate(k_lengths)), local_k_slice.start,
+                          rank * q.shape[0], Band.from_kernel_args(causal, window))
     # Whether a call needs a band mask depends on where this rank's sequence pieces sit, which other ranks
     # do not know: decide from the arguments alike on every rank, so that all choose the same backend.
     needs_band = causal or window != (-1, -1)
-    out, lse = allgather_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), tasks, softmax_scale=softmax_scale,
+    out, lse = allgather_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), calls, softmax_scale=softmax_scale,
                                    softcap=softcap, group=group, backend=backend, heads_k_stride=heads_k_stride,
                                    world_size=world_size, needs_band=needs_band, alibi_slopes=alibi_slopes,
                                    shared=dict(variant="llama3", causal=causal, window_size=window))

@@ -33,7 +33,7 @@ def _random_packed(variant, world_size, rng):
 
 
 @pytest.mark.parametrize("variant", ["ring", "zigzag", "stripe"])
-def test_batches_hold_every_call_once_on_disjoint_query_rows(variant):
+def test_batches_hold_every_call_once_on_disjoint_rows(variant):
     rng = random.Random(SEED)
     for _ in range(30):
         world_size = rng.randint(1, 8)
@@ -56,7 +56,7 @@ def test_batches_hold_every_call_once_on_disjoint_query_rows(variant):
 
 def _check_batches(calls, tasks):
     """Every planned block made exactly once; a batch: at least MIN_BATCHED_CALLS blocks of one shape, on
-    disjoint query rows."""
+    disjoint query rows and disjoint key rows."""
     flat = [t for c in calls for t in (c.tasks if isinstance(c, TaskBatch) else (c,))]
     assert sorted(flat) == sorted(tasks), SEED
     for call in calls:
@@ -64,8 +64,9 @@ def _check_batches(calls, tasks):
             continue
         assert len(call) >= batching.MIN_BATCHED_CALLS
         assert len({(t.q_stop - t.q_start, t.k_stop - t.k_start, t.band, t.positions) for t in call.tasks}) == 1
-        rows = sorted((t.q_start, t.q_stop) for t in call.tasks)
-        assert all(a[1] <= b[0] for a, b in zip(rows, rows[1:])), (SEED, rows)
+        for start, stop in ((0, 1), (2, 3)):  # query rows, key rows: each row in at most one call of a batch
+            rows = sorted(t[start:stop + 1] for t in call.tasks)
+            assert all(a[1] <= b[0] for a, b in zip(rows, rows[1:])), (SEED, rows)
 
 
 def test_long_blocks_are_not_batched():

@@ -21,6 +21,7 @@ used; only the exchange differs. Tensors are packed sequences
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Optional, Tuple
 
 import torch
@@ -33,7 +34,7 @@ from ..kernels.base import KernelBackend
 from ..merge import new_accumulators
 from .batching import Call, batch_calls
 from .engine import ContextParallelAttention, add_key_gradients, call_gradients, fold_call, kernel_kwargs
-from .planner import BlockTask, plan_step
+from .planner import PLAN_CACHES, BlockTask, plan_step
 
 
 @dataclass(frozen=True)
@@ -171,18 +172,27 @@ def allgather_tasks(layout, rank: int, world_size: int, seqlen_local: int, band,
                  for task in plan_step(layout, rank, src, world_size, seqlen_local, band, keep_positions))
 
 
-def allgather_attention(q, k, v, tasks, *, softmax_scale, softcap, group, backend, heads_k_stride, world_size,
+@lru_cache(maxsize=64)  # as ring/batching.step_calls: one batch, reused by its layers and its backward
+def allgather_calls(layout, rank: int, world_size: int, seqlen_local: int, band,
+                    keep_positions: bool = False) -> Tuple[Call, ...]:
+    """:func:`allgather_tasks`, the small ones of one shape batched (ring/batching.py)."""
+    return batch_calls(allgather_tasks(layout, rank, world_size, seqlen_local, band, keep_positions))
+
+
+PLAN_CACHES.append(allgather_calls)
+
+
+def allgather_attention(q, k, v, calls, *, softmax_scale, softcap, group, backend, heads_k_stride, world_size,
                         needs_band: bool, alibi_slopes=None, shared=None):
-    """Choose the kernel and run the all-gather exchange for this rank's ``tasks`` on packed ``[1, T, H, D]``
-    tensors. ``needs_band`` must be the same on every rank (every rank must choose the same backend).
+    """Choose the kernel and run the all-gather exchange for this rank's ``calls`` (blocks, or batches of them:
+    ring/batching.py) on packed ``[1, T, H, D]`` tensors. ``needs_band`` must be the same on every rank (every rank must choose the same backend).
     ``shared``: what else the ranks must agree on (layout, causal, window, ...), as :func:`agreement.describe`
     keywords."""
     features = Features(q.device.type, q.dtype, q.shape[-1], band=needs_band, softcap=softcap > 0,
                         alibi=alibi_slopes is not None)
     kernel = select_backend(features, backend)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    plan = AllGatherPlan(batch_calls(tuple(tasks)), scale, softcap, kernel, group, world_size, heads_k_stride,
-                         alibi_slopes)
+    plan = AllGatherPlan(tuple(calls), scale, softcap, kernel, group, world_size, heads_k_stride, alibi_slopes)
     agreement.agree(group, agreement.describe(
         q, k, v, exchange="allgather", softmax_scale=scale, softcap=softcap, heads_k_stride=heads_k_stride,
         alibi_slopes=None if alibi_slopes is None else tuple(alibi_slopes.shape), **(shared or {})), q.device)

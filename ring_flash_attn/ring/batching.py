@@ -10,7 +10,8 @@ results go back to their rows (written for the forward's accumulators, added for
 
 Only small blocks are batched: gathering copies the rows, which for long blocks costs more memory traffic
 than the launches it saves (and the few calls of an unpacked layout are long blocks). Calls batched together
-never share query rows, so the forward's accumulator rows they write back are disjoint.
+share no query row and no key row, so the write-backs and index-adds of a batch touch each row once: the
+result does not depend on the order a GPU's atomics take (deterministic=True holds).
 """
 
 from __future__ import annotations
@@ -100,8 +101,8 @@ def _packed_calls(layout: PackedLayout, rank: int, src: int, world_size: int, ba
     Each sequence's blocks are its base layout's for its length, moved to where the sequence starts
     (planner._plan_packed); so one base block over all sequences of a length is one batch, and base blocks of
     the same shape from other lengths join it (other sequences: other rows). Two base blocks of one length
-    whose query rows overlap (one sequence's rows) go to different batches. Blocks of a shape that has fewer
-    than MIN_BATCHED_CALLS in all are made one by one.
+    whose query rows or key rows overlap (one sequence's rows) go to different batches. Blocks of a shape
+    that has fewer than MIN_BATCHED_CALLS in all are made one by one.
     """
     starts_by_length = {}
     local_start = 0
@@ -128,15 +129,15 @@ def _packed_calls(layout: PackedLayout, rank: int, src: int, world_size: int, ba
                               for s in starts])
             continue
         batches = []  # [(q_starts, k_starts)]
-        rows_by_length = {}  # length -> per batch, the base query row ranges it holds
+        blocks_by_length = {}  # length -> per batch, the base blocks it holds
         for length, task, starts in members:
-            used = rows_by_length.setdefault(length, [])
+            used = blocks_by_length.setdefault(length, [])
             n = 0
-            while n < len(used) and any(a < task.q_stop and task.q_start < b for a, b in used[n]):
+            while n < len(used) and any(_overlap(task, other) for other in used[n]):
                 n += 1
             if n == len(used):
                 used.append([])
-            used[n].append((task.q_start, task.q_stop))
+            used[n].append(task)
             if n == len(batches):
                 batches.append(([], []))
             batches[n][0].extend([task.q_start + s for s in starts])
@@ -150,11 +151,39 @@ def _packed_calls(layout: PackedLayout, rank: int, src: int, world_size: int, ba
     return tuple(calls)
 
 
+def _overlap(a: BlockTask, b: BlockTask) -> bool:
+    """Whether two blocks share a query row or a key row."""
+    return (a.q_start < b.q_stop and b.q_start < a.q_stop) or (a.k_start < b.k_stop and b.k_start < a.k_stop)
+
+
+class _Starts:
+    """Start rows of equal-length row ranges, bucketed by ``start // length``: a range can overlap only ranges
+    of its own bucket and the two beside it, so a clash is found in constant time."""
+
+    __slots__ = ("length", "buckets")
+
+    def __init__(self, length: int):
+        self.length, self.buckets = length, {}
+
+    def clashes(self, start: int) -> bool:
+        bucket, length, get = start // self.length, self.length, self.buckets.get
+        for starts in (get(bucket - 1), get(bucket), get(bucket + 1)):
+            if starts:
+                for other in starts:
+                    if -length < other - start < length:
+                        return True
+        return False
+
+    def add(self, start: int) -> None:
+        self.buckets.setdefault(start // self.length, []).append(start)
+
+
 def batch_calls(tasks: Tuple[BlockTask, ...]) -> Tuple[Call, ...]:
     """``tasks`` (one ring step's calls) with the small calls of equal shape grouped into :class:`TaskBatch`es.
 
-    Linear in the number of calls: calls are grouped by shape in one pass; within a shape, calls whose query
-    rows overlap an earlier call's go to another batch (interval partitioning over calls sorted by row).
+    Calls are grouped by shape in one pass; within a shape, taken by query row, a call goes to the first batch
+    where it shares no query row and no key row with a call already there (constant time per batch tried).
+    Not cached: callers cache the result with their plan.
     """
     if len(tasks) < MIN_BATCHED_CALLS:
         return tasks
@@ -172,16 +201,19 @@ def batch_calls(tasks: Tuple[BlockTask, ...]) -> Tuple[Call, ...]:
             calls.extend(group)
             continue
         group.sort(key=lambda t: t.q_start)
-        batches = []  # [tasks, end of the last query row range]
-        for task in group:
+        k_len = group[0].k_stop - group[0].k_start
+        batches = []  # [tasks, end of the last query rows, their key starts]: by query start, so a call's
+        for task in group:  # rows are free in a batch iff the batch's last call ends before them
             for batch in batches:
-                if batch[1] <= task.q_start:
-                    batch[0].append(task)
-                    batch[1] = task.q_stop
+                if batch[1] <= task.q_start and not batch[2].clashes(task.k_start):
                     break
             else:
-                batches.append([[task], task.q_stop])
-        for batch_tasks, _ in batches:
+                batch = [[], 0, _Starts(k_len)]
+                batches.append(batch)
+            batch[0].append(task)
+            batch[1] = task.q_stop
+            batch[2].add(task.k_start)
+        for batch_tasks, _, _ in batches:
             if len(batch_tasks) < MIN_BATCHED_CALLS:
                 calls.extend(batch_tasks)
             else:
