@@ -17,6 +17,7 @@
 // kernels on their own (any SYCL device, no torch ABI) against a float64 reference.
 #pragma once
 
+#include "build_switches.h"
 #include "lane_logic.hpp"
 
 #include <sycl/sycl.hpp>
@@ -26,21 +27,6 @@
 #include <cstring>
 #include <type_traits>
 
-#ifndef RFA_CPU_TEST_BUILD
-#define RFA_CPU_TEST_BUILD 0
-#endif
-#ifndef RFA_INTEL_EXTENSIONS
-#define RFA_INTEL_EXTENSIONS 0
-#endif
-#ifndef RFA_JOINT_MATRIX
-#define RFA_JOINT_MATRIX 0
-#endif
-#if RFA_CPU_TEST_BUILD && RFA_INTEL_EXTENSIONS
-#error "RFA_INTEL_EXTENSIONS needs icpx; the CPU test build (AdaptiveCpp) has no sycl::ext::oneapi"
-#endif
-#if RFA_JOINT_MATRIX && !RFA_INTEL_EXTENSIONS
-#error "RFA_JOINT_MATRIX needs RFA_INTEL_EXTENSIONS=1 (icpx, Intel GPUs)"
-#endif
 
 namespace rfa {
 namespace {
@@ -135,6 +121,21 @@ struct Problem {
   int64_t batch, heads, heads_k, seqlen_q, seqlen_k;
   ScoreParams score;
 };
+
+// The query rows a work-group of the forward or the dq kernel owns: rows [row0, row0 + n_rows) of one
+// (batch b, head h), whose K/V head is h_kv; work-groups are numbered row block first, then head, then batch.
+struct QueryRows {
+  int64_t b, h, h_kv, row0;
+  int n_rows;
+};
+
+template <int ROWS>
+inline QueryRows query_rows_of(int64_t group, int64_t row_blocks, const Problem& p) {
+  const int64_t row0 = (group % row_blocks) * ROWS;
+  const int64_t h = (group / row_blocks) % p.heads;
+  return {group / row_blocks / p.heads, h, h / (p.heads / p.heads_k), row0,
+          static_cast<int>(std::min<int64_t>(ROWS, p.seqlen_q - row0))};
+}
 
 // Copy `n_rows` rows of D elements (`row_stride` apart) into a float tile with rows
 // D + 1 apart (the pad keeps lanes reading different rows off the same bank); rows
@@ -240,11 +241,7 @@ struct ForwardKernel {
   RFA_REQUIRE_SUB_GROUP_SIZE(SG) void operator()(sycl::nd_item<1> item) const {
     const Problem& p = args.problem;
     const size_t local_id = item.get_local_linear_id(), local_size = item.get_local_range(0);
-    const int64_t group = item.get_group_linear_id();
-    const int64_t row0 = (group % args.row_blocks) * kRows;
-    const int64_t h = (group / args.row_blocks) % p.heads, b = group / args.row_blocks / p.heads;
-    const int64_t h_kv = h / (p.heads / p.heads_k);
-    const int n_rows = static_cast<int>(std::min<int64_t>(kRows, p.seqlen_q - row0));
+    const auto [b, h, h_kv, row0, n_rows] = query_rows_of<kRows>(item.get_group_linear_id(), args.row_blocks, p);
     const int lane_group = static_cast<int>(local_id / SG);
     const SubGroupLanes<SG> lanes{item.get_sub_group(), static_cast<int>(local_id % SG)};
     float* q_local = &q_tile[0];
@@ -362,11 +359,7 @@ struct DqKernel {
   RFA_REQUIRE_SUB_GROUP_SIZE(SG) void operator()(sycl::nd_item<1> item) const {
     const Problem& p = args.problem;
     const size_t local_id = item.get_local_linear_id(), local_size = item.get_local_range(0);
-    const int64_t group = item.get_group_linear_id();
-    const int64_t row0 = (group % args.blocks) * kRows;
-    const int64_t h = (group / args.blocks) % p.heads, b = group / args.blocks / p.heads;
-    const int64_t h_kv = h / (p.heads / p.heads_k);
-    const int n_rows = static_cast<int>(std::min<int64_t>(kRows, p.seqlen_q - row0));
+    const auto [b, h, h_kv, row0, n_rows] = query_rows_of<kRows>(item.get_group_linear_id(), args.blocks, p);
     const int lane_group = static_cast<int>(local_id / SG);
     const SubGroupLanes<SG> lanes{item.get_sub_group(), static_cast<int>(local_id % SG)};
     float* q_local = &q_tile[0];

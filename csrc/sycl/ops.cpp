@@ -2,21 +2,12 @@
 // allocation through PyTorch's allocator, and the pybind11 module with device info.
 // Fake (meta) kernels and autograd are registered from Python
 // (ring_flash_attn/kernels/sycl.py).
+#include "build_switches.h"
 #include "flash_attn.h"
 
 #include <torch/extension.h>
 
 #include <tuple>
-
-#ifndef RFA_CPU_TEST_BUILD
-#define RFA_CPU_TEST_BUILD 0
-#endif
-#ifndef RFA_INTEL_EXTENSIONS
-#define RFA_INTEL_EXTENSIONS 0
-#endif
-#ifndef RFA_JOINT_MATRIX
-#define RFA_JOINT_MATRIX 0
-#endif
 
 namespace {
 

@@ -42,17 +42,6 @@ class DocumentCall:
             found = self._device_cache[key] = make()
         return found
 
-    def visible(self, device=None) -> torch.Tensor:
-        """The ``[Sq, Sk]`` boolean mask (for tests and reference implementations)."""
-        segments = self.segments.to(device)
-        same = segments.view(-1, 1) == segments.view(1, -1)
-        d = self.q_positions.to(device).view(-1, 1) - self.k_positions.to(device).view(1, -1) + self.band.offset
-        if self.band.lo is not None:
-            same &= d >= self.band.lo
-        if self.band.hi is not None:
-            same &= d <= self.band.hi
-        return same
-
 
 @lru_cache(maxsize=64)  # as ring/batching.step_calls: a call holds device memory (a backend's block mask)
 def document_call(layout: PackedLayout, rank: int, src: int, world_size: int, seqlen_local: int,
