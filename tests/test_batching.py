@@ -67,6 +67,10 @@ def _check_batches(calls, tasks):
         for start, stop in ((0, 1), (2, 3)):  # query rows, key rows: each row in at most one call of a batch
             rows = sorted(t[start:stop + 1] for t in call.tasks)
             assert all(a[1] <= b[0] for a, b in zip(rows, rows[1:])), (SEED, rows)
+        # its row indices (made with those of the step's other batches): its blocks' rows, block after block
+        q_rows, k_rows = call.indices(torch.device("cpu"))
+        assert q_rows.tolist() == [r for t in call.tasks for r in range(t.q_start, t.q_stop)], SEED
+        assert k_rows.tolist() == [r for t in call.tasks for r in range(t.k_start, t.k_stop)], SEED
 
 
 def test_long_blocks_are_not_batched():

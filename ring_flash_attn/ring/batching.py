@@ -39,12 +39,12 @@ class TaskBatch:
     made as one call on a batch of their rows; call i covers query rows ``q_starts[i] + [0, q_len)`` and key
     rows ``k_starts[i] + [0, k_len)``."""
 
-    __slots__ = ("q_len", "k_len", "band", "positions", "q_starts", "k_starts", "_indices")
+    __slots__ = ("q_len", "k_len", "band", "positions", "q_starts", "k_starts", "_rows", "_slot")
 
     def __init__(self, q_len: int, k_len: int, band, positions, q_starts: list, k_starts: list):
         self.q_len, self.k_len, self.band, self.positions = q_len, k_len, band, positions
         self.q_starts, self.k_starts = q_starts, k_starts
-        self._indices = {}
+        self._rows, self._slot = None, 0
 
     @classmethod
     def of(cls, tasks) -> "TaskBatch":
@@ -65,15 +65,62 @@ class TaskBatch:
         return BlockTask(0, self.q_len, 0, self.k_len, self.band, self.positions).kernel_mask_args()
 
     def indices(self, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Row indices ``(query rows, key rows)``, call after call, on ``device`` (made once per device)."""
-        found = self._indices.get(device)
+        """Row indices ``(query rows, key rows)``, call after call, on ``device`` (made once per device, with
+        those of the other batches of its ring step)."""
+        if self._rows is None:
+            _share_rows((self,))
+        return self._rows.on(device)[self._slot]
+
+
+class _StepRows:
+    """The row indices of the batches of one ring step, made for all of them at once on each device.
+
+    A packed batch of a thousand sequences of distinct lengths makes over a thousand batches in its P steps;
+    made one by one (a few small tensors and two copies to the device each), their indices took 80 ms of host
+    time per new packed batch on a CPU, ten times its planning. Here a step's indices are two flat tensors made
+    by a few vectorized operations and copied to the device once; each batch's are views of them.
+    """
+
+    __slots__ = ("batches", "_by_device")
+
+    def __init__(self, batches):
+        self.batches, self._by_device = batches, {}
+
+    def on(self, device: torch.device) -> list:
+        found = self._by_device.get(device)
         if found is None:
-            q_starts = torch.tensor(self.q_starts, dtype=torch.int64)
-            k_starts = torch.tensor(self.k_starts, dtype=torch.int64)
-            found = ((q_starts[:, None] + torch.arange(self.q_len)).reshape(-1).to(device),
-                     (k_starts[:, None] + torch.arange(self.k_len)).reshape(-1).to(device))
-            self._indices[device] = found
+            found = self._by_device[device] = self._made(device)
         return found
+
+    def _made(self, device: torch.device) -> list:
+        batches = self.batches
+        counts = [len(b) for b in batches]
+        q_lens, k_lens = [b.q_len for b in batches], [b.k_len for b in batches]
+        blocks = sum(counts)
+        # One copy to the device of what the indices are made of; the indices themselves (as many as the
+        # step's batched rows) are made there, with every output size given, so nothing waits for the device.
+        made_of = torch.tensor([*(s for b in batches for s in b.q_starts), *(s for b in batches for s in b.k_starts),
+                                *q_lens, *k_lens, *counts], dtype=torch.int64).to(device)
+        q_starts, k_starts, q_lens_t, k_lens_t, counts_t = made_of.split([blocks, blocks, *[len(batches)] * 3])
+        sides = []
+        for starts, lens, lens_t in ((q_starts, q_lens, q_lens_t), (k_starts, k_lens, k_lens_t)):
+            sizes = [n * length for n, length in zip(counts, lens)]
+            rows = sum(sizes)
+            block_rows = torch.repeat_interleave(lens_t, counts_t, output_size=blocks)
+            # row j of the flat index is in block i: its value is start_i + (j - the first row of block i)
+            shift = starts - (torch.cumsum(block_rows, 0) - block_rows)
+            flat = torch.arange(rows, device=device) + torch.repeat_interleave(shift, block_rows, output_size=rows)
+            sides.append(flat.split(sizes))
+        return list(zip(*sides))
+
+
+def _share_rows(calls) -> None:
+    """Give the batches among ``calls`` (one ring step's) their indices in one :class:`_StepRows`."""
+    batches = [call for call in calls if isinstance(call, TaskBatch)]
+    if batches:
+        rows = _StepRows(batches)
+        for slot, batch in enumerate(batches):
+            batch._rows, batch._slot = rows, slot
 
 
 Call = Union[BlockTask, TaskBatch]
@@ -104,25 +151,25 @@ def _packed_calls(layout: PackedLayout, rank: int, src: int, world_size: int, ba
     whose query rows or key rows overlap (one sequence's rows) go to different batches. Blocks of a shape
     that has fewer than MIN_BATCHED_CALLS in all are made one by one.
     """
-    starts_by_length = {}
-    local_start = 0
-    for length in layout.seqlens_local:
-        if length:
-            starts_by_length.setdefault(length, []).append(local_start)
-        local_start += length
-    by_shape = {}  # (q_len, k_len, band, positions) -> [blocks over all sequences, [(length, base block, starts)]]
-    for length, starts in starts_by_length.items():
-        for task in _base_plan(layout.base, rank, src, world_size, length, band, keep_positions):
-            key = (task.q_stop - task.q_start, task.k_stop - task.k_start, task.band, task.positions)
-            entry = by_shape.get(key)
+    plans, shapes = _step_plans(layout.base, rank, src, world_size, band, keep_positions)
+    by_shape = {}  # shape number -> [blocks over all sequences, [(length, base block, starts)]]
+    for length, starts in _starts_by_length(layout).items():
+        plan = plans.get(length)
+        if plan is None:
+            plan = plans[length] = _numbered_shapes(
+                _base_plan(layout.base, rank, src, world_size, length, band, keep_positions), shapes)
+        for shape, task in plan:
+            entry = by_shape.get(shape)
             if entry is None:
-                by_shape[key] = [len(starts), [(length, task, starts)]]
+                by_shape[shape] = [len(starts), [(length, task, starts)]]
             else:
                 entry[0] += len(starts)
                 entry[1].append((length, task, starts))
     calls = []
     make = tuple.__new__  # BlockTask(...) without the named tuple's argument handling
-    for (q_len, k_len, task_band, positions), (count, members) in by_shape.items():
+    shape_of = list(shapes)
+    for shape, (count, members) in by_shape.items():
+        q_len, k_len, task_band, positions = shape_of[shape]
         if count < MIN_BATCHED_CALLS or q_len > MAX_BATCHED_ROWS:
             for _, (q_start, q_stop, k_start, k_stop, _, _), starts in members:
                 calls.extend([make(BlockTask, (q_start + s, q_stop + s, k_start + s, k_stop + s, task_band, positions))
@@ -131,24 +178,64 @@ def _packed_calls(layout: PackedLayout, rank: int, src: int, world_size: int, ba
         batches = []  # [(q_starts, k_starts)]
         blocks_by_length = {}  # length -> per batch, the base blocks it holds
         for length, task, starts in members:
-            used = blocks_by_length.setdefault(length, [])
-            n = 0
-            while n < len(used) and any(_overlap(task, other) for other in used[n]):
-                n += 1
-            if n == len(used):
-                used.append([])
-            used[n].append(task)
+            used = blocks_by_length.get(length)
+            if used is None:  # the first block of its sequences in this shape: the first batch is free
+                blocks_by_length[length] = [[task]]
+                n = 0
+            else:
+                n = 0
+                while n < len(used) and any(_overlap(task, other) for other in used[n]):
+                    n += 1
+                if n == len(used):
+                    used.append([])
+                used[n].append(task)
             if n == len(batches):
                 batches.append(([], []))
-            batches[n][0].extend([task.q_start + s for s in starts])
-            batches[n][1].extend([task.k_start + s for s in starts])
+            batches[n][0].extend(map(task.q_start.__add__, starts))
+            batches[n][1].extend(map(task.k_start.__add__, starts))
         for q_starts, k_starts in batches:
             if len(q_starts) >= MIN_BATCHED_CALLS:
                 calls.append(TaskBatch(q_len, k_len, task_band, positions, q_starts, k_starts))
             else:
                 calls.extend(make(BlockTask, (q, q + q_len, k, k + k_len, task_band, positions))
                              for q, k in zip(q_starts, k_starts))
+    _share_rows(calls)
     return tuple(calls)
+
+
+@lru_cache(maxsize=64)
+def _starts_by_length(layout: PackedLayout) -> dict:
+    """The local start rows of a packed batch's sequences by local length (empty sequences left out): the
+    same for every ring step of the batch, so found once per batch, not once per step."""
+    starts_by_length, local_start = {}, 0
+    for length in layout.seqlens_local:
+        if length:
+            starts = starts_by_length.get(length)
+            if starts is None:
+                starts_by_length[length] = [local_start]
+            else:
+                starts.append(local_start)
+        local_start += length
+    return starts_by_length
+
+
+@lru_cache(maxsize=1024)
+def _step_plans(base, rank: int, src: int, world_size: int, band, keep_positions: bool):
+    """For one ring step of the base layout: ``(length -> ((shape number, base block), ...), shape -> number)``,
+    both filled as lengths come (by :func:`_packed_calls`, across batches). Grouping blocks by a number instead
+    of by their (rows, band, positions) key spares hashing a band per block per step: a third of the time."""
+    return {}, {}
+
+
+def _numbered_shapes(tasks, shapes: dict) -> tuple:
+    numbered = []
+    for task in tasks:
+        key = (task.q_stop - task.q_start, task.k_stop - task.k_start, task.band, task.positions)
+        numbered.append((shapes.setdefault(key, len(shapes)), task))
+    return tuple(numbered)
+
+
+PLAN_CACHES.extend([_starts_by_length, _step_plans])
 
 
 def _overlap(a: BlockTask, b: BlockTask) -> bool:
@@ -219,7 +306,10 @@ def batch_calls(tasks: Tuple[BlockTask, ...]) -> Tuple[Call, ...]:
             else:
                 calls.append(TaskBatch.of(batch_tasks))
                 batched = True
-    return tuple(calls) if batched else tasks  # nothing to batch: the planner's calls in the planner's order
+    if not batched:
+        return tasks  # nothing to batch: the planner's calls in the planner's order
+    _share_rows(calls)
+    return tuple(calls)
 
 
 def gather_rows(x: torch.Tensor, index: torch.Tensor, length: int, dim: int = 1) -> torch.Tensor:
