@@ -17,7 +17,8 @@ most lengths are distinct, the hard case for per-length caching.
 Time per call (``--calls``): ``zigzag_ring_flash_attn_varlen_func``'s own path (``ring_attention`` with
 ``cu_seqlens``: validation, planning, the ring engine), forward + backward, for rank P - 1 over the loopback
 communicator (ring_flash_attn/comm/loopback.py: the K/V blocks of the other ranks, made locally), on
-sequences of ``--call-seqlen`` tokens each; first call (planning included) and repeated call, and with
+sequences of ``--call-seqlen`` tokens each; first call (planning included), repeated call, call on a new batch (the same lengths in another order,
+as the next training step brings: per-length plans cached, the batch's calls and row indices made anew), and with
 ``--compare-unbatched`` the repeated call with the engine's batching of equal-shape calls
 (ring/batching.py) and the document-masked calls (ring/documents.py, with ``--backend flex``) switched
 off. Against it:
@@ -168,21 +169,30 @@ def call_rows(args):
             q, dout = make(total_local, args.heads, args.head_dim), make(total_local, args.heads, args.head_dim)
             kv_by_rank = [make(2, 1, total_local, args.heads_k, args.head_dim) for _ in range(world_size)]
             rank = world_size - 1
-            cu = torch.tensor([0, *itertools.accumulate(lengths)], dtype=torch.int32)
+            cu_of = lambda ls: torch.tensor([0, *itertools.accumulate(ls)], dtype=torch.int32)  # noqa: E731
+            cu = cu_of(lengths)
 
-            def ring_call():
+            def ring_call(cu_seqlens=cu):
                 comm = LoopbackComm(rank, kv_by_rank)
                 qq = q.detach().requires_grad_()
                 out, _ = ring_attention(qq, kv_by_rank[rank][0, 0], kv_by_rank[rank][1, 0], variant="zigzag",
-                                        causal=True, cu_seqlens=cu, comm=comm, backend=args.backend)
+                                        causal=True, cu_seqlens=cu_seqlens, comm=comm, backend=args.backend)
                 out.backward(dout)
                 sync()
 
             clear_plan_caches()
             first = best_ms(ring_call, 1)
             repeated = best_ms(ring_call, args.reps)
+            # A new packed batch, as each training step brings: the same lengths in another order (plans of
+            # each length cached, the batch's own calls and row indices made anew).
+            shuffled = list(lengths)
+            new_batches = []
+            for rep in range(args.reps):
+                random.Random(rep).shuffle(shuffled)
+                new_batches.append(cu_of(shuffled))
+            new_batch = min(best_ms(lambda c=c: ring_call(c), 1) for c in new_batches)
             unbatched = None
-            if args.compare_unbatched:
+            if args.compare_unbatched and count <= args.unbatched_max_seqs:
                 saved = batching.MAX_BATCHED_ROWS, functional.MIN_DOCUMENTS
                 batching.MAX_BATCHED_ROWS, functional.MIN_DOCUMENTS = 0, float("inf")
                 try:
@@ -214,7 +224,8 @@ def call_rows(args):
                 base_ms = best_ms(baseline_call, args.reps)
             row = dict(world_size=world_size, sequences=count, distinct_lengths=len(set(lengths)),
                        seqlen=None if args.call_max_seqlen else args.call_seqlen, local_tokens=total_local,
-                       first_call_ms=first, repeated_call_ms=repeated, unbatched_call_ms=unbatched,
+                       first_call_ms=first, repeated_call_ms=repeated, new_batch_call_ms=new_batch,
+                       unbatched_call_ms=unbatched,
                        baseline=args.baseline, baseline_ms=base_ms)
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -241,6 +252,8 @@ def main(argv=None):
     parser.add_argument("--compare-unbatched", action="store_true",
                         help="calls: also time the repeated call with the engine's batching of equal-shape calls "
                              "and its document-masked calls off (every block its own kernel call, as before)")
+    parser.add_argument("--unbatched-max-seqs", type=int, default=1024,
+                        help="--compare-unbatched up to this many sequences (default: %(default)s)")
     parser.add_argument("--call-seqlen", type=int, default=16, help="tokens per sequence in the calls (global)")
     parser.add_argument("--call-max-seqlen", type=int, default=None,
                         help="calls: random sequence lengths (global, multiples of 2P) up to this instead of "

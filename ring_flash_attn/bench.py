@@ -253,6 +253,16 @@ def minimum_bytes(b, s, h, hk, d, elem):
     return fwd, max(fwd, bwd)
 
 
+def visible_pairs(tasks) -> int:
+    """(query, key) pairs the schedule's kernel calls compute, over all steps (what the FLOPs count)."""
+    pairs = 0
+    for task_args in tasks:
+        for task in plan_step(*task_args):
+            q_len, k_len = task.q_stop - task.q_start, task.k_stop - task.k_start
+            pairs += q_len * k_len if task.band is None else int(task.band.dense(q_len, k_len).sum())
+    return pairs
+
+
 def run(args):
     device = torch.device(args.device)
     timer = Timer(device)
@@ -279,6 +289,9 @@ def run(args):
                  for step in range(world_size)]
         row = dict(schedule=schedule, causal=causal, world_size=world_size, seqlen_local=seqlen,
                    calls=sum(len(plan_step(*t)) for t in tasks))
+        # FLOPs of the schedule: 4 b h d per visible (query, key) pair forward, 2.5x that backward
+        fwd_flops = 4 * b * h * d * visible_pairs(tasks)
+        flops = {"fwd": fwd_flops, "fwd_bwd": 3.5 * fwd_flops}
         native, repeated = (make_ideal(tasks, q, kv_by_rank, scale, device, rep) for rep in (False, True))
         engines = {name: make_engine(backend, layout, causal, q, dout, kv_by_rank, scale)
                    for name, backend in variants.items()}
@@ -318,6 +331,9 @@ def run(args):
                                                     + peak_fwd_bwd) / min_fwd_bwd
             row[f"{name}_fwd_eff"] = row["ideal_fwd_ms"][0] / row[f"{name}_fwd_ms"][0]
             row[f"{name}_fwd_bwd_eff"] = row["ideal_fwd_bwd_ms"][0] / row[f"{name}_fwd_bwd_ms"][0]
+        for name in ("ideal", *engines):
+            for mode in ("fwd", "fwd_bwd"):
+                row[f"{name}_{mode}_tflops"] = flops[mode] / (row[f"{name}_{mode}_ms"][0] * 1e9)
         row["sdpa-nomerge_fwd_eff"] = row["ideal_fwd_ms"][0] / row["sdpa-nomerge_fwd_ms"][0]
         rows.append(row)
         progress.write(_line(row, variants))
@@ -341,10 +357,15 @@ def _line(row, variants):
     return " ".join(parts)
 
 
+# The variant that is the library's default on CUDA (its TFLOP/s and host time go into the table).
+DEFAULT = "sdpa-fused"
+
+
 def table(rows, variants) -> str:
     """Markdown: efficiency fwd / fwd+bwd and memory ratio fwd / fwd+bwd per variant."""
     head = "| schedule | P | S_local | ideal fwd ms | ideal fwd+bwd ms | " + " | ".join(
-        f"{v} eff fwd / fwd+bwd | {v} mem fwd / fwd+bwd" for v in variants) + " | sdpa-nomerge eff fwd |"
+        f"{v} eff fwd / fwd+bwd | {v} mem fwd / fwd+bwd" for v in variants) + " | sdpa-nomerge eff fwd | " + \
+        f"TFLOP/s per device fwd / fwd+bwd, ideal | {DEFAULT} | {DEFAULT} fwd host / device ms |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         cells = [r["schedule"], str(r["world_size"]), str(r["seqlen_local"]), f"{r['ideal_fwd_ms'][0]:.3f}",
@@ -354,6 +375,9 @@ def table(rows, variants) -> str:
             mem = r.get(f"{v}_fwd_mem_ratio")
             cells.append(f"{mem:.2f} / {r[f'{v}_fwd_bwd_mem_ratio']:.2f}" if mem else "n/a")
         cells.append(_eff(r['sdpa-nomerge_fwd_eff']))
+        for name in ("ideal", DEFAULT):
+            cells.append(f"{r.get(f'{name}_fwd_tflops', 0):.3g} / {r.get(f'{name}_fwd_bwd_tflops', 0):.3g}")
+        cells.append(f"{r.get(f'{DEFAULT}_fwd_host_ms', 0):.2f} / {r.get(f'{DEFAULT}_fwd_ms', [0])[0]:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
     if any("*" in line for line in lines[2:]):
         lines.append("\n" + NOISE_NOTE)
