@@ -159,3 +159,20 @@ def test_batched_schedule_matches_the_oracle_and_the_unbatched_one(variant, caus
         for name, got, expected in zip(("out", "lse", "dq"), batched, unbatched):
             assert rel_err(got, expected) < 1e-12, (SEED, rank, name)
     clear_plan_caches()
+
+
+def test_batches_hold_at_most_max_calls_per_batch(monkeypatch):
+    """A batch is split at MAX_CALLS_PER_BATCH calls (the kernels' batch grid axis is limited): lowered here,
+    64 equal sequences make batches of at most 5 calls that still hold every planned block once."""
+    monkeypatch.setattr(batching, "MAX_CALLS_PER_BATCH", 5)
+    band = Band.from_kernel_args(True, (-1, -1))
+    for variant in ("ring", "zigzag", "stripe"):
+        many = PackedLayout(get_layout(variant), (get_layout(variant).chunks_per_rank,) * 64)
+        for world_size, rank, src in ((1, 0, 0), (4, 3, 3), (4, 3, 1)):
+            clear_plan_caches()
+            tasks = plan_step(many, rank, src, world_size, sum(many.seqlens_local), band)
+            for calls in (step_calls(many, rank, src, world_size, sum(many.seqlens_local), band),
+                          batch_calls(tasks)):
+                _check_batches(calls, tasks)
+                assert max(len(c) for c in calls if isinstance(c, TaskBatch)) == 5, (variant, world_size, src)
+    clear_plan_caches()

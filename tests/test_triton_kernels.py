@@ -112,3 +112,37 @@ def test_fused_merge_equals_eager_merge(generator):
     assert rel_err(out_acc, want_out) <= FORWARD[torch.float32]
     assert rel_err(lse_acc, want_lse) <= FORWARD[torch.float32]
     assert bool((out_acc[0, 2:5, 1] == 0).all()) and not bool(torch.isnan(out_acc).any())
+
+
+def test_calls_past_the_grid_limit_run_in_parts_of_the_batch(generator, monkeypatch):
+    """A batched call whose (batch x heads) programs pass a grid's y size (65535 on CUDA) is launched in parts
+    of the batch: the limit is lowered here so that a tiny call takes that path; its results must be exactly
+    those of the call in one launch (the same programs, launched in groups)."""
+    from ring_flash_attn.kernels import triton_merge
+
+    dtype, d, h, hk, sq, sk = torch.float16, 64, 4, 2, 21, 19
+    b = 5
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, dtype=torch.float64).to(DEVICE, dtype)
+
+    q, k, v, dout = randn(b, sq, h, d), randn(b, sk, hk, d), randn(b, sk, hk, d), randn(b, sq, h, d)
+    kwargs = dict(scale=d ** -0.5, causal=True, window=(6, -1), q_offset=3, k_offset=0)
+    acc = (torch.randn(b, sq, h, d, generator=generator).to(DEVICE), torch.randn(b, h, sq, generator=generator).to(DEVICE))
+    backend = get_backend("triton")
+
+    def run():
+        out, lse = backend.forward(q, k, v, **kwargs)
+        out_acc, lse_acc = acc[0].clone(), acc[1].clone()
+        backend.forward_accumulate(q, k, v, out_acc, lse_acc, **kwargs)
+        merged = acc[0].clone(), acc[1].clone()
+        triton_merge.triton_merge_into(*merged, out, lse)
+        return (out, lse, out_acc, lse_acc, *merged, *backend.backward(dout, q, k, v, out, lse, **kwargs))
+
+    whole = run()
+    monkeypatch.setattr(triton_merge, "MAX_GRID_Y", 2 * h)  # two batch entries per launch: parts 2, 2, 1
+    assert [p.indices(b) for p in triton_merge.batch_parts(b, h)] == [(0, 2, 1), (2, 4, 1), (4, 5, 1)]
+    in_parts = run()
+    for name, a, c in zip(("out", "lse", "out_acc", "lse_acc", "merged out", "merged lse", "dq", "dk", "dv"),
+                          whole, in_parts):
+        assert torch.equal(a, c), name

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import triton_merge
 from .base import Features, KernelBackend, band_of, lse_dtype
 
 LOG2E = 1.4426950408889634
@@ -380,6 +381,11 @@ class TritonBackend(KernelBackend):
     def forward(self, q, k, v, *, scale, causal=False, window=(-1, -1), q_offset=0, k_offset=0, softcap=0.0):
         if softcap:
             raise NotImplementedError("softcap: the triton backend cannot apply logit soft-capping")
+        # (batch x heads) programs past a grid's y size (a batched call of many blocks): in parts of the batch
+        if q.shape[0] * q.shape[2] > triton_merge.MAX_GRID_Y:
+            parts = [self.forward(q[p], k[p], v[p], scale=scale, causal=causal, window=window, q_offset=q_offset,
+                                  k_offset=k_offset) for p in triton_merge.batch_parts(q.shape[0], q.shape[2])]
+            return torch.cat([o for o, _ in parts]), torch.cat([lse for _, lse in parts])
         q, k, v = _contig_last(q), _contig_last(k), _contig_last(v)
         b, sq, h, _ = q.shape
         out = torch.empty_like(q)
@@ -395,6 +401,11 @@ class TritonBackend(KernelBackend):
         if out_acc.dtype != torch.float32 or lse_acc.dtype != torch.float32:
             raise ValueError(f"out_acc/lse_acc: expected float32 accumulators, got {out_acc.dtype}/{lse_acc.dtype}")
         _check_last_stride(out_acc=out_acc, lse_acc=lse_acc)
+        if q.shape[0] * q.shape[2] > triton_merge.MAX_GRID_Y:  # in parts of the batch, as forward
+            for p in triton_merge.batch_parts(q.shape[0], q.shape[2]):
+                self.forward_accumulate(q[p], k[p], v[p], out_acc[p], lse_acc[p], scale=scale, causal=causal,
+                                        window=window, q_offset=q_offset, k_offset=k_offset)
+            return
         q, k, v = _contig_last(q), _contig_last(k), _contig_last(v)
         if q.shape[1]:
             _launch_forward(q, k, v, out_acc, lse_acc, scale, _band_args(causal, window, q_offset, k_offset), True)
@@ -403,6 +414,11 @@ class TritonBackend(KernelBackend):
                  softcap=0.0):
         if softcap:
             raise NotImplementedError("softcap: the triton backend cannot apply logit soft-capping")
+        if q.shape[0] * q.shape[2] > triton_merge.MAX_GRID_Y:  # in parts of the batch, as forward
+            parts = [self.backward(dout[p], q[p], k[p], v[p], out[p], lse[p], scale=scale, causal=causal,
+                                   window=window, q_offset=q_offset, k_offset=k_offset)
+                     for p in triton_merge.batch_parts(q.shape[0], q.shape[2])]
+            return tuple(torch.cat(grads) for grads in zip(*parts))
         q, k, v, dout, out = (_contig_last(x) for x in (q, k, v, dout, out))
         lse = _contig_last(lse.float())
         b, sq, h, d = q.shape

@@ -63,6 +63,18 @@ _merge_tuned = triton.autotune(
     key=["seqlen", "head_dim"], restore_value=["out_acc", "lse_acc"])(_merge_kernel)
 
 
+# CUDA limits a grid's y size to 65535; these kernels put (batch x heads) there, and a batched call of many
+# small blocks (ring/batching.py: thousands of blocks x heads) goes past it. Such calls are launched in parts
+# of the batch dim (views: same strides).
+MAX_GRID_Y = 65535
+
+
+def batch_parts(batch: int, heads: int) -> list:
+    """Slices of the batch dim whose ``batch x heads`` programs each fit a grid's y size."""
+    per = max(1, MAX_GRID_Y // heads)
+    return [slice(start, min(start + per, batch)) for start in range(0, batch, per)]
+
+
 def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
@@ -80,6 +92,10 @@ def triton_merge_into(out_acc: torch.Tensor, lse_acc: torch.Tensor, out_block: t
     out_block, lse_block = _unit_last_stride(out_block), _unit_last_stride(lse_block)
     b, s, h, d = out_acc.shape
     if s == 0:
+        return
+    if b * h > MAX_GRID_Y:
+        for part in batch_parts(b, h):
+            triton_merge_into(out_acc[part], lse_acc[part], out_block[part], lse_block[part])
         return
     args = (out_acc, lse_acc, out_block, lse_block, s, h, d,
             out_acc.stride(0), out_acc.stride(1), out_acc.stride(2), lse_acc.stride(0), lse_acc.stride(1),

@@ -32,6 +32,9 @@ MAX_BATCHED_ROWS = 1024
 # device operations, which two or three calls of the kernel cost too. (So only packed batches of many
 # sequences are batched; an unpacked layout has at most two calls of one shape per step.)
 MIN_BATCHED_CALLS = 4
+# A batch holds at most this many calls: the fused kernels put the batch on a grid axis that CUDA limits to
+# 65535 (flash and memory-efficient attention), and a batch of B sequences is B x (its calls) there.
+MAX_CALLS_PER_BATCH = 16384
 
 
 class TaskBatch:
@@ -195,7 +198,9 @@ def _packed_calls(layout: PackedLayout, rank: int, src: int, world_size: int, ba
             batches[n][1].extend(map(task.k_start.__add__, starts))
         for q_starts, k_starts in batches:
             if len(q_starts) >= MIN_BATCHED_CALLS:
-                calls.append(TaskBatch(q_len, k_len, task_band, positions, q_starts, k_starts))
+                calls.extend(TaskBatch(q_len, k_len, task_band, positions, q_starts[i:i + MAX_CALLS_PER_BATCH],
+                                       k_starts[i:i + MAX_CALLS_PER_BATCH])
+                             for i in range(0, len(q_starts), MAX_CALLS_PER_BATCH))
             else:
                 calls.extend(make(BlockTask, (q, q + q_len, k, k + k_len, task_band, positions))
                              for q, k in zip(q_starts, k_starts))
@@ -304,7 +309,8 @@ def batch_calls(tasks: Tuple[BlockTask, ...]) -> Tuple[Call, ...]:
             if len(batch_tasks) < MIN_BATCHED_CALLS:
                 calls.extend(batch_tasks)
             else:
-                calls.append(TaskBatch.of(batch_tasks))
+                calls.extend(TaskBatch.of(batch_tasks[i:i + MAX_CALLS_PER_BATCH])
+                             for i in range(0, len(batch_tasks), MAX_CALLS_PER_BATCH))
                 batched = True
     if not batched:
         return tasks  # nothing to batch: the planner's calls in the planner's order
