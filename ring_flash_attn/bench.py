@@ -15,6 +15,8 @@ forward+backward:
 * ``sdpa-eager`` the engine with the sdpa backend and the eager LSE merge: the baseline.
 * ``sdpa-fused`` the engine with the sdpa backend and the one-pass Triton merge (default).
 * ``triton``     the engine with the Triton kernels (merge folded into the forward).
+* ``sdpa-fused-graph`` (``--graph``, CUDA) sdpa-fused captured in CUDA graphs and replayed: the
+                 same kernels with no host work per step.
 * ``sdpa-nomerge`` the sdpa backend's own calls back to back, no merge (isolates
                  the backend's GQA repeat from the merge).
 
@@ -224,6 +226,25 @@ def make_engine(backend, layout, causal, q, dout, kv_by_rank, scale):
     return fwd, fwd_bwd
 
 
+def graphed(fn, warmup: int = 3):
+    """``fn`` (no arguments, static tensors) captured in a CUDA graph; returns the graph's replay.
+
+    Replaying launches every kernel of the schedule with no Python per step, so the host time per call is the
+    replay's: how far capturing takes the host-bound small steps. Warm-up calls on a side stream first (Triton's
+    autotuning, cuDNN's plans and the planner's caches are made outside the capture).
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def make_backend_calls(backend, tasks, q, kv_by_src, scale):
     """The backend's own forward calls for the schedule, back to back, no merge."""
     world_size = len(kv_by_src)
@@ -253,6 +274,12 @@ def minimum_bytes(b, s, h, hk, d, elem):
     return fwd, max(fwd, bwd)
 
 
+# The variant that is the library's default on CUDA (its TFLOP/s and host time go into the table).
+DEFAULT = "sdpa-fused"
+# The default captured in CUDA graphs (forward, forward+backward), replayed (--graph).
+GRAPHED = "sdpa-fused-graph"
+
+
 def visible_pairs(tasks) -> int:
     """(query, key) pairs the schedule's kernel calls compute, over all steps (what the FLOPs count)."""
     pairs = 0
@@ -271,6 +298,8 @@ def run(args):
     variants = {"sdpa-eager": EagerMergeSdpa(), "sdpa-fused": get_backend("sdpa")}
     if "triton" in available_backends() and device.type != "cpu":
         variants["triton"] = get_backend("triton")
+    if device.type == "cuda" and args.graph:
+        variants[GRAPHED] = get_backend("sdpa")
     rows = []
     points = [(s, p, n) for s in args.schedules for p in args.world_sizes for n in args.seqlens]
     progress = tqdm(points, desc="ring-attn bench", unit="point", file=sys.stderr)
@@ -294,10 +323,14 @@ def run(args):
         flops = {"fwd": fwd_flops, "fwd_bwd": 3.5 * fwd_flops}
         native, repeated = (make_ideal(tasks, q, kv_by_rank, scale, device, rep) for rep in (False, True))
         engines = {name: make_engine(backend, layout, causal, q, dout, kv_by_rank, scale)
-                   for name, backend in variants.items()}
+                   for name, backend in variants.items() if name != GRAPHED}
+        if GRAPHED in variants:
+            engines[GRAPHED] = make_engine(variants[GRAPHED], layout, causal, q, dout, kv_by_rank, scale)
         for name, (fwd, fwd_bwd) in list(engines.items()):
             try:
                 fwd_bwd()
+                if name == GRAPHED:
+                    engines[name] = (graphed(fwd), graphed(fwd_bwd))
             except RuntimeError as exc:  # one variant failing must not lose the others' figures
                 row[f"{name}_error"] = str(exc).splitlines()[0][:300]
                 print(f"{name}: {row[f'{name}_error']}", flush=True)
@@ -324,7 +357,9 @@ def run(args):
                 row[f"{name}_fwd_eff"] = row[f"{name}_fwd_bwd_eff"] = 0.0
                 continue
             fwd, fwd_bwd = engines[name]
-            peak_fwd, peak_fwd_bwd = timer.peak_bytes(fwd), timer.peak_bytes(fwd_bwd)
+            # (a graph's memory is its own pool, allocated at capture: a replay allocates nothing to measure)
+            peak_fwd, peak_fwd_bwd = (None, None) if name == GRAPHED else (timer.peak_bytes(fwd),
+                                                                            timer.peak_bytes(fwd_bwd))
             if peak_fwd is not None:
                 row[f"{name}_fwd_mem_ratio"] = (own_inputs + peak_fwd) / min_fwd
                 row[f"{name}_fwd_bwd_mem_ratio"] = (own_inputs + dout.numel() * dout.element_size()
@@ -357,15 +392,12 @@ def _line(row, variants):
     return " ".join(parts)
 
 
-# The variant that is the library's default on CUDA (its TFLOP/s and host time go into the table).
-DEFAULT = "sdpa-fused"
-
-
 def table(rows, variants) -> str:
     """Markdown: efficiency fwd / fwd+bwd and memory ratio fwd / fwd+bwd per variant."""
     head = "| schedule | P | S_local | ideal fwd ms | ideal fwd+bwd ms | " + " | ".join(
         f"{v} eff fwd / fwd+bwd | {v} mem fwd / fwd+bwd" for v in variants) + " | sdpa-nomerge eff fwd | " + \
-        f"TFLOP/s per device fwd / fwd+bwd, ideal | {DEFAULT} | {DEFAULT} fwd host / device ms |"
+        f"TFLOP/s per device fwd / fwd+bwd, ideal | {DEFAULT} | fwd host / device ms, {DEFAULT} |" + \
+        (f" {GRAPHED} |" if GRAPHED in variants else "")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         cells = [r["schedule"], str(r["world_size"]), str(r["seqlen_local"]), f"{r['ideal_fwd_ms'][0]:.3f}",
@@ -377,7 +409,8 @@ def table(rows, variants) -> str:
         cells.append(_eff(r['sdpa-nomerge_fwd_eff']))
         for name in ("ideal", DEFAULT):
             cells.append(f"{r.get(f'{name}_fwd_tflops', 0):.3g} / {r.get(f'{name}_fwd_bwd_tflops', 0):.3g}")
-        cells.append(f"{r.get(f'{DEFAULT}_fwd_host_ms', 0):.2f} / {r.get(f'{DEFAULT}_fwd_ms', [0])[0]:.2f}")
+        for name in (DEFAULT, GRAPHED) if GRAPHED in variants else (DEFAULT,):
+            cells.append(f"{r.get(f'{name}_fwd_host_ms', 0):.2f} / {r.get(f'{name}_fwd_ms', [0])[0]:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
     if any("*" in line for line in lines[2:]):
         lines.append("\n" + NOISE_NOTE)
@@ -449,6 +482,8 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls per candidate first")
     parser.add_argument("--rounds", type=int, default=3, help="turns in which every candidate is timed")
     parser.add_argument("--reps", type=int, default=3, help="timings per candidate per round")
+    parser.add_argument("--graph", action="store_true",
+                        help=f"CUDA: also time the default variant captured in CUDA graphs ({GRAPHED})")
     parser.add_argument("--out-dir", default="benchmarks/results",
                         help="where ring_step.json and ring_step.png are written")
     args = parser.parse_args(argv)

@@ -41,3 +41,58 @@ def test_loopback_ring_matches_oracle(backend, variant, causal):
         assert rel_err(out, shard(ref_out, rank)) <= FORWARD[dtype], f"rank {rank} out"
         assert rel_err(lse, shard(ref_lse, rank, dim=2)) <= FORWARD[torch.float32], f"rank {rank} lse"
         assert rel_err(ql.grad, shard(ref_dq, rank)) <= GRADIENT[dtype], f"rank {rank} dq"
+
+
+@pytest.mark.parametrize("variant,causal", [("ring", False), ("zigzag", True)])
+def test_ring_schedule_captured_in_a_cuda_graph_matches_the_plain_one_and_the_oracle(variant, causal):
+    """The engine's forward and backward over the loopback, captured in one CUDA graph (benchmarks' --graph
+    variant) and replayed on fresh inputs copied into its static tensors: the same results as the plain call
+    on those inputs (within rounding: cuDNN's backward may sum in another order) and the float64 oracle's."""
+    from ring_flash_attn.bench import graphed
+    from ring_flash_attn.kernels.mask import Band
+    from ring_flash_attn.ring import RingPlan, ring_backward, ring_forward
+
+    world_size, seqlen, h, hk, d, dtype, rank = 4, 4 * 256, 8, 2, 128, torch.bfloat16, 2
+    layout = get_layout(variant)
+    shard = lambda x, r, dim=1: layout.shard(x, r, world_size, dim)  # noqa: E731
+    static_q = torch.empty(1, seqlen // world_size, h, d, device="cuda", dtype=dtype)
+    static_dout = torch.empty_like(static_q)
+    static_kv = [torch.empty(2, 1, seqlen // world_size, hk, d, device="cuda", dtype=dtype) for _ in range(world_size)]
+    plan = RingPlan(layout=layout, band=Band.from_kernel_args(causal, (-1, -1)), scale=d ** -0.5, softcap=0.0,
+                    backend=get_backend("sdpa"), comm=LoopbackComm(rank, static_kv))
+    results = []
+
+    def schedule():
+        out, lse = ring_forward(static_q, static_kv[rank][0], static_kv[rank][1], plan)
+        dq = ring_backward(static_dout, static_q, static_kv[rank][0], static_kv[rank][1], out, lse, plan)[0]
+        results[:] = [out, lse, dq]
+
+    g = torch.Generator(device="cuda").manual_seed(int(torch.randint(0, 2 ** 31 - 1, ()).item()))
+
+    def fresh_inputs():
+        q, dout = (torch.randn(1, seqlen, h, d, device="cuda", generator=g).to(dtype).double() for _ in range(2))
+        k, v = (torch.randn(1, seqlen, hk, d, device="cuda", generator=g).to(dtype).double() for _ in range(2))
+        static_q.copy_(shard(q, rank))
+        static_dout.copy_(shard(dout, rank))
+        for r in range(world_size):
+            static_kv[r].copy_(torch.stack((shard(k, r), shard(v, r))))
+        return q, k, v, dout
+
+    fresh_inputs()
+    replay = graphed(schedule)
+    for _ in range(2):  # two replays on two sets of inputs: the graph reads its static tensors anew each time
+        q, k, v, dout = fresh_inputs()
+        replay()
+        graph_out, graph_lse, graph_dq = (t.clone() for t in results)
+        schedule()  # the plain call on the same inputs
+        plain_out, plain_lse, plain_dq = results
+        oracle = get_backend("reference")
+        kw = dict(scale=d ** -0.5, causal=causal)
+        ref_out, ref_lse = oracle.forward(q, k, v, **kw)
+        ref_dq = oracle.backward(dout, q, k, v, ref_out, ref_lse, **kw)[0]
+        assert rel_err(graph_out, plain_out) <= FORWARD[dtype] / 4
+        assert rel_err(graph_lse, plain_lse) <= FORWARD[torch.float32] / 4
+        assert rel_err(graph_dq, plain_dq) <= GRADIENT[dtype] / 4
+        assert rel_err(graph_out, shard(ref_out, rank)) <= FORWARD[dtype]
+        assert rel_err(graph_lse, shard(ref_lse, rank, dim=2)) <= FORWARD[torch.float32]
+        assert rel_err(graph_dq, shard(ref_dq, rank)) <= GRADIENT[dtype]
