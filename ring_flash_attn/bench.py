@@ -372,6 +372,7 @@ def run(args):
         row["sdpa-nomerge_fwd_eff"] = row["ideal_fwd_ms"][0] / row["sdpa-nomerge_fwd_ms"][0]
         rows.append(row)
         progress.write(_line(row, variants))
+        _write_json(args, rows)  # after every point: a run cut short by a time limit keeps what it measured
         del q, dout, kv_by_rank
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -462,6 +463,14 @@ def environment(device) -> dict:
     return env
 
 
+def _write_json(args, rows) -> dict:
+    os.makedirs(args.out_dir, exist_ok=True)
+    env = environment(torch.device(args.device))
+    with open(os.path.join(args.out_dir, "ring_step.json"), "w") as f:
+        json.dump(dict(environment=env, args=vars(args), rank=RANK, rows=rows), f, indent=1)
+    return env
+
+
 def main(argv=None):
     from .cli import HelpFormatter
 
@@ -492,10 +501,7 @@ def main(argv=None):
         parser.error("--world-sizes: the loopback ring needs P >= 2")
 
     rows, variants = run(args)
-    os.makedirs(args.out_dir, exist_ok=True)
-    env = environment(torch.device(args.device))
-    with open(os.path.join(args.out_dir, "ring_step.json"), "w") as f:
-        json.dump(dict(environment=env, args=vars(args), rank=RANK, rows=rows), f, indent=1)
+    env = _write_json(args, rows)
     print(json.dumps(env))
     print(table(rows, variants))
     try:
