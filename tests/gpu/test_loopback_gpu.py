@@ -97,3 +97,48 @@ def test_ring_schedule_captured_in_a_cuda_graph_matches_the_plain_one_and_the_or
         assert rel_err(graph_out, shard(ref_out, rank)) <= FORWARD[dtype]
         assert rel_err(graph_lse, shard(ref_lse, rank, dim=2)) <= FORWARD[torch.float32]
         assert rel_err(graph_dq, shard(ref_dq, rank)) <= GRADIENT[dtype]
+
+
+@pytest.mark.parametrize("variant,lengths,count", [("zigzag", (1, 2, 3, 5), 300), ("ring", (1, 4, 7), 200),
+                                                   ("zigzag", (1,), 4200)])
+def test_packed_batch_of_many_sequences_in_batched_calls_matches_oracle(variant, lengths, count):
+    """The default backend on a packed batch of many short sequences (ring/batching.py: equal-shape blocks of
+    a step as one batched call) against each sequence's float64 oracle (out, LSE, dQ over the loopback). With
+    4200 sequences of one token per rank half, a batch holds 8400 blocks x 8 heads: more programs than a CUDA
+    grid's y size, so the merge runs in parts of the batch."""
+    import itertools
+    import random
+
+    from ring_flash_attn.kernels.mask import Band
+    from ring_flash_attn.ring.batching import TaskBatch, step_calls
+    from ring_flash_attn.ring.layouts import PackedLayout
+    from tests.distributed.workers import packed_oracle
+
+    world_size, h, hk, d, dtype = 4, 8, 2, 64, torch.bfloat16
+    unit = get_layout(variant).chunks_per_rank * world_size
+    rng = random.Random(int(torch.randint(0, 2 ** 31 - 1, ()).item()))
+    seqlens = tuple(unit * rng.choice(lengths) for _ in range(count))
+    layout = PackedLayout(get_layout(variant), tuple(n // world_size for n in seqlens))
+    total_local = sum(layout.seqlens_local)
+    batches = [c for src in range(world_size)
+               for c in step_calls(layout, 0, src, world_size, total_local, Band.from_kernel_args(True, (-1, -1)))
+               if isinstance(c, TaskBatch)]
+    assert batches  # the batched path is what this test runs
+    if count > 4000:
+        assert max(len(b) for b in batches) * h > 65535
+    g = torch.Generator(device="cuda").manual_seed(rng.randrange(2 ** 31))
+    q, dout = (torch.randn(1, sum(seqlens), h, d, device="cuda", generator=g).to(dtype).double() for _ in range(2))
+    k, v = (torch.randn(1, sum(seqlens), hk, d, device="cuda", generator=g).to(dtype).double() for _ in range(2))
+    ref = packed_oracle(q, k, v, dout, seqlens, causal=True, scale=d ** -0.5)
+    shard = lambda x, r, dim=1: layout.shard(x, r, world_size, dim)  # noqa: E731
+    kv_by_rank = [torch.stack((shard(k, r), shard(v, r))).to(dtype) for r in range(world_size)]
+    cu = torch.tensor([0, *itertools.accumulate(layout.seqlens_local)], dtype=torch.int32, device="cuda")
+    for rank in range(world_size):
+        ql = shard(q, rank).to(dtype).requires_grad_()
+        out, lse = ring_attention(ql[0], kv_by_rank[rank][0][0], kv_by_rank[rank][1][0], variant=variant,
+                                  causal=True, cu_seqlens=cu, comm=LoopbackComm(rank, kv_by_rank))
+        out.backward(shard(dout, rank)[0].to(dtype))
+        errors = (rel_err(out, shard(ref[0], rank)[0]), rel_err(lse, shard(ref[1], rank, 2)[0]),
+                  rel_err(ql.grad[0], shard(ref[2], rank)[0]))
+        print(variant, count, rank, [f"{e:.2e}" for e in errors])
+        assert errors[0] <= FORWARD[dtype] and errors[1] <= FORWARD[torch.float32] and errors[2] <= GRADIENT[dtype]
