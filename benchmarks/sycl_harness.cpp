@@ -13,6 +13,7 @@
 // Exit status 0 iff every case is within tolerance.
 #include "flash_attn_kernels.hpp"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -343,6 +344,13 @@ int main(int argc, char** argv) {
   const auto device = queue.get_device();
   std::printf("device: %s; sub-group size the kernels are built for: %d; seed %llu\n",
               device.get_info<sycl::info::device::name>().c_str(), rfa::kSubGroupSize, seed);
+  if (rfa::kSubGroupSize > 1) {  // the lanes' logic is only right at the sub-group size it was built for
+    const auto sizes = device.get_info<sycl::info::device::sub_group_sizes>();
+    if (std::find(sizes.begin(), sizes.end(), size_t(rfa::kSubGroupSize)) == sizes.end()) {
+      std::fprintf(stderr, "the device does not run sub-groups of %d lanes (RFA_SUB_GROUP_SIZE)\n", rfa::kSubGroupSize);
+      return 2;
+    }
+  }
   std::mt19937_64 rng(seed);
   check_dtype<float>(queue, rng);
   check_dtype<sycl::half>(queue, rng);
