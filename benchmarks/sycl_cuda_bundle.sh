@@ -6,7 +6,7 @@
 # The GPU machine needs only an NVIDIA driver (its libcuda.so.1); no toolkit, no package registry.
 #
 # Idempotent; every piece is cached under ${XDG_CACHE_HOME:-~/.cache}:
-#   1. Debian packages: clang-16 / LLVM-16 (clang 16 knows sm_90), libomp, cmake, ninja.
+#   1. Debian packages: clang-16 / LLVM-16 (clang 16 knows sm_90), LLVM 14's libomp, cmake, ninja.
 #   2. A CUDA 11.8 toolkit layout made from PyPI wheels (pip download, no install):
 #      nvidia-cuda-runtime-cu11 (headers, libcudart.so.11.0), nvidia-cuda-nvcc-cu11 (ptxas, libdevice,
 #      crt headers) and, from nvidia-cuda-nvcc 13.0 (the first nvcc wheel that has it), `fatbinary`,
@@ -33,7 +33,9 @@ jobs=$(nproc)
 log() { echo "== $*" >&2; }
 
 # --- 1. Debian packages ---------------------------------------------------------------------------
-pkgs="clang-16 llvm-16-dev libclang-16-dev libomp-16-dev libboost-context-dev libboost-fiber-dev cmake ninja-build unzip patch patchelf python3-pip"
+# OpenMP from libomp-14-dev, which the CPU toolchain of the tests needs: Debian's libomp-16-dev conflicts
+# with it (installing one removes the other), and clang-16 takes LLVM 14's omp.h and libomp.so.5 fine.
+pkgs="clang-16 llvm-16-dev libclang-16-dev libomp-14-dev libboost-context-dev libboost-fiber-dev cmake ninja-build unzip patch patchelf python3-pip"
 if ! dpkg -s $pkgs >/dev/null 2>&1; then
   log "installing Debian packages: $pkgs"
   export DEBIAN_FRONTEND=noninteractive
@@ -59,6 +61,7 @@ if [ ! -e "$cuda/.complete" ]; then
   log "assembling a CUDA 11.8 toolkit layout in $cuda"
   rm -rf "$cuda"
   tmp=$(mktemp -d)
+  trap 'rm -rf "$tmp"' EXIT
   for spec in "${wheel_specs[@]}"; do unzip -q -o "$(wheel "$spec")" -d "$tmp"; done
   mkdir -p "$cuda/bin" "$cuda/include" "$cuda/lib64/stubs" "$cuda/nvvm"
   cp -r "$tmp/nvidia/cuda_runtime/include/." "$tmp/nvidia/cuda_nvcc/include/." "$cuda/include/"
@@ -75,21 +78,6 @@ if [ ! -e "$cuda/.complete" ]; then
   # nothing here uses cuRAND, whose wheel is large.
   echo "// placeholder for clang's __clang_cuda_runtime_wrapper.h: cuRAND is not used" \
     >"$cuda/include/curand_mtgp32_kernel.h"
-  cat >"$cuda/bin/fatbinary" <<'EOF'
-#!/usr/bin/env bash
-# clang-16 calls fatbinary with --image=profile=sm_NN,file=F (cubin) and --image=profile=compute_NN,file=F
-# (PTX); the CUDA 13 fatbinary takes only --image3=kind=elf|ptx,sm=NN,file=F.
-args=()
-for a in "$@"; do
-  case "$a" in
-    --image=profile=sm_*) r=${a#--image=profile=sm_}; args+=("--image3=kind=elf,sm=${r%%,*},${r#*,}") ;;
-    --image=profile=compute_*) r=${a#--image=profile=compute_}; args+=("--image3=kind=ptx,sm=${r%%,*},${r#*,}") ;;
-    *) args+=("$a") ;;
-  esac
-done
-exec "$(dirname "$0")/fatbinary-cuda13" "${args[@]}"
-EOF
-  chmod +x "$cuda/bin/fatbinary"
   # For linking only (AdaptiveCpp's CUDA backend calls these driver functions); never shipped.
   cat >"$cuda/lib64/stubs/libcuda_stub.c" <<'EOF'
 int cuModuleLoadDataEx(void) { return 999; }
@@ -101,17 +89,44 @@ EOF
   touch "$cuda/.complete"
 fi
 
+# Written on every run (not part of the one-time layout above), so that a change here takes effect.
+cat >"$cuda/bin/fatbinary" <<'EOF'
+#!/usr/bin/env bash
+# clang-16 calls fatbinary with --image=profile=sm_NN,file=F (cubin) and --image=profile=compute_NN,file=F
+# (PTX); the CUDA 13 fatbinary takes only --image3=kind=elf|ptx,sm=NN,file=F. Uncompressed images, as
+# older fatbinary versions wrote them (the CUDA 11.8 runtime registers this fatbinary).
+args=(--compress=false)
+for a in "$@"; do
+  case "$a" in
+    --image=profile=sm_*) r=${a#--image=profile=sm_}; args+=("--image3=kind=elf,sm=${r%%,*},${r#*,}") ;;
+    --image=profile=compute_*) r=${a#--image=profile=compute_}; args+=("--image3=kind=ptx,sm=${r%%,*},${r#*,}") ;;
+    *) args+=("$a") ;;
+  esac
+done
+exec "$(dirname "$0")/fatbinary-cuda13" "${args[@]}"
+EOF
+chmod +x "$cuda/bin/fatbinary"
+
+# omp.h of LLVM 14 on its own, for clang-16 (LLVM 14's include directory also holds clang-14's builtin
+# headers, which must not shadow clang-16's).
+omp_include=$cache/openmp-14-for-clang-16/include
+omp_lib=/usr/lib/llvm-14/lib
+mkdir -p "$omp_include"
+ln -sf /usr/lib/llvm-14/lib/clang/14.0.6/include/omp.h "$omp_include/omp.h"
+
 # --- 3. AdaptiveCpp with the CUDA backend -----------------------------------------------------------
-acpp_works() {  # a kernel for $arch compiles and links (there is no GPU here to run it)
+acpp_works() {  # a kernel for $arch compiles and links (no GPU here to run it); the CPU backend runs one
   [ -x "$prefix/bin/acpp" ] || return 1
-  local t; t=$(mktemp -d)
-  printf '#include <sycl/sycl.hpp>\nint main(){sycl::queue q;int*p=sycl::malloc_shared<int>(1,q);q.single_task([=]{*p=42;}).wait();return 0;}\n' >"$t/t.cpp"
-  "$prefix/bin/acpp" -O1 --acpp-targets="cuda:$arch" "$t/t.cpp" -o "$t/t" >/dev/null 2>&1
-  local rc=$?; rm -rf "$t"; return $rc
+  local t rc=0; t=$(mktemp -d)
+  printf '#include <sycl/sycl.hpp>\nint main(){sycl::queue q;int*p=sycl::malloc_shared<int>(1,q);q.single_task([=]{*p=42;}).wait();int r=*p;sycl::free(p,q);return r==42?0:1;}\n' >"$t/t.cpp"
+  "$prefix/bin/acpp" -O1 --acpp-targets="cuda:$arch" "$t/t.cpp" -o "$t/gpu" >/dev/null 2>&1 || rc=1
+  "$prefix/bin/acpp" -O1 --acpp-targets=omp.accelerated "$t/t.cpp" -o "$t/cpu" >/dev/null 2>&1 && "$t/cpu" || rc=1
+  rm -rf "$t"; return $rc
 }
 if ! acpp_works; then
   log "building AdaptiveCpp $version with the CUDA backend into $prefix"
   work=$(mktemp -d)
+  trap 'rm -rf "$work"' EXIT
   tar -xzf "$root/../shared/toolchains/adaptivecpp-$version.tar.gz" -C "$work"
   cmake -S "$work/AdaptiveCpp-$version" -B "$work/build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
     -DCMAKE_INSTALL_PREFIX="$prefix" -DLLVM_DIR=/usr/lib/llvm-16/cmake \
@@ -120,7 +135,13 @@ if ! acpp_works; then
     -DCUDAToolkit_ROOT="$cuda" -DWITH_CUDA_BACKEND=ON -DWITH_ROCM_BACKEND=OFF \
     -DWITH_OPENCL_BACKEND=OFF -DWITH_LEVEL_ZERO_BACKEND=OFF \
     -DWITH_SSCP_COMPILER=OFF -DWITH_STDPAR_COMPILER=OFF -DWITH_ACCELERATED_CPU=ON \
-    -DDEFAULT_TARGETS="cuda:$arch" >&2
+    -DDEFAULT_TARGETS="cuda:$arch" \
+    -DOpenMP_CXX_FLAGS="-fopenmp -I$omp_include" -DOpenMP_CXX_LIB_NAMES=omp \
+    -DOpenMP_C_FLAGS="-fopenmp -I$omp_include" -DOpenMP_C_LIB_NAMES=omp \
+    -DOpenMP_omp_LIBRARY="$omp_lib/libomp.so" \
+    -DOMP_CXX_FLAGS="-I/usr/include -fopenmp -I$omp_include -D_ENABLE_EXTENDED_ALIGNED_STORAGE" \
+    -DOMP_LINK_LINE="-L/usr/lib/x86_64-linux-gnu -lboost_context -lboost_fiber -Wl,-rpath=/usr/lib/x86_64-linux-gnu -fopenmp -L$omp_lib" \
+    >&2
   nice -n 10 ninja -C "$work/build" -j"$jobs" install >&2
   rm -rf "$work"
   acpp_works || { echo "AdaptiveCpp built but a test kernel for cuda:$arch did not compile" >&2; exit 1; }
@@ -179,15 +200,11 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 export LD_LIBRARY_PATH="$here/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 export ACPP_APPDB_DIR=${ACPP_APPDB_DIR:-${TMPDIR:-/tmp}/acpp-appdb-$(id -u)}  # AdaptiveCpp's kernel cache
-binary=sycl_harness
-backend=cuda  # no silent fall-back to the CPU when the GPU is not found
 if [ "${1:-}" = "--cpu" ]; then
   shift
-  binary=sycl_harness_cpu
-  backend=omp
+  exec "$here/bin/sycl_harness_cpu" "$@"
 fi
-export ACPP_VISIBILITY_MASK=${ACPP_VISIBILITY_MASK:-$backend}
-exec "$here/bin/$binary" "$@"
+exec "$here/bin/sycl_harness" "$@"  # takes the GPU (gpu_selector_v) or fails
 RUN
 chmod +x "$stage/run.sh"
 cat >"$stage/BUILD-INFO.txt" <<INFO
@@ -209,6 +226,7 @@ if [ "${RFA_NO_SANITIZER:-0}" != 1 ]; then
   sanitizer_spec=nvidia-cuda-sanitizer-api==13.0.85  # CUDA 13, like the GPU machine's driver
   [ -n "$(wheel "$sanitizer_spec")" ] || python3 -m pip download --no-deps -q -d "$wheels" "$sanitizer_spec" >&2
   tmp=$(mktemp -d)
+  trap 'rm -rf "$tmp"' EXIT
   unzip -q -o "$(wheel "$sanitizer_spec")" -d "$tmp"
   # The toolkit's layout: the binary and its libraries in one directory.
   mkdir -p "$tmp/compute-sanitizer"

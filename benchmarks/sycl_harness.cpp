@@ -20,6 +20,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
@@ -340,7 +341,20 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
-  sycl::queue queue{sycl::default_selector_v, sycl::property::queue::in_order{}};
+  // The CPU test build runs on the host; any other build needs its GPU (no silent fall-back to the host
+  // device, which AdaptiveCpp always offers): gpu_selector_v throws when there is none.
+  std::optional<sycl::queue> found;
+  try {
+#if RFA_CPU_TEST_BUILD
+    found.emplace(sycl::cpu_selector_v, sycl::property::queue::in_order{});
+#else
+    found.emplace(sycl::gpu_selector_v, sycl::property::queue::in_order{});
+#endif
+  } catch (const sycl::exception& e) {
+    std::fprintf(stderr, "no %s device: %s\n", RFA_CPU_TEST_BUILD ? "CPU" : "GPU", e.what());
+    return 2;
+  }
+  sycl::queue& queue = *found;
   const auto device = queue.get_device();
   std::printf("device: %s; sub-group size the kernels are built for: %d; seed %llu\n",
               device.get_info<sycl::info::device::name>().c_str(), rfa::kSubGroupSize, seed);
