@@ -208,7 +208,7 @@ exec "$here/bin/sycl_harness" "$@"  # takes the GPU (gpu_selector_v) or fails
 RUN
 chmod +x "$stage/run.sh"
 cat >"$stage/BUILD-INFO.txt" <<INFO
-Built by benchmarks/sycl_cuda_bundle.sh at $(cd "$root" && git rev-parse --short HEAD 2>/dev/null || echo unknown) on $(date -u +%Y-%m-%dT%H:%MZ).
+Built by benchmarks/sycl_cuda_bundle.sh at $(git -C "$root" describe --always --dirty 2>/dev/null || echo unknown) on $(date -u +%Y-%m-%dT%H:%MZ).
 Harness: --acpp-targets=cuda:$arch (SASS for $arch and PTX, in a fatbinary), -DRFA_SUB_GROUP_SIZE=32, -O2.
 AdaptiveCpp $version (clang $(clang-16 --version | head -1 | grep -o '[0-9][0-9.]*' | head -1)), CUDA 11.8.89 runtime/ptxas from PyPI wheels,
 fatbinary from nvidia-cuda-nvcc 13.0.88. libcuda.so.1 is NOT included: the GPU machine's driver provides it.
