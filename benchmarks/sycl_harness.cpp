@@ -13,12 +13,14 @@
 // Exit status 0 iff every case is within tolerance.
 #include "flash_attn_kernels.hpp"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
@@ -339,10 +341,30 @@ int main(int argc, char** argv) {
       return 2;
     }
   }
-  sycl::queue queue{sycl::default_selector_v, sycl::property::queue::in_order{}};
+  // The CPU test build runs on the host; any other build needs its GPU (no silent fall-back to the host
+  // device, which AdaptiveCpp always offers): gpu_selector_v throws when there is none.
+  std::optional<sycl::queue> found;
+  try {
+#if RFA_CPU_TEST_BUILD
+    found.emplace(sycl::cpu_selector_v, sycl::property::queue::in_order{});
+#else
+    found.emplace(sycl::gpu_selector_v, sycl::property::queue::in_order{});
+#endif
+  } catch (const sycl::exception& e) {
+    std::fprintf(stderr, "no %s device: %s\n", RFA_CPU_TEST_BUILD ? "CPU" : "GPU", e.what());
+    return 2;
+  }
+  sycl::queue& queue = *found;
   const auto device = queue.get_device();
   std::printf("device: %s; sub-group size the kernels are built for: %d; seed %llu\n",
               device.get_info<sycl::info::device::name>().c_str(), rfa::kSubGroupSize, seed);
+  if (rfa::kSubGroupSize > 1) {  // the lanes' logic is only right at the sub-group size it was built for
+    const auto sizes = device.get_info<sycl::info::device::sub_group_sizes>();
+    if (std::find(sizes.begin(), sizes.end(), size_t(rfa::kSubGroupSize)) == sizes.end()) {
+      std::fprintf(stderr, "the device does not run sub-groups of %d lanes (RFA_SUB_GROUP_SIZE)\n", rfa::kSubGroupSize);
+      return 2;
+    }
+  }
   std::mt19937_64 rng(seed);
   check_dtype<float>(queue, rng);
   check_dtype<sycl::half>(queue, rng);

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build and run benchmarks/sycl_harness.cpp (the SYCL kernels on their own, against a float64 reference).
 #   benchmarks/sycl_harness.sh                 # this machine's CPU, AdaptiveCpp's OpenMP backend
-#   ACPP=/path/to/acpp ACPP_TARGETS=generic RFA_SUB_GROUP_FLAGS=... benchmarks/sycl_harness.sh --time 4096
+#   ACPP=/path/to/acpp ACPP_TARGETS=... benchmarks/sycl_harness.sh --time 4096    # another AdaptiveCpp target
+# (NVIDIA GPUs: benchmarks/sycl_cuda_bundle.sh builds a bundle with 32-lane sub-groups to carry there.)
 # ACPP defaults to the CPU toolchain of ../shared/toolchains/build-adaptivecpp.sh; extra arguments go to
 # the harness (--seed N, --time SEQLEN).
 set -euo pipefail

@@ -5,8 +5,9 @@
 //   RFA_CPU_TEST_BUILD=1    AdaptiveCpp on the CPU (tests): CPU tensors, one lane per
 //                           sub-group, a process-wide in-order host queue, and a wait
 //                           after each launch because CPU tensors carry no stream.
-//   RFA_INTEL_EXTENSIONS=1  icpx for Intel GPUs: sycl::ext::oneapi::bfloat16 conversions
-//                           and a required sub-group size of 16.
+//   RFA_INTEL_EXTENSIONS=1  icpx for Intel GPUs: sycl::ext::oneapi::bfloat16 conversions.
+//   RFA_SUB_GROUP_SIZE=N    lanes per sub-group: 1 (the CPU test build's default), 16 (the
+//                           default otherwise: Intel GPUs) or 32 (NVIDIA, AdaptiveCpp's CUDA backend).
 //   RFA_JOINT_MATRIX=1      (with RFA_INTEL_EXTENSIONS) the forward's float16/bfloat16
 //                           scores on the XMX matrix engines through joint_matrix.
 //                           Never compiled or run so far: no icpx, no Intel GPU here.
@@ -18,9 +19,13 @@
 #pragma once
 
 #include "build_switches.h"
-#include "lane_logic.hpp"
 
+// Before lane_logic.hpp: its math is sycl:: only once SYCL_LANGUAGE_VERSION is defined, which AdaptiveCpp
+// does in this header (icpx predefines it). Without it the kernels called std::exp, which AdaptiveCpp's
+// CUDA device pass cannot lower ("Undefined external symbol expf").
 #include <sycl/sycl.hpp>
+
+#include "lane_logic.hpp"
 
 #include <algorithm>
 #include <cstdint>
@@ -31,13 +36,13 @@
 namespace rfa {
 namespace {
 
-// Lanes per sub-group that the kernels' logic is written for. AdaptiveCpp's OpenMP
-// backend always has sub-groups of 1; PVC and BMG run 16-wide sub-groups.
+// Lanes per sub-group that the kernels' logic is written for (RFA_SUB_GROUP_SIZE, build_switches.h).
+// AdaptiveCpp's OpenMP backend always has sub-groups of 1; PVC and BMG run 16-wide sub-groups,
+// NVIDIA GPUs 32-wide warps.
+constexpr int kSubGroupSize = RFA_SUB_GROUP_SIZE;
 #if RFA_CPU_TEST_BUILD
-constexpr int kSubGroupSize = 1;
 #define RFA_REQUIRE_SUB_GROUP_SIZE(n)
 #else
-constexpr int kSubGroupSize = 16;
 #define RFA_REQUIRE_SUB_GROUP_SIZE(n) [[sycl::reqd_sub_group_size(n)]]
 #endif
 
