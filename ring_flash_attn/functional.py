@@ -110,8 +110,11 @@ def ring_attention(q, k, v, *, variant: str = "ring", causal: bool = False, soft
                         softcap=softcap > 0, alibi=alibi_slopes is not None)
     kernel = select_backend(features, backend)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    documents = serve_as_documents(layout, kernel)
     plan = RingPlan(layout=layout, band=band, scale=scale, softcap=softcap, backend=kernel, comm=comm,
-                    alibi_slopes=alibi_slopes, documents=serve_as_documents(layout, kernel))
+                    alibi_slopes=alibi_slopes, documents=documents,
+                    varlen=(not documents and isinstance(layout, PackedLayout) and q.shape[0] == 1
+                            and kernel.serves_varlen(features)))
     if agree_here:
         agreement.agree(group, agreement.describe(
             q, k, v, exchange="ring", causal=causal, window_size=window, softmax_scale=scale, softcap=softcap,

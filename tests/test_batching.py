@@ -176,3 +176,70 @@ def test_batches_hold_at_most_max_calls_per_batch(monkeypatch):
                 _check_batches(calls, tasks)
                 assert max(len(c) for c in calls if isinstance(c, TaskBatch)) == 5, (variant, world_size, src)
     clear_plan_caches()
+
+
+@pytest.mark.parametrize("variant,causal,window", [("zigzag", True, (-1, -1)), ("ring", False, (-1, -1)),
+                                                   ("stripe", True, (-1, -1)), ("ring", True, (5, -1))])
+def test_variable_length_calls_match_the_oracle(variant, causal, window, monkeypatch):
+    """A packed batch's small unmasked blocks and causal squares as VarlenBatches (one call of a backend's
+    variable-length kernel each; here the reference backend's per-block default, as a CPU stand-in for
+    FlashAttention-2's): every planned block once, on disjoint query rows; over the loopback at P = 4 out,
+    LSE and dQ, and at P = 1 (no exchange) dK and dV too, against the float64 oracle."""
+    from ring_flash_attn.kernels.reference import ReferenceBackend
+    from ring_flash_attn.ring.batching import VarlenBatch
+
+    monkeypatch.setattr(ReferenceBackend, "serves_varlen", lambda self, features: True)
+    varlen_calls = []  # (forward or backward) the engine made
+    for method in ("forward_varlen", "backward_varlen"):
+        made_by_default = getattr(ReferenceBackend, method)
+        monkeypatch.setattr(ReferenceBackend, method, lambda self, *a, _f=made_by_default, _m=method, **kw: (
+            varlen_calls.append(_m), _f(self, *a, **kw))[1])
+    g = torch.Generator().manual_seed(SEED)
+    rng = random.Random(SEED)
+    heads, heads_k, dim = 4, 2, 8
+    for world_size in (4, 1):
+        unit = get_layout(variant).chunks_per_rank * world_size
+        seqlens = tuple(unit * rng.choice((1, 2, 3, 5)) for _ in range(14)) + (0, unit)
+        layout = PackedLayout(get_layout(variant), tuple(n // world_size for n in seqlens))
+        band = Band.from_kernel_args(causal, window)
+        total = sum(seqlens)
+        inputs = [torch.randn(1, total, h, dim, generator=g, dtype=torch.float64) for h in (heads, heads_k, heads_k, heads)]
+        ref = packed_oracle(*inputs, seqlens, causal=causal, window=window, scale=dim ** -0.5)
+        made = 0
+        varlen_calls.clear()
+        for rank in range(world_size):
+            clear_plan_caches()
+            for src in range(world_size):
+                calls = step_calls(layout, rank, src, world_size, sum(layout.seqlens_local), band, varlen=True)
+                tasks = plan_step(layout, rank, src, world_size, sum(layout.seqlens_local), band)
+                flat = [t for c in calls for t in (c.tasks if isinstance(c, (TaskBatch, VarlenBatch)) else (c,))]
+                assert sorted(flat) == sorted(tasks), (SEED, rank, src)
+                for call in calls:
+                    if isinstance(call, VarlenBatch):
+                        made += 1
+                        rows = sorted((t.q_start, t.q_stop) for t in call.tasks)
+                        assert all(a[1] <= b[0] for a, b in zip(rows, rows[1:])), SEED  # disjoint query rows
+                        assert all(t.band is None for t in call.tasks) if not call.causal else all(
+                            t.band.is_top_left_causal(t.q_stop - t.q_start, t.k_stop - t.k_start) for t in call.tasks)
+                        q_rows, k_rows = call.indices(torch.device("cpu"))
+                        assert q_rows.tolist() == [r for t in call.tasks for r in range(t.q_start, t.q_stop)]
+                        assert k_rows.tolist() == [r for t in call.tasks for r in range(t.k_start, t.k_stop)]
+            q, k, v, dout = (layout.shard(t, rank, world_size) for t in inputs)
+            kv_by_rank = [torch.stack((layout.shard(inputs[1], r, world_size), layout.shard(inputs[2], r, world_size)))
+                          for r in range(world_size)]
+            q.requires_grad_()
+            k.requires_grad_()
+            v.requires_grad_()
+            comm = LoopbackComm(rank, kv_by_rank)  # at P = 1 no exchange: dK/dV are exact
+            out, lse = ring_attention(q, k, v, variant=layout, causal=causal, window_size=window, backend="reference",
+                                      comm=comm)
+            out.backward(dout)
+            got = [out, lse, q.grad] + ([k.grad, v.grad] if world_size == 1 else [])
+            for name, value, want, dim_ in zip(("out", "lse", "dq", "dk", "dv"), got, ref, (1, 2, 1, 1, 1)):
+                expected = layout.shard(want, rank, world_size, dim_)
+                assert rel_err(value, expected) < 1e-12, (SEED, world_size, rank, name, rel_err(value, expected))
+        # the engine made variable-length calls, forward and backward (the test would not test them otherwise);
+        # at P = 1 a window can leave no unmasked block and no causal square
+        if world_size > 1 or window == (-1, -1):
+            assert made and {"forward_varlen", "backward_varlen"} <= set(varlen_calls), (SEED, world_size)
+    clear_plan_caches()

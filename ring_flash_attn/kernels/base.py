@@ -77,6 +77,35 @@ class KernelBackend:
                                 k_offset=k_offset, softcap=softcap, **alibi)
         merge_into(out_acc, lse_acc, out, lse)
 
+    # -- many blocks of one ring step in one call (ring/batching.py's VarlenBatch) ----------------------
+    def serves_varlen(self, features: Features) -> bool:
+        """Whether :meth:`forward_varlen` / :meth:`backward_varlen` run a :class:`~ring_flash_attn.ring.batching.
+        VarlenBatch` as one launch for calls of ``features`` (then the engine makes them for packed batches)."""
+        return False
+
+    def forward_varlen(self, q, k, v, call, *, scale: float, softcap: float = 0.0):
+        """The blocks of ``call`` (a VarlenBatch: blocks of any lengths, all unmasked or all causal squares),
+        packed along the token dim: q ``[Tq, H, D]`` holds block after block, k/v ``[Tk, Hk, D]`` likewise.
+        Returns ``out [Tq, H, D]`` and ``lse [H, Tq]``. This default makes one :meth:`forward` per block (a
+        reference for tests); a backend with a variable-length kernel overrides it."""
+        outs, lses = [], []
+        for (q0, q1), (k0, k1) in call.spans():
+            out, lse = self.forward(q[None, q0:q1], k[None, k0:k1], v[None, k0:k1], scale=scale, causal=call.causal,
+                                    softcap=softcap)
+            outs.append(out[0])
+            lses.append(lse[0])
+        return torch.cat(outs), torch.cat(lses, dim=1)
+
+    def backward_varlen(self, dout, q, k, v, out, lse, call, *, scale: float, softcap: float = 0.0):
+        """The gradients of :meth:`forward_varlen`'s blocks (``out``/``lse`` the global ones, packed as there):
+        ``(dq [Tq, H, D], dk [Tk, Hk, D], dv)``; key rows of different blocks are different rows of dk."""
+        grads = []
+        for (q0, q1), (k0, k1) in call.spans():
+            grads.append(self.backward(dout[None, q0:q1], q[None, q0:q1], k[None, k0:k1], v[None, k0:k1],
+                                       out[None, q0:q1], lse[None, :, q0:q1], scale=scale, causal=call.causal,
+                                       softcap=softcap))
+        return tuple(torch.cat([g[i][0] for g in grads]) for i in range(3))
+
     def __repr__(self) -> str:
         return f"<kernel backend {self.name!r}>"
 

@@ -75,6 +75,31 @@ def _cuda_fused_op() -> str:
 class SdpaBackend(KernelBackend):
     name = "sdpa"
 
+    def serves_varlen(self, f: Features) -> bool:
+        # FlashAttention-2's variable-length entry point (sm80+, half precision, no mask but causal, GQA native)
+        return (f.device_type == "cuda" and f.dtype in _HALF and not (f.band or f.softcap or f.alibi)
+                and f.head_dim <= 256 and hasattr(aten, "_flash_attention_forward")
+                and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8)
+
+    def forward_varlen(self, q, k, v, call, *, scale, softcap=0.0):
+        if softcap:
+            raise NotImplementedError("softcap: the sdpa backend cannot apply logit soft-capping")
+        cu_q, cu_k = call.offsets(q.device)
+        out, lse = aten._flash_attention_forward(q, k, v, cu_q, cu_k, call.max_q, call.max_k, 0.0, call.causal,
+                                                 False, scale=scale)[:2]
+        if lse.shape != (q.shape[1], q.shape[0]):  # FA2's variable-length LSE is [heads, total_q]
+            raise RuntimeError(f"flash varlen: expected an LSE of shape {(q.shape[1], q.shape[0])}, "
+                               f"got {tuple(lse.shape)}")
+        return out, lse
+
+    def backward_varlen(self, dout, q, k, v, out, lse, call, *, scale, softcap=0.0):
+        if softcap:
+            raise NotImplementedError("softcap: the sdpa backend cannot apply logit soft-capping")
+        cu_q, cu_k = call.offsets(q.device)
+        seed = torch.zeros((), dtype=torch.int64, device=q.device)
+        return aten._flash_attention_backward(dout, q, k, v, out, lse.float().contiguous(), cu_q, cu_k, call.max_q,
+                                              call.max_k, 0.0, call.causal, seed, seed, scale=scale)[:3]
+
     def unsupported_reason(self, f: Features):
         if f.softcap:
             return "PyTorch's fused attention ops have no logit soft-capping"

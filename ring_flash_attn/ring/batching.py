@@ -108,13 +108,75 @@ class _StepRows:
         sides = []
         for starts, lens, lens_t in ((q_starts, q_lens, q_lens_t), (k_starts, k_lens, k_lens_t)):
             sizes = [n * length for n, length in zip(counts, lens)]
-            rows = sum(sizes)
             block_rows = torch.repeat_interleave(lens_t, counts_t, output_size=blocks)
-            # row j of the flat index is in block i: its value is start_i + (j - the first row of block i)
-            shift = starts - (torch.cumsum(block_rows, 0) - block_rows)
-            flat = torch.arange(rows, device=device) + torch.repeat_interleave(shift, block_rows, output_size=rows)
-            sides.append(flat.split(sizes))
+            sides.append(_ranges(starts, block_rows, sum(sizes)).split(sizes))
         return list(zip(*sides))
+
+
+def _ranges(starts: torch.Tensor, lengths: torch.Tensor, rows: int) -> torch.Tensor:
+    """The rows of the ranges ``[start_i, start_i + length_i)``, range after range, made on ``starts``' device
+    (``rows`` = the sum of the lengths, known on the host: nothing waits for the device)."""
+    # row j of the result is in range i: its value is start_i + (j - the first row of range i)
+    shift = starts - (torch.cumsum(lengths, 0) - lengths)
+    return torch.arange(rows, device=starts.device) + torch.repeat_interleave(shift, lengths, output_size=rows)
+
+
+class VarlenBatch:
+    """Blocks of one ring step with any lengths, all unmasked or all causal squares (``causal``), on disjoint
+    query rows: one call of a backend's variable-length kernel (``KernelBackend.forward_varlen``, e.g.
+    FlashAttention-2's), where batches of one shape (:class:`TaskBatch`) would be a call per shape. Its query
+    rows are gathered block after block into ``[Tq, H, D]``, its key rows into ``[Tk, Hk, D]``."""
+
+    __slots__ = ("causal", "members", "q_starts", "q_lens", "k_starts", "k_lens", "max_q", "max_k", "_on")
+
+    def __init__(self, causal: bool, members: list):
+        """``members``: ``[(base block, start rows of the sequences it is moved to)]``."""
+        self.causal, self.members = causal, members
+        self.q_starts, self.q_lens, self.k_starts, self.k_lens = [], [], [], []
+        for task, starts in members:
+            n = len(starts)
+            self.q_starts.extend(map(task.q_start.__add__, starts))
+            self.k_starts.extend(map(task.k_start.__add__, starts))
+            self.q_lens.extend([task.q_stop - task.q_start] * n)
+            self.k_lens.extend([task.k_stop - task.k_start] * n)
+        self.max_q, self.max_k = max(self.q_lens), max(self.k_lens)
+        self._on = {}
+
+    def __len__(self) -> int:
+        return len(self.q_starts)
+
+    @property
+    def tasks(self) -> Tuple[BlockTask, ...]:
+        """The calls this batch makes, one block each."""
+        return tuple(task.shifted(s, s) for task, starts in self.members for s in starts)
+
+    def spans(self):
+        """``((q0, q1), (k0, k1))`` of each block in the packed query and key rows, block after block."""
+        q_end = k_end = 0
+        for q_len, k_len in zip(self.q_lens, self.k_lens):
+            yield (q_end, q_end + q_len), (k_end, k_end + k_len)
+            q_end, k_end = q_end + q_len, k_end + k_len
+
+    def _made(self, device: torch.device):
+        found = self._on.get(device)
+        if found is None:
+            n = len(self)
+            made_of = torch.tensor([*self.q_starts, *self.k_starts, *self.q_lens, *self.k_lens],
+                                   dtype=torch.int64).to(device)  # one copy to the device
+            q_starts, k_starts, q_lens, k_lens = made_of.split([n] * 4)
+            zero = made_of.new_zeros(1)
+            found = self._on[device] = (
+                (_ranges(q_starts, q_lens, sum(self.q_lens)), _ranges(k_starts, k_lens, sum(self.k_lens))),
+                (torch.cat([zero, q_lens.cumsum(0)]).int(), torch.cat([zero, k_lens.cumsum(0)]).int()))
+        return found
+
+    def indices(self, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Row indices ``(query rows, key rows)``, block after block, on ``device`` (made once per device)."""
+        return self._made(device)[0]
+
+    def offsets(self, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(cu_seqlens_q, cu_seqlens_k)`` (int32, on ``device``) of the packed blocks."""
+        return self._made(device)[1]
 
 
 def _share_rows(calls) -> None:
@@ -126,7 +188,7 @@ def _share_rows(calls) -> None:
             batch._rows, batch._slot = rows, slot
 
 
-Call = Union[BlockTask, TaskBatch]
+Call = Union[BlockTask, TaskBatch, VarlenBatch]
 
 
 # One batch's P sources, reused by its layers and its backward. Smaller than the plans' cache: a batch's
@@ -134,18 +196,21 @@ Call = Union[BlockTask, TaskBatch]
 # returns to an earlier batch's layout. P > 64 still works, planning each step again.
 @lru_cache(maxsize=64)
 def step_calls(layout, rank: int, src: int, world_size: int, seqlen_local: int, band,
-               keep_positions: bool = False) -> Tuple[Call, ...]:
+               keep_positions: bool = False, varlen: bool = False) -> Tuple[Call, ...]:
     """The kernel calls rank ``rank`` makes on the K/V of rank ``src``: :func:`~ring_flash_attn.ring.planner.
-    plan_step`'s blocks, the small ones of one shape batched (a packed batch is batched as it is planned)."""
+    plan_step`'s blocks, the small ones of one shape batched (a packed batch is batched as it is planned).
+    ``varlen`` (a packed batch, for a backend that serves variable-length calls): the small unmasked blocks
+    of a step, and its small causal squares, are each one :class:`VarlenBatch` whatever their lengths."""
     if isinstance(layout, PackedLayout):
-        return _packed_calls(layout, rank, src, world_size, band, keep_positions)
+        return _packed_calls(layout, rank, src, world_size, band, keep_positions, varlen)
     return batch_calls(plan_step(layout, rank, src, world_size, seqlen_local, band, keep_positions))
 
 
 PLAN_CACHES.append(step_calls)
 
 
-def _packed_calls(layout: PackedLayout, rank: int, src: int, world_size: int, band, keep_positions: bool):
+def _packed_calls(layout: PackedLayout, rank: int, src: int, world_size: int, band, keep_positions: bool,
+                  varlen: bool = False):
     """A packed step's calls, batched from the per-length plans without placing each sequence's blocks first.
 
     Each sequence's blocks are its base layout's for its length, moved to where the sequence starts
@@ -171,6 +236,8 @@ def _packed_calls(layout: PackedLayout, rank: int, src: int, world_size: int, ba
     calls = []
     make = tuple.__new__  # BlockTask(...) without the named tuple's argument handling
     shape_of = list(shapes)
+    if varlen:  # the shapes a variable-length call serves leave by_shape for one call per kind
+        by_shape = _varlen_calls(by_shape, shape_of, calls)
     for shape, (count, members) in by_shape.items():
         q_len, k_len, task_band, positions = shape_of[shape]
         if count < MIN_BATCHED_CALLS or q_len > MAX_BATCHED_ROWS:
@@ -206,6 +273,48 @@ def _packed_calls(layout: PackedLayout, rank: int, src: int, world_size: int, ba
                              for q, k in zip(q_starts, k_starts))
     _share_rows(calls)
     return tuple(calls)
+
+
+def _varlen_calls(by_shape: dict, shape_of: list, calls: list) -> dict:
+    """Append to ``calls`` the VarlenBatches of a packed step's small unmasked blocks and small causal squares
+    (of any lengths); return the shapes left for batches of one shape. Blocks of one sequence that share
+    query rows (e.g. two blocks of its first half) go to different calls, as in :func:`_packed_calls`."""
+    left, pools = {}, {False: [], True: []}  # causal -> per call, [(base block, starts)]
+    for shape, entry in by_shape.items():
+        q_len, k_len, task_band, _ = shape_of[shape]
+        if q_len > MAX_BATCHED_ROWS:
+            left[shape] = entry
+        elif task_band is None:
+            pools[False].append(entry[1])
+        elif task_band.is_top_left_causal(q_len, k_len):
+            pools[True].append(entry[1])
+        else:
+            left[shape] = entry
+    for causal, entries in pools.items():
+        slots, used_by_length = [], {}  # per call: [(block, starts)]; length -> per call, its blocks there
+        for members in entries:
+            for length, task, starts in members:
+                used = used_by_length.setdefault(length, [])
+                n = 0
+                while n < len(used) and any(_overlap_q(task, other) for other in used[n]):
+                    n += 1
+                if n == len(used):
+                    used.append([])
+                used[n].append(task)
+                if n == len(slots):
+                    slots.append([])
+                slots[n].append((task, starts))
+        for members in slots:
+            if sum(len(starts) for _, starts in members) >= MIN_BATCHED_CALLS:
+                calls.append(VarlenBatch(causal, members))
+            else:
+                calls.extend(task.shifted(s, s) for task, starts in members for s in starts)
+    return left
+
+
+def _overlap_q(a: BlockTask, b: BlockTask) -> bool:
+    """Whether two blocks share a query row (key rows may repeat in a variable-length call)."""
+    return a.q_start < b.q_stop and b.q_start < a.q_stop
 
 
 @lru_cache(maxsize=64)

@@ -34,7 +34,7 @@ from ..agreement import ComputeFailure
 from ..kernels.base import KernelBackend
 from ..kernels.mask import Band
 from ..merge import merge_into, new_accumulators
-from .batching import TaskBatch, add_rows, gather_rows, put_rows, step_calls
+from .batching import TaskBatch, VarlenBatch, add_rows, gather_rows, put_rows, step_calls
 from .documents import DocumentCall, document_calls
 from .layouts import Layout
 
@@ -52,6 +52,9 @@ class RingPlan:
     alibi_slopes: Optional[torch.Tensor] = None
     # One document-masked call per step for a packed batch (ring/documents.py), where the backend serves it.
     documents: bool = False
+    # A packed batch's small blocks as variable-length calls (ring/batching.VarlenBatch), where the backend
+    # serves them.
+    varlen: bool = False
 
     def calls(self, src: int, seqlen_local: int):
         """The kernel calls on the K/V of rank ``src``: one document-masked call, or the planner's with the
@@ -59,7 +62,7 @@ class RingPlan:
         if self.documents:
             return document_calls(self.layout, self.comm.rank, src, self.comm.world_size, seqlen_local, self.band)
         return step_calls(self.layout, self.comm.rank, src, self.comm.world_size, seqlen_local, self.band,
-                          keep_positions=self.alibi_slopes is not None)
+                          keep_positions=self.alibi_slopes is not None, varlen=self.varlen)
 
     def kernel_kwargs(self, task) -> dict:
         return kernel_kwargs(task, self.scale, self.softcap, self.alibi_slopes)
@@ -73,7 +76,7 @@ class RingPlan:
 
 def kernel_kwargs(task, scale: float, softcap: float, alibi_slopes: Optional[torch.Tensor]) -> dict:
     """The keyword arguments of one kernel call; ALiBi's only when it is on (backends without it never see them)."""
-    if isinstance(task, DocumentCall):  # the mask is the call's own; backends serving documents take no ALiBi
+    if isinstance(task, (DocumentCall, VarlenBatch)):  # the mask is the call's own; neither takes ALiBi
         return dict(scale=scale, softcap=softcap)
     kwargs = dict(scale=scale, softcap=softcap, **task.kernel_mask_args())
     if alibi_slopes is not None:
@@ -89,6 +92,15 @@ def fold_call(backend, call, kwargs, q, k, v, out_acc, lse_acc) -> None:
     kernel arguments ``kwargs`` (:func:`kernel_kwargs`)."""
     if isinstance(call, DocumentCall):
         merge_into(out_acc, lse_acc, *backend.forward_documents(q, k, v, call, **kwargs))
+        return
+    if isinstance(call, VarlenBatch):  # [1, S, H, D]: packed batches have one row
+        q_rows, k_rows = call.indices(q.device)
+        out, lse = backend.forward_varlen(q[0].index_select(0, q_rows), k[0].index_select(0, k_rows),
+                                          v[0].index_select(0, k_rows), call, **kwargs)
+        out_part, lse_part = out_acc[0].index_select(0, q_rows), lse_acc[0].index_select(1, q_rows)
+        merge_into(out_part[None], lse_part[None], out[None], lse[None])
+        out_acc[0].index_copy_(0, q_rows, out_part)
+        lse_acc[0].index_copy_(1, q_rows, lse_part)
         return
     if not isinstance(call, TaskBatch):
         backend.forward_accumulate(q[:, call.q], k[:, call.k], v[:, call.k], out_acc[:, call.q],
@@ -111,6 +123,13 @@ def call_gradients(backend, call, kwargs, dout, q, k, v, out, lse, dq_acc):
         dq, dk, dv = backend.backward_documents(dout, q, k, v, out, lse, call, **kwargs)
         dq_acc += dq
         return dk, dv
+    if isinstance(call, VarlenBatch):
+        q_rows, k_rows = call.indices(q.device)
+        dq, dk, dv = backend.backward_varlen(
+            *(t[0].index_select(0, q_rows) for t in (dout, q)), *(t[0].index_select(0, k_rows) for t in (k, v)),
+            out[0].index_select(0, q_rows), lse[0].index_select(1, q_rows), call, **kwargs)
+        dq_acc[0].index_add_(0, q_rows, dq.to(dq_acc.dtype))
+        return dk, dv
     if not isinstance(call, TaskBatch):
         dq, dk, dv = backend.backward(dout[:, call.q], q[:, call.q], k[:, call.k], v[:, call.k],
                                       out[:, call.q], lse[:, :, call.q], **kwargs)
@@ -129,6 +148,11 @@ def add_key_gradients(call, dk, dv, dk_acc, dv_acc) -> None:
     if isinstance(call, DocumentCall):  # every key row
         dk_acc += dk
         dv_acc += dv
+        return
+    if isinstance(call, VarlenBatch):  # key rows may repeat across its blocks: index_add sums them
+        _, k_rows = call.indices(dk_acc.device)
+        dk_acc[0].index_add_(0, k_rows, dk.to(dk_acc.dtype))
+        dv_acc[0].index_add_(0, k_rows, dv.to(dv_acc.dtype))
         return
     if not isinstance(call, TaskBatch):
         dk_acc[:, call.k] += dk

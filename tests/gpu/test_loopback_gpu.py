@@ -99,21 +99,31 @@ def test_ring_schedule_captured_in_a_cuda_graph_matches_the_plain_one_and_the_or
         assert rel_err(graph_dq, shard(ref_dq, rank)) <= GRADIENT[dtype]
 
 
-@pytest.mark.parametrize("variant,lengths,count", [("zigzag", (1, 2, 3, 5), 300), ("ring", (1, 4, 7), 200),
-                                                   ("zigzag", (1,), 4200)])
-def test_packed_batch_of_many_sequences_in_batched_calls_matches_oracle(variant, lengths, count):
-    """The default backend on a packed batch of many short sequences (ring/batching.py: equal-shape blocks of
-    a step as one batched call) against each sequence's float64 oracle (out, LSE, dQ over the loopback). With
-    4200 sequences of one token per rank half, a batch holds 4200 blocks x 16 heads: more programs than a CUDA
-    grid's y size, so the merge runs in parts of the batch."""
+@pytest.mark.parametrize("variant,lengths,count,path", [
+    ("zigzag", (1, 2, 3, 5), 300, "varlen"), ("ring", (1, 4, 7), 200, "varlen"), ("stripe", (1, 3), 64, "varlen"),
+    ("zigzag", (1, 2, 3, 5), 300, "batched"), ("ring", (1, 4, 7), 200, "batched"), ("zigzag", (1,), 4200, "batched")])
+def test_packed_batch_of_many_sequences_matches_oracle(variant, lengths, count, path, monkeypatch):
+    """The default backend on a packed batch of many short sequences against each sequence's float64 oracle
+    (out, LSE, dQ over the loopback), through both ways ring/batching.py makes few calls of many blocks:
+    ``varlen``, FlashAttention-2's variable-length call for a step's unmasked blocks and one for its causal
+    squares (what bf16 takes); ``batched``, one call per block shape on a batch of their rows (what the
+    backend does where it has no variable-length call). With 4200 sequences of one token per rank half, a
+    batch holds 4200 blocks x 16 heads: more programs than a CUDA grid's y size, so the merge runs in parts."""
     import itertools
     import random
 
     from ring_flash_attn.kernels.mask import Band
+    from ring_flash_attn.kernels.sdpa import SdpaBackend
     from ring_flash_attn.ring.batching import TaskBatch, step_calls
     from ring_flash_attn.ring.layouts import PackedLayout
     from tests.distributed.workers import packed_oracle
 
+    varlen_calls = []
+    if path == "batched":
+        monkeypatch.setattr(SdpaBackend, "serves_varlen", lambda self, features: False)
+    forward_varlen = SdpaBackend.forward_varlen
+    monkeypatch.setattr(SdpaBackend, "forward_varlen", lambda self, *a, **kw: (
+        varlen_calls.append(1), forward_varlen(self, *a, **kw))[1])
     world_size, h, hk, d, dtype = 4, 16, 4, 64, torch.bfloat16
     unit = get_layout(variant).chunks_per_rank * world_size
     rng = random.Random(int(torch.randint(0, 2 ** 31 - 1, ()).item()))
@@ -123,7 +133,6 @@ def test_packed_batch_of_many_sequences_in_batched_calls_matches_oracle(variant,
     batches = [c for src in range(world_size)
                for c in step_calls(layout, 0, src, world_size, total_local, Band.from_kernel_args(True, (-1, -1)))
                if isinstance(c, TaskBatch)]
-    assert batches  # the batched path is what this test runs
     if count > 4000:
         assert max(len(b) for b in batches) * h > 65535
     g = torch.Generator(device="cuda").manual_seed(rng.randrange(2 ** 31))
@@ -140,5 +149,6 @@ def test_packed_batch_of_many_sequences_in_batched_calls_matches_oracle(variant,
         out.backward(shard(dout, rank)[0].to(dtype))
         errors = (rel_err(out, shard(ref[0], rank)[0]), rel_err(lse, shard(ref[1], rank, 2)[0]),
                   rel_err(ql.grad[0], shard(ref[2], rank)[0]))
-        print(variant, count, rank, [f"{e:.2e}" for e in errors])
+        print(variant, count, path, rank, [f"{e:.2e}" for e in errors])
         assert errors[0] <= FORWARD[dtype] and errors[1] <= FORWARD[torch.float32] and errors[2] <= GRADIENT[dtype]
+    assert bool(varlen_calls) == (path == "varlen"), len(varlen_calls)  # the path the case is about ran
