@@ -8,6 +8,8 @@ source), for rank P - 1 (the busiest under a causal mask), three ways:
 * ``cold``     every plan cache emptied first: the first call of a fresh process;
 * ``new batch`` a new packed layout (the same lengths in another order, as the next training batch brings)
                with the per-length plans of earlier batches still cached;
+* ``new batch, varlen`` the same, for a backend with variable-length calls (``step_calls(varlen=True)``:
+               what bf16 on CUDA takes, ring/batching.VarlenBatch);
 * ``old``      the previous planner (kept in tests/test_planner.py as the oracle), up to ``--old-max-seqs``
                sequences (it is quadratic to cubic in the number of sequences).
 
@@ -34,6 +36,7 @@ backward), forward + backward.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -114,13 +117,19 @@ def planning_rows(args):
                     batches = [new_batch() for _ in range(args.reps)]
                     warm = min(host_ms(lambda b=b: plan_one_call(b, world_size, band, step_calls,
                                                                  layout_needs_band_mask), 1) for b in batches)
+                    # the same with a backend that serves variable-length calls (FlashAttention-2 on CUDA, bf16):
+                    # a step's small unmasked blocks and causal squares become one call each
+                    varlen_calls = functools.partial(step_calls, varlen=True)
+                    varlen_warm = min(host_ms(lambda b=b: plan_one_call(b, world_size, band, varlen_calls,
+                                                                        layout_needs_band_mask), 1) for b in batches)
+                    varlen_count = plan_one_call(layout, world_size, band, varlen_calls, layout_needs_band_mask)
                     old = None
                     if count <= args.old_max_seqs:
                         old = host_ms(lambda: plan_one_call(layout, world_size, band, old_plan_step,
                                                             old_layout_needs_band_mask), 1)
                     row = dict(layout=name, world_size=world_size, window=window, sequences=count,
                                distinct_lengths=len(set(lengths)), blocks=blocks, calls=calls, cold_ms=cold,
-                               new_batch_ms=warm,
+                               new_batch_ms=warm, varlen_calls=varlen_count, new_batch_varlen_ms=varlen_warm,
                                old_ms=old)
                     rows.append(row)
                     print(json.dumps(row), flush=True)
