@@ -8,6 +8,11 @@ do the same arithmetic on different rows, so they are one call of the kernel on 
 gathered into ``[n, L, H, D]`` (``[B * n, ...]`` for a batch of B) tensors, the kernel runs once, and the
 results go back to their rows (written for the forward's accumulators, added for the gradients).
 
+Where the backend has a variable-length kernel (FlashAttention-2's, for bf16/fp16 on CUDA), a packed step's
+small unmasked blocks of every length are one call, and its small causal squares another
+(:class:`VarlenBatch`): blocks packed along the token dim with their offsets, no padding, so mixed lengths
+cost no more calls than equal ones.
+
 Only small blocks are batched: gathering copies the rows, which for long blocks costs more memory traffic
 than the launches it saves (and the few calls of an unpacked layout are long blocks). Calls batched together
 share no query row and no key row, so the write-backs and index-adds of a batch touch each row once: the
