@@ -183,7 +183,7 @@ def test_batches_hold_at_most_max_calls_per_batch(monkeypatch):
 def test_variable_length_calls_match_the_oracle(variant, causal, window, monkeypatch):
     """A packed batch's small unmasked blocks and causal squares as VarlenBatches (one call of a backend's
     variable-length kernel each; here the reference backend's per-block default, as a CPU stand-in for
-    FlashAttention-2's): every planned block once, on disjoint query rows; over the loopback at P = 4 out,
+    FlashAttention-2's): every planned block once, on disjoint query and key rows; over the loopback at P = 4 out,
     LSE and dQ, and at P = 1 (no exchange) dK and dV too, against the float64 oracle."""
     from ring_flash_attn.kernels.reference import ReferenceBackend
     from ring_flash_attn.ring.batching import VarlenBatch
@@ -217,8 +217,9 @@ def test_variable_length_calls_match_the_oracle(variant, causal, window, monkeyp
                 for call in calls:
                     if isinstance(call, VarlenBatch):
                         made += 1
-                        rows = sorted((t.q_start, t.q_stop) for t in call.tasks)
-                        assert all(a[1] <= b[0] for a, b in zip(rows, rows[1:])), SEED  # disjoint query rows
+                        for side in (0, 2):  # disjoint query rows, disjoint key rows
+                            rows = sorted(t[side:side + 2] for t in call.tasks)
+                            assert all(a[1] <= b[0] for a, b in zip(rows, rows[1:])), SEED
                         assert all(t.band is None for t in call.tasks) if not call.causal else all(
                             t.band.is_top_left_causal(t.q_stop - t.q_start, t.k_stop - t.k_start) for t in call.tasks)
                         q_rows, k_rows = call.indices(torch.device("cpu"))

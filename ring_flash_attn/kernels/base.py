@@ -98,7 +98,7 @@ class KernelBackend:
 
     def backward_varlen(self, dout, q, k, v, out, lse, call, *, scale: float, softcap: float = 0.0):
         """The gradients of :meth:`forward_varlen`'s blocks (``out``/``lse`` the global ones, packed as there):
-        ``(dq [Tq, H, D], dk [Tk, Hk, D], dv)``; key rows of different blocks are different rows of dk."""
+        ``(dq [Tq, H, D], dk [Tk, Hk, D], dv)``, packed as the inputs."""
         grads = []
         for (q0, q1), (k0, k1) in call.spans():
             grads.append(self.backward(dout[None, q0:q1], q[None, q0:q1], k[None, k0:k1], v[None, k0:k1],

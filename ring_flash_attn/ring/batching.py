@@ -128,7 +128,7 @@ def _ranges(starts: torch.Tensor, lengths: torch.Tensor, rows: int) -> torch.Ten
 
 class VarlenBatch:
     """Blocks of one ring step with any lengths, all unmasked or all causal squares (``causal``), on disjoint
-    query rows: one call of a backend's variable-length kernel (``KernelBackend.forward_varlen``, e.g.
+    query rows and disjoint key rows: one call of a backend's variable-length kernel (``KernelBackend.forward_varlen``, e.g.
     FlashAttention-2's), where batches of one shape (:class:`TaskBatch`) would be a call per shape. Its query
     rows are gathered block after block into ``[Tq, H, D]``, its key rows into ``[Tk, Hk, D]``."""
 
@@ -283,7 +283,8 @@ def _packed_calls(layout: PackedLayout, rank: int, src: int, world_size: int, ba
 def _varlen_calls(by_shape: dict, shape_of: list, calls: list) -> dict:
     """Append to ``calls`` the VarlenBatches of a packed step's small unmasked blocks and small causal squares
     (of any lengths); return the shapes left for batches of one shape. Blocks of one sequence that share
-    query rows (e.g. two blocks of its first half) go to different calls, as in :func:`_packed_calls`."""
+    query rows or key rows go to different calls, as in :func:`_packed_calls`: each row is written or added
+    once per call, so the result does not depend on the order a GPU's atomics take."""
     left, pools = {}, {False: [], True: []}  # causal -> per call, [(base block, starts)]
     for shape, entry in by_shape.items():
         q_len, k_len, task_band, _ = shape_of[shape]
@@ -301,7 +302,7 @@ def _varlen_calls(by_shape: dict, shape_of: list, calls: list) -> dict:
             for length, task, starts in members:
                 used = used_by_length.setdefault(length, [])
                 n = 0
-                while n < len(used) and any(_overlap_q(task, other) for other in used[n]):
+                while n < len(used) and any(_overlap(task, other) for other in used[n]):
                     n += 1
                 if n == len(used):
                     used.append([])
@@ -315,11 +316,6 @@ def _varlen_calls(by_shape: dict, shape_of: list, calls: list) -> dict:
             else:
                 calls.extend(task.shifted(s, s) for task, starts in members for s in starts)
     return left
-
-
-def _overlap_q(a: BlockTask, b: BlockTask) -> bool:
-    """Whether two blocks share a query row (key rows may repeat in a variable-length call)."""
-    return a.q_start < b.q_stop and b.q_start < a.q_stop
 
 
 @lru_cache(maxsize=64)

@@ -149,7 +149,7 @@ def add_key_gradients(call, dk, dv, dk_acc, dv_acc) -> None:
         dk_acc += dk
         dv_acc += dv
         return
-    if isinstance(call, VarlenBatch):  # key rows may repeat across its blocks: index_add sums them
+    if isinstance(call, VarlenBatch):
         _, k_rows = call.indices(dk_acc.device)
         dk_acc[0].index_add_(0, k_rows, dk.to(dk_acc.dtype))
         dv_acc[0].index_add_(0, k_rows, dv.to(dv_acc.dtype))
