@@ -57,8 +57,10 @@ COMMON = """\
         the keys at positions [i - left, i + right]; -1 means unbounded (as in flash-attn).
     alibi_slopes: (nheads,) or (batch_size, nheads), float32, or None. Adds -slope * |i - j| (true token
         distance) to the scores; served by the "reference" backend (automatic choice falls back to it).
-    deterministic: bool. Accepted for compatibility: the reduction order is always fixed, so repeated calls
-        on the same ranks and backend give bitwise-identical results.
+    deterministic: bool. Accepted for compatibility: the ring's own reductions (LSE merges, gradient sums,
+        batched write-backs) are in a fixed order. A fused kernel's backward may accumulate with atomics
+        (FlashAttention-2 on CUDA); for bitwise-repeatable gradients there, use
+        torch.use_deterministic_algorithms(True), which PyTorch passes to those kernels.
     return_attn_probs: bool. Also return the log-sum-exp of each query row (the attention probabilities
         themselves are never materialised; their slot is None).
     group: torch.distributed.ProcessGroup or None. The ranks that share the sequence (default: the world);
