@@ -251,6 +251,7 @@ inline void accumulate_dq_tile(const Lanes& lanes, RowGradient<D, Lanes::size>& 
                                TilePtr k_tile, TilePtr v_tile, int stride, int64_t row_index, int64_t key0,
                                int n_keys, float row_lse, float row_delta, const ScoreParams& params) {
   constexpr int SG = Lanes::size;
+  static_assert(BLOCK_N % SG == 0, "a key tile must split evenly over the lanes");
   constexpr int kKeysPerLane = BLOCK_N / SG;
   const int lane = lanes.lane();
   float dscore[kKeysPerLane];
