@@ -253,17 +253,7 @@ def _packed_calls(layout: PackedLayout, rank: int, src: int, world_size: int, ba
         batches = []  # [(q_starts, k_starts)]
         blocks_by_length = {}  # length -> per batch, the base blocks it holds
         for length, task, starts in members:
-            used = blocks_by_length.get(length)
-            if used is None:  # the first block of its sequences in this shape: the first batch is free
-                blocks_by_length[length] = [[task]]
-                n = 0
-            else:
-                n = 0
-                while n < len(used) and any(_overlap(task, other) for other in used[n]):
-                    n += 1
-                if n == len(used):
-                    used.append([])
-                used[n].append(task)
+            n = _free_call(blocks_by_length, length, task)
             if n == len(batches):
                 batches.append(([], []))
             batches[n][0].extend(map(task.q_start.__add__, starts))
@@ -300,13 +290,7 @@ def _varlen_calls(by_shape: dict, shape_of: list, calls: list) -> dict:
         slots, used_by_length = [], {}  # per call: [(block, starts)]; length -> per call, its blocks there
         for members in entries:
             for length, task, starts in members:
-                used = used_by_length.setdefault(length, [])
-                n = 0
-                while n < len(used) and any(_overlap(task, other) for other in used[n]):
-                    n += 1
-                if n == len(used):
-                    used.append([])
-                used[n].append(task)
+                n = _free_call(used_by_length, length, task)
                 if n == len(slots):
                     slots.append([])
                 slots[n].append((task, starts))
@@ -351,6 +335,20 @@ def _numbered_shapes(tasks, shapes: dict) -> tuple:
 
 
 PLAN_CACHES.extend([_starts_by_length, _step_plans])
+
+
+def _free_call(blocks_by_length: dict, length: int, task: BlockTask) -> int:
+    """The first of the calls being made (``blocks_by_length[length][n]``: the base blocks of sequences of that
+    length in call n) where base block ``task`` shares no row with another block of its sequences; it is
+    added there. Only blocks of one length can clash: other sequences are other rows."""
+    used = blocks_by_length.setdefault(length, [])
+    n = 0
+    while n < len(used) and any(_overlap(task, other) for other in used[n]):
+        n += 1
+    if n == len(used):
+        used.append([])
+    used[n].append(task)
+    return n
 
 
 def _overlap(a: BlockTask, b: BlockTask) -> bool:
