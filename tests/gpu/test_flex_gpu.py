@@ -127,11 +127,10 @@ def test_loopback_ring_with_flex_matches_oracle(variant, causal, window, softcap
 def test_packed_batch_as_document_masked_calls_matches_oracle(variant, window, softcap):
     """A packed batch of many short sequences of mixed lengths: one compiled document-masked call per ring step
     (ring/documents.py), against each sequence's float64 oracle (out, LSE, dQ over the loopback)."""
-    import itertools
-
     from ring_flash_attn.functional import serve_as_documents
     from ring_flash_attn.ring.layouts import PackedLayout
     from tests.distributed.workers import packed_oracle
+    from tests.gpu.packed import check_packed_ranks
 
     world_size, h, hk, d, dtype = 4, 8, 2, 128, BF16
     unit = get_layout(variant).chunks_per_rank * world_size
@@ -142,19 +141,8 @@ def test_packed_batch_as_document_masked_calls_matches_oracle(variant, window, s
     g = torch.Generator(device="cuda").manual_seed(int(torch.randint(0, 2 ** 31 - 1, ()).item()))
     q, k, v, dout = (_randn(g, 1, sum(seqlens), heads, d, dtype=dtype) for heads in (h, hk, hk, h))
     ref = packed_oracle(q, k, v, dout, seqlens, causal=True, window=window, scale=d ** -0.5, softcap=softcap)
-    shard = lambda x, r, dim=1: layout.shard(x, r, world_size, dim)  # noqa: E731
-    kv_by_rank = [torch.stack((shard(k, r), shard(v, r))).to(dtype) for r in range(world_size)]
-    cu = torch.tensor([0, *itertools.accumulate(layout.seqlens_local)], dtype=torch.int32, device="cuda")
-    for rank in range(world_size):
-        ql = shard(q, rank).to(dtype).requires_grad_()
-        out, lse = ring_attention(ql[0], kv_by_rank[rank][0][0], kv_by_rank[rank][1][0], variant=variant,
-                                  causal=True, window_size=window, softcap=softcap, cu_seqlens=cu, backend="flex",
-                                  comm=LoopbackComm(rank, kv_by_rank))
-        out.backward(shard(dout, rank)[0].to(dtype))
-        errors = (rel_err(out, shard(ref[0], rank)[0]), rel_err(lse, shard(ref[1], rank, 2)[0]),
-                  rel_err(ql.grad[0], shard(ref[2], rank)[0]))
-        print(variant, window, softcap, rank, [f"{e:.2e}" for e in errors])
-        assert errors[0] <= FORWARD[dtype] and errors[1] <= FORWARD[FP32] and errors[2] <= GRADIENT[dtype]
+    check_packed_ranks(layout, world_size, (q, k, v, dout), ref, dtype, (variant, window, softcap),
+                       window_size=window, softcap=softcap, backend="flex")
 
 
 def test_soft_capped_bands_go_to_flex_and_other_bands_stay_with_triton():

@@ -109,7 +109,6 @@ def test_packed_batch_of_many_sequences_matches_oracle(variant, lengths, count, 
     squares (what bf16 takes); ``batched``, one call per block shape on a batch of their rows (what the
     backend does where it has no variable-length call). With 4200 sequences of one token per rank half, a
     batch holds 4200 blocks x 16 heads: more programs than a CUDA grid's y size, so the merge runs in parts."""
-    import itertools
     import random
 
     from ring_flash_attn.kernels.mask import Band
@@ -117,6 +116,7 @@ def test_packed_batch_of_many_sequences_matches_oracle(variant, lengths, count, 
     from ring_flash_attn.ring.batching import TaskBatch, step_calls
     from ring_flash_attn.ring.layouts import PackedLayout
     from tests.distributed.workers import packed_oracle
+    from tests.gpu.packed import check_packed_ranks
 
     varlen_calls = []
     if path == "batched":
@@ -139,16 +139,5 @@ def test_packed_batch_of_many_sequences_matches_oracle(variant, lengths, count, 
     q, dout = (torch.randn(1, sum(seqlens), h, d, device="cuda", generator=g).to(dtype).double() for _ in range(2))
     k, v = (torch.randn(1, sum(seqlens), hk, d, device="cuda", generator=g).to(dtype).double() for _ in range(2))
     ref = packed_oracle(q, k, v, dout, seqlens, causal=True, window=(-1, -1), scale=d ** -0.5)
-    shard = lambda x, r, dim=1: layout.shard(x, r, world_size, dim)  # noqa: E731
-    kv_by_rank = [torch.stack((shard(k, r), shard(v, r))).to(dtype) for r in range(world_size)]
-    cu = torch.tensor([0, *itertools.accumulate(layout.seqlens_local)], dtype=torch.int32, device="cuda")
-    for rank in range(world_size):
-        ql = shard(q, rank).to(dtype).requires_grad_()
-        out, lse = ring_attention(ql[0], kv_by_rank[rank][0][0], kv_by_rank[rank][1][0], variant=variant,
-                                  causal=True, cu_seqlens=cu, comm=LoopbackComm(rank, kv_by_rank))
-        out.backward(shard(dout, rank)[0].to(dtype))
-        errors = (rel_err(out, shard(ref[0], rank)[0]), rel_err(lse, shard(ref[1], rank, 2)[0]),
-                  rel_err(ql.grad[0], shard(ref[2], rank)[0]))
-        print(variant, count, path, rank, [f"{e:.2e}" for e in errors])
-        assert errors[0] <= FORWARD[dtype] and errors[1] <= FORWARD[torch.float32] and errors[2] <= GRADIENT[dtype]
+    check_packed_ranks(layout, world_size, (q, k, v, dout), ref, dtype, (variant, count, path))
     assert bool(varlen_calls) == (path == "varlen"), len(varlen_calls)  # the path the case is about ran
