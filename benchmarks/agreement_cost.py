@@ -6,17 +6,17 @@ Launch with ``torchrun --nproc_per_node N benchmarks/agreement_cost.py [--device
 
 * ``describe``: building the call's description (every call, every mode);
 * ``agree (once, repeated call)``: the steady state of the default mode, no collective;
-* ``agree (always)``: one all-gather of three integers per rank;
-* ``finish``: the failure check after the last exchange (one all-gather of two
+* ``agree (always)``: one all-gather of four integers per rank;
+* ``finish``: the failure check after the last exchange (one all-gather of four
   integers; once per forward and once per backward);
 * one whole ring attention call (forward + backward) under each of
   ``RING_FLASH_ATTN_AGREE=never|once|always`` (median; modes interleaved call by
   call), and the difference to ``never``.
 
-On GPUs the checks never touch the device: a group with a CPU part
-(``backend="cuda:nccl,cpu:gloo"``) runs them on CPU tensors, and for a device-only
-group (plain ``nccl``) they run on a gloo group over the same ranks, made at the
-group's first agreement.
+The checks never touch a device: on a group with gloo (CPU ranks, or
+``backend="cuda:nccl,cpu:gloo"``) the all-gathers are tagged sends and receives of
+CPU tensors on the group itself, and for a device-only group (plain ``nccl``) they
+run on a gloo group over the same ranks, made at the group's first agreement.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Two checks surround every call that communicates (ring or all-gather exchange):
 * **Before the first exchange** (:func:`agree`): each rank offers a fingerprint of
   what every rank must share (shapes, dtypes, device type, causal, scale, window,
   softcap, layout and ``cu_seqlens``, exchange, ...) and whether its own argument
-  validation passed. That is one all-gather of three integers per rank; only when
+  validation passed. That is one all-gather of four integers per rank; only when
   something differs does a second round gather the full descriptions, so that every
   rank raises the same error naming the argument and each rank's value. Without it a
   size mismatch aborts the process inside gloo and equal sizes compute on garbage.
@@ -14,14 +14,21 @@ Two checks surround every call that communicates (ring or all-gather exchange):
   group serves the next call); one small all-gather then tells every rank who failed
   and why, and every rank raises.
 
+The checks never meet a data transfer (:func:`_control_channel`): on a gloo group they are tagged
+sends and receives, on a device-only group all-gathers on a gloo group of their own.
+
 ``RING_FLASH_ATTN_AGREE`` chooses how often ranks agree before exchanging:
 
 * ``once`` (default): when this rank's call differs from the last call agreed on the
   group. Safe against silent corruption: ranks that skip the check all hold the
   signature the whole group last agreed on, so they agree with each other. But a rank
-  whose arguments changed (or failed validation) while the others' did not waits in
-  the check while they exchange; the bounded wait below turns that into an error on
-  every rank (the group is then unusable). ``always`` names the argument instead.
+  whose arguments changed (or failed validation) while the others' did not checks while
+  they exchange. Where exchanges do not block the host (NCCL, XCCL) the others reach
+  their check after the last exchange, the two checks meet (they have the same shape)
+  and every rank raises the same error naming that rank and what changed; where they
+  block (gloo) the bounded wait below turns it into an error on every rank. Either way
+  the group is unusable afterwards (the others' exchanges were never matched).
+  ``always`` names the argument before any exchange instead.
 * ``always``: every call (one small collective per call).
 * ``never``: no checks at all, neither before nor after; errors raise on their rank
   only, as without this module.
@@ -41,8 +48,9 @@ import itertools
 import json
 import os
 import threading
+from dataclasses import dataclass
 from datetime import timedelta
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -198,47 +206,122 @@ def _group_key(group):
     return dist.group.WORLD if group is None else group
 
 
-def _control_channel(group, device: Optional[torch.device]):
-    """``(group, device)`` for these host-side checks, so that they never synchronise the host with a device.
+# The point-to-point tag of the checks on a gloo group: not the data's (the ring's sends and receives use tag 0),
+# and gloo matches tagged sends and receives apart from every collective.
+CHECK_TAG = 0x5246
 
-    A group with a CPU (gloo) backend runs them on CPU tensors itself. A device-only group (NCCL, XCCL) would
-    need device tensors whose values the host then reads: a host-device synchronisation at every call, which
-    stalls the GPU queue layer after layer. For it the checks run on a gloo group over the same ranks, made at
-    the group's first agreement (which every rank of the group reaches: the first call is always checked)
-    and kept for the process; where gloo is not available they fall back to the group itself.
+
+@dataclass(frozen=True)
+class _Channel:
+    """Where a group's checks travel: ``group`` with CPU tensors, by tagged sends and receives on the group
+    itself (``point_to_point``) or by all-gathers on a gloo group of their own over the same ranks; on
+    ``device`` only where this build of torch has no gloo."""
+
+    group: Any
+    point_to_point: bool
+    device: torch.device = torch.device("cpu")
+
+
+def _control_channel(group, device: Optional[torch.device]) -> _Channel:
+    """The channel of ``group``'s checks. They are host-side and must never meet a data transfer of another
+    rank: with ``once``, a rank whose arguments changed alone checks while the others exchange, and a check that
+    met their all-gather of K/V (another size) would make gloo abort the process.
+
+    * A group with gloo (CPU tensors): tagged sends and receives on the group itself, which gloo never matches
+      with the data's untagged ones nor with any collective. No other group is made.
+    * A device-only group (NCCL, XCCL): checks on the group itself would need device tensors whose values the
+      host then reads, a host-device synchronisation at every call that stalls the GPU queue layer after layer.
+      Their all-gathers run on a gloo group over the same ranks instead, made at the group's first check (which
+      every rank of the group reaches: the first call is always checked) and kept for the process. Where gloo is
+      not available they fall back to the group itself, on ``device``.
     """
-    backend = str(dist.get_backend(group))
-    if "gloo" in backend or device is None or device.type == "cpu":
-        return group, torch.device("cpu")
     key = _group_key(group)
+    if "gloo" in str(dist.get_backend(key)):
+        return _Channel(key, point_to_point=True)
     if key not in _control_groups:
-        try:
-            _control_groups[key] = dist.new_group(dist.get_process_group_ranks(key), backend="gloo",
-                                                  use_local_synchronization=True)
-        except (RuntimeError, ValueError):  # no gloo in this build of torch
-            _control_groups[key] = None
+        _control_groups[key] = _new_control_group(key) if dist.is_gloo_available() else None
     control = _control_groups[key]
-    return (group, device) if control is None else (control, torch.device("cpu"))
+    if control is None:
+        return _Channel(key, point_to_point=False, device=device or torch.device("cpu"))
+    return _Channel(control, point_to_point=False)
 
 
-def _gather_ints(values, group, device, what: str):
-    mine = torch.tensor(values, dtype=torch.int64, device=device)
-    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    wait_bounded([dist.all_gather(gathered, mine, group=group, async_op=True)], what)
-    return [g.tolist() for g in gathered]
+def _new_control_group(group):
+    timeout = wait_timeout()
+    try:
+        return dist.new_group(dist.get_process_group_ranks(group), backend="gloo", timeout=timeout,
+                              use_local_synchronization=True)
+    except RuntimeError as error:  # its ranks did not meet within the bound
+        raise RankWaitTimeout(
+            f"cross-rank checks: the gloo group for the checks of a {dist.get_backend(group)} group was not made "
+            f"by all of its ranks within {timeout.total_seconds():g} s ({TIMEOUT_ENV}). PyTorch names a group its "
+            "members make alone after how many process groups each of them holds: make the same process groups on "
+            f"the ranks of this group, or set {MODE_ENV}=never") from error
 
 
-def _gather_texts(text: str, lengths, group, device, what: str):
+def _all_gather(mine: torch.Tensor, channel: _Channel, what: str):
+    size = dist.get_world_size(channel.group)
+    if not channel.point_to_point:
+        gathered = [torch.empty_like(mine) for _ in range(size)]
+        wait_bounded([dist.all_gather(gathered, mine, group=channel.group, async_op=True)], what)
+        return gathered
+    me = dist.get_rank(channel.group)
+    gathered = [mine if r == me else torch.empty_like(mine) for r in range(size)]
+    works = [dist.isend(mine, group=channel.group, group_dst=r, tag=CHECK_TAG) for r in range(size) if r != me]
+    works += [dist.irecv(gathered[r], group=channel.group, group_src=r, tag=CHECK_TAG) for r in range(size) if r != me]
+    wait_bounded(works, what)
+    return gathered
+
+
+def _gather_ints(values, channel: _Channel, what: str):
+    mine = torch.tensor(values, dtype=torch.int64, device=channel.device)
+    return [g.tolist() for g in _all_gather(mine, channel, what)]
+
+
+def _gather_texts(text: str, lengths, channel: _Channel, what: str):
     """Every rank's ``text`` (its UTF-8 length already gathered in ``lengths``)."""
     data = text.encode()
-    mine = torch.tensor(list(data.ljust(max(lengths), b"\0")), dtype=torch.uint8, device=device)
-    gathered = [torch.empty_like(mine) for _ in lengths]
-    wait_bounded([dist.all_gather(gathered, mine, group=group, async_op=True)], what)
-    return [bytes(g[:n].cpu().tolist()).decode() for g, n in zip(gathered, lengths)]
+    mine = torch.tensor(list(data.ljust(max(lengths), b"\0")), dtype=torch.uint8, device=channel.device)
+    return [bytes(g[:n].cpu().tolist()).decode() for g, n in zip(_all_gather(mine, channel, what), lengths)]
 
 
 def _fingerprint(description: str) -> int:
     return int.from_bytes(hashlib.blake2b(description.encode(), digest_size=8).digest(), "little", signed=True)
+
+
+def _pairs(items: Optional[tuple]):
+    """``items`` as ``[name, repr(value)]`` pairs (JSON-able, what the other ranks are told), or None."""
+    return None if items is None else [[name, repr(value)] for name, value in items]
+
+
+# The two kinds of check round: before a call's first exchange (agree) and after its last (finish). Both send
+# the same four integers per rank, so that when they meet (with `once`, a rank whose arguments changed alone
+# checks before exchanging while the others, on a device whose exchanges do not block the host, already check
+# after theirs) every rank reads a report instead of an all-gather of another size, which gloo answers by
+# aborting the process.
+_BEFORE, _AFTER = 0, 1
+
+
+def _check_round(group, device, phase: int, failed: bool, fingerprint: int, report: dict, what: str):
+    """One round on the control channel: every rank's ``(phase, failed, fingerprint)``; and only when something
+    is off (a failure, another phase, another fingerprint) every rank's ``report``. Whether the second
+    all-gather runs depends only on what the first gathered, so every rank decides alike. Returns None when
+    all is well, else ``(phase, failed, report)`` per rank."""
+    channel = _control_channel(group, device)
+    text = json.dumps(report)
+    status = _gather_ints([phase, int(failed), fingerprint, len(text.encode())], channel, what)
+    if not any(bad for _, bad, _, _ in status) and len({(p, fp) for p, _, fp, _ in status}) == 1:
+        return None
+    texts = _gather_texts(text, [n for *_, n in status], channel, what)
+    return [(p, bool(bad), json.loads(t)) for (p, bad, _, _), t in zip(status, texts)]
+
+
+def _shared_first(error: Optional[BaseException], sharing_failed: BaseException) -> BaseException:
+    """A check round that could not run (a timeout, a broken group): this rank's own error comes first."""
+    if error is None:
+        return sharing_failed
+    error.add_note(f"(this rank's error could not be shared with the group: {sharing_failed})")
+    return error
 
 
 def _agree(group, items: Optional[tuple], error: Optional[BaseException], device, kind: str) -> None:
@@ -247,37 +330,20 @@ def _agree(group, items: Optional[tuple], error: Optional[BaseException], device
     if error is None:
         if mode() == "once" and _last_agreed.get(key) == items:
             return
-        description = json.dumps([[name, repr(value)] for name, value in items])
-        fingerprint = _fingerprint(description)
+        arguments = _pairs(items)
+        fingerprint = _fingerprint(json.dumps(arguments))
+        report = {"arguments": arguments, "last_agreed": _pairs(_last_agreed.get(key))}
     else:
-        description, fingerprint = json.dumps(f"{type(error).__name__}: {error}"), 0
-    group, device = _control_channel(group, device)
-    what = "argument agreement before the first exchange"
+        fingerprint, report = 0, {"error": f"{type(error).__name__}: {error}"}
     try:
-        status = _gather_ints([int(error is not None), fingerprint, len(description.encode())], group, device, what)
-    except Exception as sharing_failed:  # a timeout, or a group already broken: this rank's own error comes first
-        if error is not None:
-            error.add_note(f"(this rank's error could not be shared with the group: {sharing_failed})")
-            raise error
-        raise
-    failed = [r for r, (bad, _, _) in enumerate(status) if bad]
-    if not failed and len({fp for _, fp, _ in status}) == 1:
+        ranks = _check_round(group, device, _BEFORE, error is not None, fingerprint, report,
+                             "argument agreement before the first exchange")
+    except Exception as sharing_failed:
+        raise _shared_first(error, sharing_failed) from None
+    if ranks is None:
         _last_agreed[key] = items
         return
-    texts = [json.loads(t) for t in _gather_texts(description, [n for _, _, n in status], group, device, what)]
-    if failed:
-        if error is not None:
-            if len(failed) > 1:
-                error.add_note("ranks that rejected their arguments: " + ", ".join(map(str, failed)))
-            raise error
-        raise PeerRankError("; ".join(f"rank {r} rejected its arguments: {texts[r]}" for r in failed))
-    per_rank = [dict(t) for t in texts]
-    differing = [name for name, _ in texts[0] if len({d.get(name) for d in per_rank}) > 1]
-    differing += sorted({name for d in per_rank for name in d} - set(dict(texts[0])))
-    raise RanksDisagreeError("; ".join(
-        f"{name}: expected the same value on every rank of the group, got "
-        + ", ".join(f"rank {r}: {d.get(name, 'absent')}" for r, d in enumerate(per_rank))
-        for name in differing))
+    _raise_report(ranks, error)
 
 
 class ComputeFailure:
@@ -296,16 +362,78 @@ def finish(group, failure: Optional[ComputeFailure], device: torch.device, what:
         if failure is not None:
             raise failure.error
         return
-    group, device = _control_channel(group, device)
-    message = "" if failure is None else f"{failure.where}: {type(failure.error).__name__}: {failure.error}"
-    status = _gather_ints([int(failure is not None), len(message.encode())], group, device,
-                          f"{what}: failure check after the last exchange")
-    failed = [r for r, (bad, _) in enumerate(status) if bad]
-    if not failed:
-        return
-    texts = _gather_texts(message, [n for _, n in status], group, device, f"{what}: failure report")
-    if failure is not None:
+    error = None if failure is None else failure.error
+    report = {"what": what,
+              "failure": None if failure is None else f"{failure.where}: {type(error).__name__}: {error}"}
+    try:
+        ranks = _check_round(group, device, _AFTER, failure is not None, 0, report,
+                             f"{what}: failure check after the last exchange")
+    except Exception as sharing_failed:
+        raise _shared_first(error, sharing_failed) from None
+    if ranks is not None:
+        _raise_report(ranks, error)
+
+
+def _raise_report(ranks, error: Optional[BaseException]) -> None:
+    """Every rank raises what a check round found (``ranks``: phase, failed, report per rank): this rank's own
+    ``error`` if it has one (what the others did in a note), else the same error as every other rank."""
+    before = [r for r, (phase, _, _) in enumerate(ranks) if phase == _BEFORE]
+    after = [r for r, (phase, _, _) in enumerate(ranks) if phase == _AFTER]
+    failed = [r for r, (_, bad, _) in enumerate(ranks) if bad]
+    if before and after:
+        error_type, message = _unmatched_report(ranks, before, after)
+        if error is not None:
+            error.add_note(message)
+            raise error
+        raise error_type(message)
+    if not failed:  # all checked before exchanging, none rejected its arguments: they differ
+        raise RanksDisagreeError(_disagreement([report["arguments"] for _, _, report in ranks]))
+    if after:
+        what = ranks[0][2]["what"]
+        message = f"{what}: " + "; ".join(f"rank {r} failed at {ranks[r][2]['failure']}" for r in failed)
+        note = f"{what}: ranks that failed: "
+    else:
+        message = "; ".join(f"rank {r} rejected its arguments: {ranks[r][2]['error']}" for r in failed)
+        note = "ranks that rejected their arguments: "
+    if error is not None:
         if len(failed) > 1:
-            failure.error.add_note(f"{what}: ranks that failed: " + ", ".join(map(str, failed)))
-        raise failure.error
-    raise PeerRankError(f"{what}: " + "; ".join(f"rank {r} failed at {texts[r]}" for r in failed))
+            error.add_note(note + ", ".join(map(str, failed)))
+        raise error
+    raise PeerRankError(message)
+
+
+def _disagreement(per_rank_pairs) -> str:
+    """Each argument whose value differs between ranks, with every rank's value."""
+    per_rank = [dict(pairs) for pairs in per_rank_pairs]
+    differing = [name for name, _ in per_rank_pairs[0] if len({d.get(name) for d in per_rank}) > 1]
+    differing += sorted({name for d in per_rank for name in d} - set(per_rank[0]))
+    return "; ".join(
+        f"{name}: expected the same value on every rank of the group, got "
+        + ", ".join(f"rank {r}: {d.get(name, 'absent')}" for r, d in enumerate(per_rank))
+        for name in differing)
+
+
+def _unmatched_report(ranks, before, after):
+    """``before`` ranks checked a call before its first exchange while ``after`` ranks had made the exchanges of a
+    call they did not check (``once``: their arguments were those the group last agreed on)."""
+    parts = []
+    for r in before:
+        report = ranks[r][2]
+        if "error" in report:
+            parts.append(f"rank {r} rejected its arguments: {report['error']}")
+        elif report["last_agreed"] is None:
+            parts.append(f"rank {r} checked a call of a kind the group had not agreed on yet")
+        else:
+            old, new = dict(report["last_agreed"]), dict(report["arguments"])
+            parts.append(f"rank {r}'s arguments differ from the call the group last agreed on: " + "; ".join(
+                f"{name}: {old.get(name, 'absent')} -> {new.get(name, 'absent')}"
+                for name in dict.fromkeys([*old, *new]) if old.get(name) != new.get(name)))
+    parts += [f"rank {r} failed at {ranks[r][2]['failure']}" for r in after if ranks[r][1]]
+    what = ranks[after[0]][2]["what"]
+    message = (f"ranks {', '.join(map(str, before))} checked their arguments before exchanging while ranks "
+               f"{', '.join(map(str, after))} had made the exchanges of the {what} without a check ({MODE_ENV}=once "
+               "checks only a call that differs from the last one the group agreed on): " + "; ".join(parts)
+               + ". Those exchanges were not matched on every rank, so the process group cannot serve further "
+               f"calls; with {MODE_ENV}=always a change on one rank is named before any exchange")
+    changed = any("error" not in ranks[r][2] for r in before)
+    return (RanksDisagreeError if changed else PeerRankError), message

@@ -184,9 +184,11 @@ def _call(rank, *, api="ring_attention", seqlen=8, heads=4, heads_k=2, head_dim=
     return rfa.ring_attention(q, k, v, **kwargs)
 
 
-def once_mode(rank, world_size, timeout_s):
+def once_mode(rank, world_size, timeout_s, exchange="ring"):
     """RING_FLASH_ATTN_AGREE=once: a repeated call skips the agreement collective; then rank 1's arguments become
-    invalid while rank 0's stay the same (rank 0 skips the check, rank 1 waits in it): both raise within the bound."""
+    invalid while rank 0's stay the same (rank 0 skips the check, rank 1 waits in it): both raise within the bound.
+    With ``exchange="allgather"`` rank 0 waits in an all-gather of K/V on the group while rank 1 checks (on a group
+    of its own: on the same group the two all-gathers of different sizes aborted the process inside gloo)."""
     from ring_flash_attn import agreement
 
     os.environ.update(RING_FLASH_ATTN_AGREE="once", RING_FLASH_ATTN_WAIT_TIMEOUT_S=str(timeout_s))
@@ -194,30 +196,68 @@ def once_mode(rank, world_size, timeout_s):
     gathers = []
     original = agreement._gather_ints
     agreement._gather_ints = lambda *a, **kw: gathers.append(a[-1]) or original(*a, **kw)
-    first = _clean_call_errors(rank, world_size, "ring", seed=3)
+    first = _clean_call_errors(rank, world_size, exchange, seed=3)
     after_first = list(gathers)
-    second = _clean_call_errors(rank, world_size, "ring", seed=4)
+    second = _clean_call_errors(rank, world_size, exchange, seed=4)
     after_second = gathers[len(after_first):]
     started = time.perf_counter()
     if rank == 0:  # the call the group agreed on: skips the check and waits in the first exchange
-        raised = _raised(lambda: _clean_call_errors(rank, world_size, "ring", seed=4))
+        raised = _raised(lambda: _clean_call_errors(rank, world_size, exchange, seed=4))
     else:
         raised = _raised(lambda: _call(rank, seqlen=4, dtype="float64", requires_grad=True, softcap=-1.0,
-                                       backend="reference"))
+                                       backend="reference", exchange=exchange, heads_k_stride=1))
     return dict(first=first, second=second, agreements_first=[w for w in after_first if "agreement" in w],
                 agreements_second=[w for w in after_second if "agreement" in w], raised=raised,
                 elapsed=time.perf_counter() - started)
 
 
+class _HostReturnsAtOnce:
+    """What an NCCL exchange's ``wait()`` does on the host: return at once (the device waits, not the host)."""
+
+    def wait(self):
+        pass
+
+
+def once_mode_unblocking_exchanges(rank, world_size, timeout_s):
+    """RING_FLASH_ATTN_AGREE=once on a group whose exchanges do not block the host (NCCL, XCCL; stood in for on
+    rank 0 by exchanges that return at once, so it runs the agreed call to its end): rank 1 alone changes an
+    argument, then alone rejects one. Rank 1 checks before exchanging while rank 0 checks after its last exchange;
+    the two checks meet and both ranks raise naming rank 1 and what changed, well within the bound. Then both make
+    the agreed call again (no stand-in), against the float64 oracle: the checks stayed in step."""
+    from unittest import mock
+
+    from ring_flash_attn import agreement
+    from ring_flash_attn.comm.ring import RingComm
+
+    os.environ.update(RING_FLASH_ATTN_AGREE="once", RING_FLASH_ATTN_WAIT_TIMEOUT_S=str(timeout_s))
+    agreement._last_agreed.clear()
+    _clean_call_errors(rank, world_size, "ring", seed=3)
+    report = {}
+    for name, changed in (("changed", dict(softcap=5.0)), ("rejected", dict(softcap=-1.0))):
+        started = time.perf_counter()
+        if rank == 0:
+            with mock.patch.object(RingComm, "exchange", lambda *args, **kwargs: _HostReturnsAtOnce()):
+                raised = _raised(lambda: _clean_call_errors(rank, world_size, "ring", seed=4))
+        else:
+            raised = _raised(lambda: _call(rank, seqlen=4, dtype="float64", requires_grad=True, backend="reference",
+                                           **changed))
+        report[name] = dict(raised=raised, elapsed=time.perf_counter() - started)
+    report["after"] = _clean_call_errors(rank, world_size, "ring", seed=5)
+    return report
+
+
 def agreement_world(rank, world_size, cases, timeout_s):
-    """:func:`disagreements`, then :func:`once_mode` (last: it leaves the group unusable), in one world."""
-    return disagreements(rank, world_size, cases), once_mode(rank, world_size, timeout_s)
+    """:func:`disagreements`, :func:`once_mode_unblocking_exchanges`, then :func:`once_mode` (last: it leaves the
+    group unusable), in one world."""
+    return (disagreements(rank, world_size, cases), once_mode_unblocking_exchanges(rank, world_size, timeout_s),
+            once_mode(rank, world_size, timeout_s))
 
 
 def control_channel_world(rank, world_size):
     """A device-only group (NCCL/XCCL, stood in for by reporting "nccl" on gloo ranks): the checks go to a gloo
     group over the same ranks, made once, on CPU tensors, so they never make the host wait for a device; and a
-    failure still reaches every rank through it."""
+    failure still reaches every rank through it. A gloo group's checks are tagged sends and receives on the group
+    itself (no other group)."""
     from unittest import mock
 
     import torch.distributed as dist
@@ -226,17 +266,38 @@ def control_channel_world(rank, world_size):
 
     accelerator = torch.device("meta")  # any non-CPU device: no tensor of the checks may land on it
     with mock.patch.object(agreement.dist, "get_backend", return_value="nccl"):
-        group, device = agreement._control_channel(None, accelerator)
-        again, _ = agreement._control_channel(None, accelerator)
-        report = {"device": str(device), "cached": group is again, "separate": group is not dist.group.WORLD}
+        channel = agreement._control_channel(None, accelerator)
+        again = agreement._control_channel(None, accelerator)
+        report = {"device": str(channel.device), "cached": channel.group is again.group,
+                  "separate": channel.group is not dist.group.WORLD, "point_to_point": channel.point_to_point}
         agreement.finish(None, None, accelerator, "control test, no failure")
         failure = agreement.ComputeFailure(RuntimeError("injected"), "forward step 0") if rank == 1 else None
         try:
             agreement.finish(None, failure, accelerator, "control test")
         except (RuntimeError, agreement.PeerRankError) as error:
             report["raised"] = f"{type(error).__name__}: {error}"
-    report["control_backend"] = str(dist.get_backend(group))  # the real answer, outside the stand-in
+    report["control_backend"] = str(dist.get_backend(channel.group))  # the real answer, outside the stand-in
+    gloo = agreement._control_channel(None, torch.device("cpu"))
+    report["gloo_channel"] = (gloo.group is dist.group.WORLD, gloo.point_to_point)
     return report
+
+
+def control_group_mismatch_world(rank, world_size, timeout_s):
+    """PyTorch names a group its members make alone after how many groups each holds: when rank 0 holds one more
+    (a group of rank 0 alone, made by every rank), the checks' gloo group of a device-only group cannot be made.
+    Every rank raises within the bound, naming why, instead of waiting forever."""
+    from unittest import mock
+
+    import torch.distributed as dist
+
+    from ring_flash_attn import agreement
+
+    os.environ[agreement.TIMEOUT_ENV] = str(timeout_s)
+    dist.new_group([0])
+    started = time.perf_counter()
+    with mock.patch.object(agreement.dist, "get_backend", return_value="nccl"):
+        raised = _raised(lambda: agreement.finish(None, None, torch.device("meta"), "control test"))
+    return dict(raised=raised, elapsed=time.perf_counter() - started)
 
 
 def one_rank_world(rank, world_size):

@@ -69,12 +69,17 @@ def world():
 
 @pytest.fixture(scope="module")
 def reports(world):
-    return [disagreement_report for disagreement_report, _ in world]
+    return [disagreement_report for disagreement_report, _, _ in world]
+
+
+@pytest.fixture(scope="module")
+def unblocking(world):
+    return [unblocking_report for _, unblocking_report, _ in world]
 
 
 @pytest.fixture(scope="module")
 def once(world):
-    return [once_report for _, once_report in world]
+    return [once_report for _, _, once_report in world]
 
 
 @pytest.mark.parametrize("name", list(DISAGREE))
@@ -111,15 +116,70 @@ def test_once_rank_that_changes_alone_fails_every_rank_within_the_bound(once):
     assert all(TIMEOUT_S <= r["elapsed"] < 2 * TIMEOUT_S + 5 for r in once), [r["elapsed"] for r in once]
 
 
+def test_once_rank_that_changes_alone_in_an_all_gather_call_fails_every_rank_within_the_bound():
+    """As above with the all-gather exchange: rank 0 waits in the all-gather of K/V while rank 1 checks; both raise
+    within the bound (the check on the data group itself made gloo abort the process: different sizes)."""
+    from tests.distributed.hostile_workers import once_mode
+
+    reports = run_world(2, once_mode, TIMEOUT_S, "allgather", timeout_s=90)
+    (kind0, message0), (kind1, message1) = (report["raised"] for report in reports)
+    assert kind0 == "RankWaitTimeout" and message0.startswith("all-gather of K/V: not every rank"), message0
+    assert kind1 == "ValueError" and message1.startswith("softcap: expected a finite value >= 0"), message1
+    assert all(TIMEOUT_S <= r["elapsed"] < 2 * TIMEOUT_S + 5 for r in reports), [r["elapsed"] for r in reports]
+    assert all(r["first"] <= GRADIENT[torch.float64] and r["second"] <= GRADIENT[torch.float64] for r in reports)
+
+
+ONCE_UNMATCHED = ("ranks 1 checked their arguments before exchanging while ranks 0 had made the exchanges of the ring "
+                  "forward without a check (RING_FLASH_ATTN_AGREE=once checks only a call that differs from the last "
+                  "one the group agreed on): ")
+
+
+def test_once_lone_change_meets_the_others_check_after_unblocking_exchanges(unblocking):
+    """Exchanges that do not block the host (NCCL): rank 0 runs the agreed call to its check after the last
+    exchange while rank 1, whose softcap changed alone, checks before exchanging. No abort (the two checks have one
+    shape), no timeout: both raise the same error naming rank 1 and the change."""
+    (kind0, message0), (kind1, message1) = (report["changed"]["raised"] for report in unblocking)
+    assert kind0 == kind1 == "RanksDisagreeError" and message0 == message1, (message0, message1)
+    assert message0.startswith(ONCE_UNMATCHED + "rank 1's arguments differ from the call the group last agreed on: "
+                               "softcap: 0.0 -> 5.0. "), message0
+    assert "the process group cannot serve further calls" in message0
+    assert all(report["changed"]["elapsed"] < TIMEOUT_S for report in unblocking), unblocking
+
+
+def test_once_lone_rejection_meets_the_others_check_after_unblocking_exchanges(unblocking):
+    (kind0, message0), (kind1, message1) = (report["rejected"]["raised"] for report in unblocking)
+    assert kind1 == "ValueError" and message1.startswith("softcap: expected a finite value >= 0"), message1
+    assert kind0 == "PeerRankError" and message0.startswith(
+        ONCE_UNMATCHED + f"rank 1 rejected its arguments: ValueError: {message1}. "), message0
+    assert all(report["rejected"]["elapsed"] < TIMEOUT_S for report in unblocking), unblocking
+
+
+def test_checks_stay_in_step_after_they_met(unblocking):
+    assert all(report["after"] <= GRADIENT[torch.float64] for report in unblocking), unblocking
+
+
 def test_device_only_group_checks_on_a_gloo_side_channel():
     from tests.distributed.hostile_workers import control_channel_world
 
     reports = run_world(2, control_channel_world, timeout_s=60)
     for report in reports:
         assert report["device"] == "cpu" and report["cached"] and report["separate"], report
-        assert report["control_backend"] == "gloo", report
+        assert not report["point_to_point"] and report["control_backend"] == "gloo", report
+        assert report["gloo_channel"] == (True, True), report
     assert reports[1]["raised"] == "RuntimeError: injected"
     assert reports[0]["raised"].startswith("PeerRankError: control test: rank 1 failed at forward step 0"), reports
+
+
+def test_side_channel_that_cannot_be_made_fails_every_rank_within_the_bound():
+    from tests.distributed.hostile_workers import control_group_mismatch_world
+
+    reports = run_world(2, control_group_mismatch_world, TIMEOUT_S, timeout_s=60)
+    for report in reports:
+        kind, message = report["raised"]
+        assert kind == "RankWaitTimeout" and message.startswith(
+            "cross-rank checks: the gloo group for the checks of a nccl group was not made by all of its ranks "
+            f"within {TIMEOUT_S:g} s"), report
+        assert report["elapsed"] < 2 * TIMEOUT_S + 5, report
 
 
 def test_one_rank_group_makes_no_check_collective():
