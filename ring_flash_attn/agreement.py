@@ -122,9 +122,10 @@ def _call_state():
 
 
 @contextlib.contextmanager
-def errors_shared(group, active: bool = True):
+def errors_shared(*groups, active: bool = True):
     """Around a public entry point: an error raised on this rank before :func:`agree` (its argument validation)
-    is offered to the agreement, so the ranks that passed validation raise too instead of waiting.
+    is offered to the agreement of each of ``groups`` in turn (as :func:`agree_all` runs them), so the ranks that
+    passed validation raise too instead of waiting.
 
     Only the outermost entry point acts (public functions call each other). ``active=False`` (a stand-in
     communicator such as the loopback) leaves errors alone.
@@ -137,16 +138,26 @@ def errors_shared(group, active: bool = True):
     try:
         yield
     except Exception as error:
-        if outermost and active and not state.reached and _takes_part(group):
-            _agree(group, None, error, None, "attention")
+        if outermost and active and not state.reached:
+            for group in groups:
+                if _takes_part(group):
+                    try:
+                        _agree(group, None, error, None, "attention")
+                    except Exception as raised:  # it raises this rank's own error, unless the sharing failed
+                        if raised is not error:
+                            raise
         raise
     finally:
         state.depth -= 1
 
 
-def shares_errors(fn):
+def shares_errors(fn=None, *, groups=None):
     """Decorate a public entry point whose ``group`` (and, if it has one, ``comm``) argument names the group:
-    its errors before :func:`agree` are shared as :func:`errors_shared` describes. ``comm`` given: not shared."""
+    its errors before :func:`agree` are shared as :func:`errors_shared` describes. ``comm`` given: not shared.
+    ``groups``: for an entry point over several groups, a function of ``argument(name)`` (the call's value of
+    parameter ``name``) giving them in the order :func:`agree_all` agrees on them."""
+    if fn is None:
+        return functools.partial(shares_errors, groups=groups)
     parameters = inspect.signature(fn).parameters
     names = list(parameters)
 
@@ -160,7 +171,8 @@ def shares_errors(fn):
 
     @functools.wraps(fn)
     def shared(*args, **kwargs):
-        with errors_shared(argument("group", args, kwargs), active=argument("comm", args, kwargs) is None):
+        value = functools.partial(argument, args=args, kwargs=kwargs)
+        with errors_shared(*((value("group"),) if groups is None else groups(value)), active=value("comm") is None):
             return fn(*args, **kwargs)
 
     return shared
@@ -200,6 +212,24 @@ def agree(group, items: tuple, device: torch.device, kind: str = "attention") ->
     if not _takes_part(group):
         return
     _agree(group, items, None, device, kind)
+
+
+def agree_all(groups, items: tuple, device: torch.device, kind: str) -> None:
+    """:func:`agree` over several groups in turn, such as a mesh's rows, its columns, then its rows again. A rank
+    that raised in one round offers its error to the later rounds, so when any round finds a problem every rank
+    of the mesh raises: the columns hear what a row found (every column meets every row), the second row round
+    what a column found."""
+    _call_state().reached = True
+    error = None
+    for n, group in enumerate(groups):
+        if not _takes_part(group):
+            continue
+        try:
+            _agree(group, items if error is None else None, error, device, f"{kind} {n}")
+        except Exception as raised:
+            error = error or raised
+    if error is not None:
+        raise error
 
 
 def _group_key(group):
@@ -306,14 +336,16 @@ def _check_round(group, device, phase: int, failed: bool, fingerprint: int, repo
     """One round on the control channel: every rank's ``(phase, failed, fingerprint)``; and only when something
     is off (a failure, another phase, another fingerprint) every rank's ``report``. Whether the second
     all-gather runs depends only on what the first gathered, so every rank decides alike. Returns None when
-    all is well, else ``(phase, failed, report)`` per rank."""
+    all is well, else ``{global rank: (phase, failed, report)}`` (messages name global ranks, as launchers'
+    logs do)."""
     channel = _control_channel(group, device)
     text = json.dumps(report)
     status = _gather_ints([phase, int(failed), fingerprint, len(text.encode())], channel, what)
     if not any(bad for _, bad, _, _ in status) and len({(p, fp) for p, _, fp, _ in status}) == 1:
         return None
     texts = _gather_texts(text, [n for *_, n in status], channel, what)
-    return [(p, bool(bad), json.loads(t)) for (p, bad, _, _), t in zip(status, texts)]
+    return {rank: (p, bool(bad), json.loads(t))
+            for rank, (p, bad, _, _), t in zip(dist.get_process_group_ranks(channel.group), status, texts)}
 
 
 def _shared_first(error: Optional[BaseException], sharing_failed: BaseException) -> BaseException:
@@ -374,12 +406,26 @@ def finish(group, failure: Optional[ComputeFailure], device: torch.device, what:
         _raise_report(ranks, error)
 
 
+def finish_all(groups, failure: Optional[ComputeFailure], device: torch.device, what: str) -> None:
+    """:func:`finish` over several groups in turn (a mesh's rows, then its columns): a failure heard of in one
+    round is passed on in the next, so every rank of the mesh hears of a failure anywhere in it."""
+    first = None
+    for group in groups:
+        try:
+            finish(group, failure, device, what)
+        except BaseException as error:  # the later rounds must still run: their other ranks wait in them
+            first = first or error
+            failure = failure or ComputeFailure(error, "a rank of another of its groups")
+    if first is not None:
+        raise first
+
+
 def _raise_report(ranks, error: Optional[BaseException]) -> None:
     """Every rank raises what a check round found (``ranks``: phase, failed, report per rank): this rank's own
     ``error`` if it has one (what the others did in a note), else the same error as every other rank."""
-    before = [r for r, (phase, _, _) in enumerate(ranks) if phase == _BEFORE]
-    after = [r for r, (phase, _, _) in enumerate(ranks) if phase == _AFTER]
-    failed = [r for r, (_, bad, _) in enumerate(ranks) if bad]
+    before = [r for r, (phase, _, _) in ranks.items() if phase == _BEFORE]
+    after = [r for r, (phase, _, _) in ranks.items() if phase == _AFTER]
+    failed = [r for r, (_, bad, _) in ranks.items() if bad]
     if before and after:
         error_type, message = _unmatched_report(ranks, before, after)
         if error is not None:
@@ -387,9 +433,9 @@ def _raise_report(ranks, error: Optional[BaseException]) -> None:
             raise error
         raise error_type(message)
     if not failed:  # all checked before exchanging, none rejected its arguments: they differ
-        raise RanksDisagreeError(_disagreement([report["arguments"] for _, _, report in ranks]))
+        raise RanksDisagreeError(_disagreement({r: report["arguments"] for r, (_, _, report) in ranks.items()}))
     if after:
-        what = ranks[0][2]["what"]
+        what = ranks[after[0]][2]["what"]
         message = f"{what}: " + "; ".join(f"rank {r} failed at {ranks[r][2]['failure']}" for r in failed)
         note = f"{what}: ranks that failed: "
     else:
@@ -402,14 +448,15 @@ def _raise_report(ranks, error: Optional[BaseException]) -> None:
     raise PeerRankError(message)
 
 
-def _disagreement(per_rank_pairs) -> str:
+def _disagreement(pairs_by_rank: dict) -> str:
     """Each argument whose value differs between ranks, with every rank's value."""
-    per_rank = [dict(pairs) for pairs in per_rank_pairs]
-    differing = [name for name, _ in per_rank_pairs[0] if len({d.get(name) for d in per_rank}) > 1]
-    differing += sorted({name for d in per_rank for name in d} - set(per_rank[0]))
+    per_rank = {r: dict(pairs) for r, pairs in pairs_by_rank.items()}
+    first = next(iter(pairs_by_rank.values()))
+    differing = [name for name, _ in first if len({d.get(name) for d in per_rank.values()}) > 1]
+    differing += sorted({name for d in per_rank.values() for name in d} - set(dict(first)))
     return "; ".join(
         f"{name}: expected the same value on every rank of the group, got "
-        + ", ".join(f"rank {r}: {d.get(name, 'absent')}" for r, d in enumerate(per_rank))
+        + ", ".join(f"rank {r}: {d.get(name, 'absent')}" for r, d in per_rank.items())
         for name in differing)
 
 

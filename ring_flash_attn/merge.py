@@ -57,9 +57,14 @@ def merge_into_eager(out_acc: torch.Tensor, lse_acc: torch.Tensor, out_block: to
     lse_acc.copy_(lse_new)
 
 
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What the engines accumulate (out, LSE, gradients) in for inputs of ``dtype``."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def new_accumulators(q: torch.Tensor) -> tuple:
     """Zero output and -inf LSE accumulators for queries ``q`` [B, S, H, D]."""
-    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc_dtype = accumulator_dtype(q.dtype)
     b, s, h, d = q.shape
     out = torch.zeros(b, s, h, d, dtype=acc_dtype, device=q.device)
     lse = torch.full((b, h, s), float("-inf"), dtype=acc_dtype, device=q.device)

@@ -41,10 +41,12 @@ from typing import Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from .comm.ring import RingComm, SingleProcessFinish
+from . import agreement
+from .comm.ring import RingComm
 from .functional import ring_attention
 from .kernels import Features, select_backend
 from .kernels.mask import Band, check_window
+from .merge import accumulator_dtype
 from .ring.layouts import DerivedLayout, Layout, PackedLayout, Run, get_layout
 from .ring.engine import RingPlan, ring_backward, ring_forward
 from .ring.planner import layout_needs_band_mask
@@ -155,7 +157,8 @@ class _AllToAll:
 
 class _Pending:
     """An all-to-all in flight; ``wait()`` returns the received buffer. The send buffer is held until then:
-    the backend may still read it on its own stream or thread."""
+    the backend may still read it on its own stream or thread. On CPU (gloo, where waiting blocks anyway) the
+    wait is bounded (:func:`~ring_flash_attn.agreement.wait_bounded`)."""
 
     def __init__(self, send: torch.Tensor, group):
         self._send, self._recv = send, torch.empty_like(send)
@@ -163,72 +166,146 @@ class _Pending:
 
     def wait(self) -> torch.Tensor:
         if self._work is not None:
-            self._work.wait()
+            if self._send.device.type == "cpu":
+                agreement.wait_bounded([self._work], "Ulysses all-to-all")
+            else:
+                self._work.wait()
             self._work, self._send = None, None
         return self._recv
 
 
 def _finish_all_on_error(started) -> None:
-    """Whatever raised mid-pipeline, no all-to-all this rank started is left in flight with its buffers."""
+    """An exchange failed mid-pipeline: no all-to-all this rank started on a device is left in flight with its
+    buffers (the device waits; the host does not). CPU ones are left to gloo, whose work holds its buffers:
+    waiting for them would wait out the bound once more per all-to-all."""
     for pending in started:
-        try:
-            pending.wait()
-        except Exception:  # the error being raised is the one to report
-            pass
+        if pending._send is not None and pending._send.device.type != "cpu":
+            try:
+                pending.wait()
+            except Exception:  # the error being raised is the one to report
+                pass
 
 
-def _start_to_heads(tensors, a2a: _AllToAll, chunk: int, chunks: int) -> _Pending:
+class _FailLate:
+    """The first error of this rank's compute during one Ulysses pass. After it the rank computes nothing but
+    still makes every all-to-all (with zeros of the shape it would have sent) and every ring exchange, so the
+    other ranks' collectives stay matched and the group serves the next call; at the end of the pass every
+    rank of the mesh hears of it (:func:`~ring_flash_attn.agreement.finish_all`) and raises."""
+
+    def __init__(self, where: str):
+        self.where, self.failure = where, None
+
+    def record(self, error: BaseException, what: str) -> None:
+        if self.failure is None:
+            self.failure = agreement.ComputeFailure(error, f"{self.where}, {what}")
+
+    def run(self, what: str, compute, placeholder):
+        """``compute()``, or ``placeholder()`` once anything failed."""
+        if self.failure is None:
+            try:
+                return compute()
+            except BaseException as error:  # keep making the collectives: the other ranks wait in them
+                self.record(error, what)
+        return placeholder()
+
+
+def _zeros(like: torch.Tensor, *shape, dtype=None) -> torch.Tensor:
+    return torch.zeros(shape, dtype=dtype or like.dtype, device=like.device)
+
+
+def _start_to_heads(tensors, a2a: _AllToAll, chunk: int, chunks: int, fails: _FailLate) -> _Pending:
     """Start the all-to-all of head chunk ``chunk`` of each ``[B, S_l, H_i, D]``: rank j receives the
     ``chunk``-th of the ``chunks`` parts of head block j (one collective for all tensors)."""
-    return _Pending(torch.cat([t.unflatten(2, (a2a.size, chunks, -1))[:, :, :, chunk].movedim(2, 0)
-                               for t in tensors], dim=3), a2a.group)  # [U, B, S_l, sum of heads, D]
+    first = tensors[0]
+    heads = sum(t.shape[2] // (a2a.size * chunks) for t in tensors)
+    send = fails.run(f"sending head chunk {chunk}", lambda: torch.cat(
+        [t.unflatten(2, (a2a.size, chunks, -1))[:, :, :, chunk].movedim(2, 0) for t in tensors], dim=3),
+        lambda: _zeros(first, a2a.size, first.shape[0], first.shape[1], heads, first.shape[3]))
+    return _Pending(send, a2a.group)  # [U, B, S_l, sum of heads, D]
 
 
-def _finish_to_heads(pending: _Pending, heads, a2a: _AllToAll):
+def _finish_to_heads(pending: _Pending, heads, a2a: _AllToAll, chunk: int, fails: _FailLate):
     """The gathered ``[B, U*S_l, heads_i, D]`` tensors: the U ranks' slices in rank order, then reordered."""
-    gathered = pending.wait().movedim(0, 1).flatten(1, 2)
-    if a2a.reorder is not None:
-        gathered = gathered.index_select(1, a2a.reorder[0])
-    return gathered.split(heads, dim=2)
+    received = pending.wait()
+
+    def gathered():
+        joined = received.movedim(0, 1).flatten(1, 2)
+        if a2a.reorder is not None:
+            joined = joined.index_select(1, a2a.reorder[0])
+        return joined.split(heads, dim=2)
+
+    size, batch, seqlen, _, head_dim = received.shape
+    return fails.run(f"gathering head chunk {chunk}", gathered,
+                     lambda: [_zeros(received, batch, size * seqlen, h, head_dim) for h in heads])
 
 
-def _start_to_sequence(tensors, a2a: _AllToAll) -> _Pending:
+def _start_to_sequence(tensors, a2a: _AllToAll, chunk: int, fails: _FailLate) -> _Pending:
     """Start the inverse all-to-all of gathered ``[B, U*S_l, h_i, D]`` tensors (back to the sequence split)."""
-    if a2a.reorder is not None:
-        tensors = [t.index_select(1, a2a.reorder[1]) for t in tensors]
-    return _Pending(torch.cat([t.unflatten(1, (a2a.size, -1)).movedim(1, 0) for t in tensors], dim=3), a2a.group)
+    def send():
+        parts = tensors if a2a.reorder is None else [t.index_select(1, a2a.reorder[1]) for t in tensors]
+        return torch.cat([t.unflatten(1, (a2a.size, -1)).movedim(1, 0) for t in parts], dim=3)
+
+    first = tensors[0]
+    return _Pending(fails.run(f"returning head chunk {chunk}", send, lambda: _zeros(
+        first, a2a.size, first.shape[0], first.shape[1] // a2a.size, sum(t.shape[2] for t in tensors),
+        first.shape[3])), a2a.group)
 
 
-def _finish_to_sequence(pending: _Pending, outs, chunk: int, chunks: int) -> None:
+def _finish_to_sequence(pending: _Pending, outs, chunk: int, chunks: int, fails: _FailLate) -> None:
     """Write head chunk ``chunk`` of each ``[B, S_l, H_i, D]`` in ``outs`` from the received buffer."""
     received = pending.wait()  # [U, B, S_l, sum of heads, D]
-    size = received.shape[0]
-    for out, part in zip(outs, received.split([out.shape[2] // (size * chunks) for out in outs], dim=3)):
-        out.unflatten(2, (size, chunks, -1))[:, :, :, chunk] = part.movedim(0, 2)
+
+    def write():
+        size = received.shape[0]
+        for out, part in zip(outs, received.split([out.shape[2] // (size * chunks) for out in outs], dim=3)):
+            out.unflatten(2, (size, chunks, -1))[:, :, :, chunk] = part.movedim(0, 2)
+
+    fails.run(f"writing head chunk {chunk}", write, lambda: None)
 
 
-def _start_lse_to_sequence(lse: torch.Tensor, a2a: _AllToAll) -> _Pending:
+def _start_lse_to_sequence(lse: torch.Tensor, a2a: _AllToAll, chunk: int, fails: _FailLate) -> _Pending:
     """The same for a chunk's LSE, ``[B, h, U*S_l]``."""
-    if a2a.reorder is not None:
-        lse = lse.index_select(2, a2a.reorder[1])
-    return _Pending(lse.unflatten(2, (a2a.size, -1)).movedim(2, 0).contiguous(), a2a.group)  # [U, B, h, S_l]
+    def send():
+        ordered = lse if a2a.reorder is None else lse.index_select(2, a2a.reorder[1])
+        return ordered.unflatten(2, (a2a.size, -1)).movedim(2, 0).contiguous()  # [U, B, h, S_l]
+
+    batch, heads, seqlen = lse.shape
+    return _Pending(fails.run(f"returning the LSE of head chunk {chunk}", send,
+                              lambda: _zeros(lse, a2a.size, batch, heads, seqlen // a2a.size)), a2a.group)
 
 
-def _finish_lse_to_sequence(pending: _Pending, lse: torch.Tensor, chunk: int, chunks: int) -> None:
+def _finish_lse_to_sequence(pending: _Pending, lse: torch.Tensor, chunk: int, chunks: int, fails: _FailLate) -> None:
     received = pending.wait()
-    lse.unflatten(1, (received.shape[0], chunks, -1))[:, :, chunk] = received.movedim(0, 1)
+
+    def write():
+        lse.unflatten(1, (received.shape[0], chunks, -1))[:, :, chunk] = received.movedim(0, 1)
+
+    fails.run(f"writing the LSE of head chunk {chunk}", write, lambda: None)
 
 
 @dataclass(frozen=True)
 class _UlyssesPlan:
-    """One call: the all-to-all and, per head chunk, the ring engine's plan for the gathered heads."""
+    """One call: the all-to-all, per head chunk the ring engine's plan for the gathered heads, and the groups
+    that hear of a failure at the end of a pass (the Ulysses group, then the ring group: every rank)."""
 
     a2a: _AllToAll
     rings: Tuple[RingPlan, ...]
+    groups: Tuple[dist.ProcessGroup, ...]
 
     @property
     def chunks(self) -> int:
         return len(self.rings)
+
+
+def _ring_pass(engine, fails: _FailLate, chunk: int, args, placeholder):
+    """One chunk's ring forward or backward. It runs even after a failure (``fails.failure``: it then makes its
+    exchanges and computes nothing), so that the ring's other ranks are matched; its compute error comes back
+    on its rank only (:class:`_RingInMesh`) and joins ``fails``. An exchange's error raises."""
+    try:
+        return engine(*args, failure=fails.failure)
+    except _RingComputeFailed as failed:  # the ring made every exchange; the pass goes on
+        fails.record(failed.failure.error, f"head chunk {chunk}, {failed.failure.where}")
+        return placeholder()
 
 
 def _ulysses_forward(q, k, v, plan: _UlyssesPlan):
@@ -236,27 +313,32 @@ def _ulysses_forward(q, k, v, plan: _UlyssesPlan):
     chunk's all-to-all and the previous chunk's way back are in flight."""
     a2a, chunks = plan.a2a, plan.chunks
     heads = [t.shape[2] // (a2a.size * chunks) for t in (q, k, v)]
+    fails = _FailLate("Ulysses forward")
     saved, returning, started = [], [], []
     try:
-        incoming = _start_to_heads((q, k, v), a2a, 0, chunks)
+        incoming = _start_to_heads((q, k, v), a2a, 0, chunks, fails)
         started.append(incoming)
         for chunk, ring in enumerate(plan.rings):
-            q_heads, k_heads, v_heads = _finish_to_heads(incoming, heads, a2a)
+            q_heads, k_heads, v_heads = _finish_to_heads(incoming, heads, a2a, chunk, fails)
             if chunk + 1 < chunks:
-                incoming = _start_to_heads((q, k, v), a2a, chunk + 1, chunks)
+                incoming = _start_to_heads((q, k, v), a2a, chunk + 1, chunks, fails)
                 started.append(incoming)
-            out_heads, lse_heads = ring_forward(q_heads, k_heads, v_heads, ring)
+            out_heads, lse_heads = _ring_pass(ring_forward, fails, chunk, (q_heads, k_heads, v_heads, ring), lambda: (
+                torch.zeros_like(q_heads), _zeros(q_heads, q_heads.shape[0], heads[0], q_heads.shape[1],
+                                                  dtype=accumulator_dtype(q_heads.dtype))))
             saved.append((q_heads, k_heads, v_heads, out_heads, lse_heads))
-            returning.append((_start_to_sequence((out_heads,), a2a), _start_lse_to_sequence(lse_heads, a2a)))
+            returning.append((_start_to_sequence((out_heads,), a2a, chunk, fails),
+                              _start_lse_to_sequence(lse_heads, a2a, chunk, fails)))
             started.extend(returning[-1])
         out = torch.empty_like(q)
         lse = torch.empty((q.shape[0], q.shape[2], q.shape[1]), dtype=saved[0][4].dtype, device=q.device)
         for chunk, (out_pending, lse_pending) in enumerate(returning):
-            _finish_to_sequence(out_pending, (out,), chunk, chunks)
-            _finish_lse_to_sequence(lse_pending, lse, chunk, chunks)
+            _finish_to_sequence(out_pending, (out,), chunk, chunks, fails)
+            _finish_lse_to_sequence(lse_pending, lse, chunk, chunks, fails)
     except BaseException:
         _finish_all_on_error(started)
         raise
+    agreement.finish_all(plan.groups, fails.failure, q.device, "Ulysses forward")
     return out, lse, saved
 
 
@@ -265,23 +347,27 @@ def _ulysses_backward(dout, saved, plan: _UlyssesPlan, k_shape):
     a2a, chunks = plan.a2a, plan.chunks
     dq, dk = torch.empty_like(dout), torch.empty(k_shape, dtype=dout.dtype, device=dout.device)
     dv = torch.empty_like(dk)
+    fails = _FailLate("Ulysses backward")
     returning, started = [], []
     try:
-        incoming = _start_to_heads((dout,), a2a, 0, chunks)
+        incoming = _start_to_heads((dout,), a2a, 0, chunks, fails)
         started.append(incoming)
         for chunk, ring in enumerate(plan.rings):
-            (dout_heads,) = _finish_to_heads(incoming, [dout.shape[2] // (a2a.size * chunks)], a2a)
+            (dout_heads,) = _finish_to_heads(incoming, [dout.shape[2] // (a2a.size * chunks)], a2a, chunk, fails)
             if chunk + 1 < chunks:
-                incoming = _start_to_heads((dout,), a2a, chunk + 1, chunks)
+                incoming = _start_to_heads((dout,), a2a, chunk + 1, chunks, fails)
                 started.append(incoming)
-            grads = ring_backward(dout_heads.contiguous(), *saved[chunk], ring)
-            returning.append(_start_to_sequence(grads, a2a))
+            q_heads, k_heads, v_heads = saved[chunk][:3]
+            grads = _ring_pass(ring_backward, fails, chunk, (dout_heads.contiguous(), *saved[chunk], ring),
+                               lambda: tuple(torch.zeros_like(t) for t in (q_heads, k_heads, v_heads)))
+            returning.append(_start_to_sequence(grads, a2a, chunk, fails))
             started.append(returning[-1])
         for chunk, pending in enumerate(returning):
-            _finish_to_sequence(pending, (dq, dk, dv), chunk, chunks)
+            _finish_to_sequence(pending, (dq, dk, dv), chunk, chunks, fails)
     except BaseException:
         _finish_all_on_error(started)
         raise
+    agreement.finish_all(plan.groups, fails.failure, dout.device, "Ulysses backward")
     return dq, dk, dv
 
 
@@ -299,6 +385,9 @@ class _UlyssesAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, _dlse):
+        if torch.is_grad_enabled():  # create_graph=True: every rank gets here, before any all-to-all
+            raise NotImplementedError("create_graph: double backward through Ulysses attention is not supported "
+                                      "(its backward is not differentiable); call backward with create_graph=False")
         saved = ctx.saved_tensors
         per_chunk = [saved[5 * n:5 * n + 5] for n in range(ctx.plan.chunks)]
         dq, dk, dv = _ulysses_backward(dout.contiguous(), per_chunk, ctx.plan, ctx.k_shape)
@@ -309,10 +398,37 @@ class _UlyssesAttention(torch.autograd.Function):
 # Groups.
 
 
-class _OneRankRing(SingleProcessFinish):
-    """The ring of a mesh whose ring dimension is one rank: the engine makes no exchange on it."""
+class _RingComputeFailed(Exception):
+    """A ring call's compute failed on this rank; its exchanges were all made (the ring engine fails late)."""
+
+    def __init__(self, failure):
+        super().__init__(str(failure.error))
+        self.failure = failure
+
+
+class _RingInMesh(RingComm):
+    """The ring of a Ulysses mesh. A compute failure comes back to the Ulysses pass on its rank alone, which
+    goes on making its collectives and tells the whole mesh at its end: one check per pass, not one per ring
+    call, and the ring's other ranks learn of it then."""
+
+    def finish(self, failure, what: str, device: torch.device) -> None:
+        if failure is not None:
+            raise _RingComputeFailed(failure)
+
+
+class _OneRankRing:
+    """The ring of a mesh whose ring dimension is one rank: the engine makes no exchange on it. A compute
+    failure raises there, or (``in_mesh``: under Ulysses' all-to-alls) comes back to the pass as
+    :class:`_RingInMesh` describes."""
 
     rank, world_size = 0, 1
+
+    def __init__(self, in_mesh: bool):
+        self.in_mesh = in_mesh
+
+    def finish(self, failure, what: str, device: torch.device) -> None:
+        if failure is not None:
+            raise _RingComputeFailed(failure) if self.in_mesh else failure.error
 
     def exchange(self, send, recv, kind="kv"):
         raise RuntimeError("a ring of one rank has no peer to exchange with")
@@ -395,6 +511,15 @@ def _mesh(ulysses_group, ring_group):
 # Attention.
 
 
+def _check_rounds(ulysses_group, ring_group):
+    """The groups a mesh's agreement runs on, in turn: the row, the column, the row again (one round per
+    dimension of more than one rank; the row again only when there is a column to hear from)."""
+    if ring_group is None:
+        return () if ulysses_group is None else (ulysses_group,)
+    return (ring_group,) if ulysses_group is None else (ulysses_group, ring_group, ulysses_group)
+
+
+@agreement.shares_errors(groups=lambda argument: _check_rounds(argument("ulysses_group"), argument("ring_group")))
 def usp_attention(q, k, v, *, ulysses_group: Optional[dist.ProcessGroup], ring_group: Optional[dist.ProcessGroup],
                   variant: str = "ring", causal: bool = False, softmax_scale: Optional[float] = None,
                   window_size=(-1, -1), softcap: float = 0.0, backend: Optional[str] = None,
@@ -420,11 +545,11 @@ def usp_attention(q, k, v, *, ulysses_group: Optional[dist.ProcessGroup], ring_g
     (default: the largest of 4, 2, 1 that does). Results do not depend on it.
     """
     u, ulysses_size, ring_rank, ring_size = _mesh(ulysses_group, ring_group)
-    ring = _OneRankRing() if ring_group is None else None
     if ulysses_size == 1:  # the ring alone: nothing to re-partition
         return ring_attention(q, k, v, variant=variant, causal=causal, softmax_scale=softmax_scale,
                               window_size=window_size, softcap=softcap, group=ring_group, backend=backend,
-                              cu_seqlens=cu_seqlens, alibi_slopes=alibi_slopes, comm=ring)
+                              cu_seqlens=cu_seqlens, alibi_slopes=alibi_slopes,
+                              comm=_OneRankRing(in_mesh=False) if ring_group is None else None)
     layout = get_layout(variant)
     packed = cu_seqlens is not None
     if packed:
@@ -460,7 +585,7 @@ def usp_attention(q, k, v, *, ulysses_group: Optional[dist.ProcessGroup], ring_g
     a2a = _AllToAll(ulysses_group, ulysses_size, _reorder(layout, ulysses_size, ring_size, seqlen_local, ring_rank,
                                                           q.device))
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    comm = RingComm(ring_group) if ring_group is not None else ring
+    comm = _RingInMesh(ring_group) if ring_group is not None else _OneRankRing(in_mesh=True)
     chunk_heads = heads // ulysses_size // head_chunks
     rings = []
     for chunk in range(head_chunks):
@@ -468,7 +593,14 @@ def usp_attention(q, k, v, *, ulysses_group: Optional[dist.ProcessGroup], ring_g
         slopes = None if alibi_slopes is None else alibi_slopes[..., first:first + chunk_heads]
         rings.append(RingPlan(layout=gathered_layout, band=band, scale=scale, softcap=softcap, backend=kernel,
                               comm=comm, alibi_slopes=slopes))
-    out, lse = _UlyssesAttention.apply(q, k, v, _UlyssesPlan(a2a, tuple(rings)))
+    # Every rank of the mesh agrees before the first all-to-all (rows, columns, rows: see agree_all).
+    agreement.agree_all(_check_rounds(ulysses_group, ring_group), agreement.describe(
+        q, k, v, exchange="ulysses", mesh=(ulysses_size, ring_size), causal=causal, window_size=window,
+        softmax_scale=scale, softcap=softcap, head_chunks=head_chunks,
+        alibi_slopes=None if alibi_slopes is None else tuple(alibi_slopes.shape), **agreement.layout_items(layout)),
+        q.device, kind="ulysses")
+    plan = _UlyssesPlan(a2a, tuple(rings), groups=tuple(g for g in (ulysses_group, ring_group) if g is not None))
+    out, lse = _UlyssesAttention.apply(q, k, v, plan)
     return (out.squeeze(0), lse.squeeze(0)) if packed else (out, lse)
 
 

@@ -31,7 +31,7 @@ from .. import agreement
 from ..agreement import ComputeFailure
 from ..kernels import Features, select_backend
 from ..kernels.base import KernelBackend
-from ..merge import new_accumulators
+from ..merge import accumulator_dtype, new_accumulators
 from .batching import Call, batch_calls
 from .engine import ContextParallelAttention, add_key_gradients, call_gradients, fold_call, kernel_kwargs
 from .planner import PLAN_CACHES, BlockTask, plan_step
@@ -119,7 +119,7 @@ def allgather_forward(q, k, v, plan: AllGatherPlan):
 
 
 def allgather_backward(dout, q, k, v, out, lse, plan: AllGatherPlan):
-    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc_dtype = accumulator_dtype(q.dtype)
     dq_acc = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=acc_dtype, device=k.device)
     dv = torch.empty_like(dk)

@@ -33,7 +33,7 @@ import torch
 from ..agreement import ComputeFailure
 from ..kernels.base import KernelBackend
 from ..kernels.mask import Band
-from ..merge import merge_into, new_accumulators
+from ..merge import accumulator_dtype, merge_into, new_accumulators
 from .batching import TaskBatch, VarlenBatch, add_rows, gather_rows, put_rows, step_calls
 from .documents import DocumentCall, document_calls
 from .layouts import Layout
@@ -163,12 +163,15 @@ def add_key_gradients(call, dk, dv, dk_acc, dv_acc) -> None:
     add_rows(dv_acc, k_rows, dv)
 
 
-def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RingPlan):
-    """Returns ``out`` (q's dtype, [B, S, H, D]) and ``lse`` (float32 [B, H, S])."""
+def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RingPlan,
+                 failure: Optional[ComputeFailure] = None):
+    """Returns ``out`` (q's dtype, [B, S, H, D]) and ``lse`` (float32 [B, H, S]).
+
+    ``failure``: this rank's compute already failed before the call (an exchange around the ring, such as
+    Ulysses' all-to-alls, keeps its peers' calls matched): it makes every exchange and computes nothing."""
     comm, seqlen = plan.comm, q.shape[1]
     out_acc, lse_acc = new_accumulators(q)
     kv = [torch.stack((k, v)), None]  # [2, B, S, Hk, D]; the second buffer is allocated at the first exchange
-    failure = None
     for step in range(comm.world_size):
         pending = None
         if step + 1 < comm.world_size:
@@ -188,14 +191,15 @@ def ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: RingPl
     return out_acc.to(q.dtype), lse_acc
 
 
-def ring_backward(dout, q, k, v, out, lse, plan: RingPlan):
-    """Gradients of the ring attention for this rank's q, k, v (their dtypes)."""
+def ring_backward(dout, q, k, v, out, lse, plan: RingPlan, failure: Optional[ComputeFailure] = None):
+    """Gradients of the ring attention for this rank's q, k, v (their dtypes); ``failure`` as in
+    :func:`ring_forward`."""
     comm, seqlen = plan.comm, q.shape[1]
-    acc_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    acc_dtype = accumulator_dtype(q.dtype)
     dq_acc = torch.zeros(q.shape, dtype=acc_dtype, device=q.device)
     kv = [torch.stack((k, v)), None]
     dkv = [torch.zeros((2, *k.shape), dtype=acc_dtype, device=k.device), None]
-    pending_dkv, failure = None, None
+    pending_dkv = None
     for step in range(comm.world_size):
         pending_kv = None
         if step + 1 < comm.world_size:

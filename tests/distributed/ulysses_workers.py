@@ -183,3 +183,70 @@ def ulysses_checks(rank, world_size, cases, seed):
                 for g in (mesh.ulysses_group, mesh.ring_group)]
     return {"errors": errors, "module": _module_round_trip(rank, seed), "bad_inputs": report, "after": after,
             "mesh_timeouts_s": timeouts, "head_chunk_difference": _head_chunk_difference(rank, seed)}
+
+
+def _ulysses_hostile_meshes(rank):
+    """{mesh: attention(q, k, v, **kw)} over all four ranks: Ulysses alone (4x1) and USP (2x2)."""
+    mesh = usp_process_groups(2).attention_groups()
+    return {"4x1": lambda q, k, v, **kw: ulysses_attention(q, k, v, **kw),
+            "2x2": lambda q, k, v, **kw: usp_attention(q, k, v, **mesh, **kw)}
+
+
+def _clean_error(rank, call, seed):
+    """One float64 zigzag call on fresh inputs: the largest relative error of out, LSE and gradients."""
+    case = dict(batch=1, seqlen=16, heads=4, heads_k=2, head_dim=8, variant="zigzag", causal=True, dtype="float64",
+                backend="reference", seed=seed)
+    inputs, ref = _oracle_for(case)
+    return max(_case_errors(dict(case, inputs=inputs), ref, call, rank, 4).values())
+
+
+def ulysses_hostile(rank, world_size, timeout_s):
+    """Issue 13's hostile cases on Ulysses and USP, each mesh over all four ranks. Per mesh: a kernel fault at the
+    first and the last kernel call of a forward and of a backward, on rank 1 alone and on every rank (what each
+    rank raised and how long the call took, then a clean call against the float64 oracle); rank 1 alone passing
+    another seqlen, causal or head_chunks (RING_FLASH_ATTN_AGREE=always) or an invalid softcap; double backward;
+    a last clean call."""
+    import os
+    import time
+
+    from ring_flash_attn.kernels import register_backend
+    from tests.distributed.hostile_workers import FaultyBackend, _raised
+
+    os.environ.update(RING_FLASH_ATTN_AGREE="always", RING_FLASH_ATTN_WAIT_TIMEOUT_S=str(timeout_s))
+    backend = FaultyBackend()
+    register_backend(backend)
+    faulty = dict(batch=1, seqlen=16, heads=8, heads_k=8, head_dim=8, variant="zigzag", causal=True,
+                  dtype="float64", backend=backend.name, seed=11)
+    inputs, ref = _oracle_for(faulty)
+    faulty["inputs"] = inputs
+    t = lambda *shape: torch.randn(*shape, generator=torch.Generator().manual_seed(rank), dtype=torch.float64)  # noqa: E731
+    report = {}
+    for name, call in _ulysses_hostile_meshes(rank).items():
+        backend.arm(None, -1, ())
+        _case_errors(faulty, ref, call, rank, 4)  # unarmed: counts the kernel calls
+        counts = dict(backend.calls)
+        faults = []
+        for phase, index, ranks in [(phase, index, ranks) for phase in ("forward", "backward")
+                                    for index in sorted({0, counts[phase] - 1}) for ranks in ((1,), (0, 1, 2, 3))]:
+            backend.arm(phase, index, ranks)
+            started = time.perf_counter()
+            raised = _raised(lambda: _case_errors(faulty, ref, call, rank, 4))
+            elapsed = time.perf_counter() - started
+            backend.arm(None, -1, ())
+            faults.append(dict(case=(phase, index, ranks), raised=raised, elapsed=elapsed,
+                               clean=_clean_error(rank, call, seed=200 + len(faults))))
+        base = dict(variant="ring", causal=True, backend="reference", head_chunks=1)
+        q = lambda seqlen=8: t(1, seqlen, 8, 8).requires_grad_()  # noqa: E731
+        kv = lambda seqlen=8: t(1, seqlen, 8, 8)  # noqa: E731
+        changed = {"seqlen": (lambda: call(q(16), kv(16), kv(16), **base)),
+                   "causal": (lambda: call(q(), kv(), kv(), **dict(base, causal=False))),
+                   "head_chunks": (lambda: call(q(), kv(), kv(), **dict(base, head_chunks=2))),
+                   "invalid softcap": (lambda: call(q(), kv(), kv(), **dict(base, softcap=-1.0)))}
+        disagreements = {what: _raised(changed[what] if rank == 1 else lambda: call(q(), kv(), kv(), **base))
+                         for what in changed}
+        q_double = q()
+        out, _ = call(q_double, kv(), kv(), **base)
+        double = _raised(lambda: torch.autograd.grad(out.sum(), q_double, create_graph=True))
+        report[name] = dict(counts=counts, faults=faults, disagreements=disagreements, double=double,
+                            clean=_clean_error(rank, call, seed=300))
+    return report
