@@ -73,3 +73,15 @@ def test_double_backward_is_refused_on_every_rank(reports, mesh):
 @pytest.mark.parametrize("mesh", MESHES)
 def test_mesh_serves_a_call_after_everything(reports, mesh):
     assert all(report[mesh]["clean"] <= GRADIENT[torch.float64] for report in reports)
+
+
+def test_once_rank_that_rejects_alone_fails_every_rank_within_the_bound():
+    from tests.distributed.ulysses_workers import ulysses_once_lone_rejection
+
+    bound = 3.0
+    reports = run_world(2, ulysses_once_lone_rejection, bound, timeout_s=90)
+    assert all(error <= GRADIENT[torch.float64] for report in reports for error in report["clean"]), reports
+    (kind0, message0), (kind1, message1) = (report["raised"] for report in reports)
+    assert kind0 == "RankWaitTimeout" and message0.startswith("Ulysses all-to-all: not every rank"), message0
+    assert kind1 == "ValueError" and message1.startswith("softcap: expected a finite value >= 0"), message1
+    assert all(bound <= report["elapsed"] < 2 * bound + 5 for report in reports), [r["elapsed"] for r in reports]

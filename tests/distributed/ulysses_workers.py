@@ -250,3 +250,35 @@ def ulysses_hostile(rank, world_size, timeout_s):
         report[name] = dict(counts=counts, faults=faults, disagreements=disagreements, double=double,
                             clean=_clean_error(rank, call, seed=300))
     return report
+
+
+def ulysses_once_lone_rejection(rank, world_size, timeout_s):
+    """RING_FLASH_ATTN_AGREE=once on Ulysses over two ranks: after an agreed call and a repeated one (no check),
+    rank 1 alone rejects its arguments and checks while rank 0 makes the agreed call and waits in its first
+    all-to-all. Both raise within the bound (the check is a tagged send and receive, never met by the all-to-all:
+    nothing aborts). The group is unusable afterwards, so this runs in a world of its own."""
+    import os
+    import time
+
+    from ring_flash_attn import agreement
+    from tests.distributed.hostile_workers import _raised
+
+    os.environ.update(RING_FLASH_ATTN_AGREE="once", RING_FLASH_ATTN_WAIT_TIMEOUT_S=str(timeout_s))
+    agreement._last_agreed.clear()
+    call = lambda q, k, v, **kw: ulysses_attention(q, k, v, **kw)  # noqa: E731
+    local = dict(batch=1, seqlen=8, heads=4, heads_k=2, head_dim=8, variant="zigzag", causal=True, dtype="float64",
+                 backend="reference")
+    clean = []
+    for seed in (1, 2):
+        inputs, ref = _oracle_for(dict(local, seed=seed))
+        clean.append(max(_case_errors(dict(local, seed=seed, inputs=inputs), ref, call, rank, 2).values()))
+    inputs, ref = _oracle_for(dict(local, seed=2))
+    started = time.perf_counter()
+    if rank == 0:
+        raised = _raised(lambda: _case_errors(dict(local, seed=2, inputs=inputs), ref, call, rank, 2))
+    else:
+        raised = _raised(lambda: _case_errors(dict(local, seed=2, inputs=inputs, softcap=-1.0), ref, call, rank, 2))
+    elapsed = time.perf_counter() - started
+    if rank == 1:  # stay until rank 0's wait has run out: an exiting process closes its connections first
+        time.sleep(timeout_s + 2)
+    return dict(clean=clean, raised=raised, elapsed=elapsed)
