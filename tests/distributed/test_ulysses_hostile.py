@@ -81,6 +81,10 @@ def test_once_rank_that_rejects_alone_fails_every_rank_within_the_bound():
     bound = 3.0
     reports = run_world(2, ulysses_once_lone_rejection, bound, timeout_s=90)
     assert all(error <= GRADIENT[torch.float64] for report in reports for error in report["clean"]), reports
+    # A repeated call makes no agreement round, and one failure check per pass (forward, backward).
+    assert all(report["repeated_rounds"] == ["Ulysses forward: failure check after the last exchange",
+                                             "Ulysses backward: failure check after the last exchange"]
+               for report in reports), reports
     (kind0, message0), (kind1, message1) = (report["raised"] for report in reports)
     assert kind0 == "RankWaitTimeout" and message0.startswith("Ulysses all-to-all: not every rank"), message0
     assert kind1 == "ValueError" and message1.startswith("softcap: expected a finite value >= 0"), message1

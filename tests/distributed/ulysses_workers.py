@@ -268,10 +268,14 @@ def ulysses_once_lone_rejection(rank, world_size, timeout_s):
     call = lambda q, k, v, **kw: ulysses_attention(q, k, v, **kw)  # noqa: E731
     local = dict(batch=1, seqlen=8, heads=4, heads_k=2, head_dim=8, variant="zigzag", causal=True, dtype="float64",
                  backend="reference")
-    clean = []
+    clean, rounds = [], []
+    original = agreement._gather_ints
+    agreement._gather_ints = lambda *args, **kwargs: rounds.append(args[-1]) or original(*args, **kwargs)
     for seed in (1, 2):
         inputs, ref = _oracle_for(dict(local, seed=seed))
+        rounds.clear()
         clean.append(max(_case_errors(dict(local, seed=seed, inputs=inputs), ref, call, rank, 2).values()))
+    repeated_rounds = list(rounds)  # the check rounds of the repeated call
     inputs, ref = _oracle_for(dict(local, seed=2))
     started = time.perf_counter()
     if rank == 0:
@@ -281,4 +285,4 @@ def ulysses_once_lone_rejection(rank, world_size, timeout_s):
     elapsed = time.perf_counter() - started
     if rank == 1:  # stay until rank 0's wait has run out: an exiting process closes its connections first
         time.sleep(timeout_s + 2)
-    return dict(clean=clean, raised=raised, elapsed=elapsed)
+    return dict(clean=clean, raised=raised, elapsed=elapsed, repeated_rounds=repeated_rounds)
