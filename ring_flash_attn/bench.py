@@ -211,10 +211,10 @@ def make_ideal(tasks, q, kv_by_src, scale, device, repeated: bool):
 # the engine over the loopback
 
 
-def make_engine(backend, layout, causal, q, dout, kv_by_rank, scale):
+def make_engine(backend, layout, causal, q, dout, kv_by_rank, scale, backward_head_chunks=1):
     comm = LoopbackComm(RANK, kv_by_rank)
     plan = RingPlan(layout=layout, band=Band.from_kernel_args(causal, (-1, -1)), scale=scale, softcap=0.0,
-                    backend=backend, comm=comm)
+                    backend=backend, comm=comm, backward_head_chunks=backward_head_chunks)
     k, v = kv_by_rank[RANK][0], kv_by_rank[RANK][1]
 
     def fwd():
@@ -322,10 +322,11 @@ def run(args):
         fwd_flops = 4 * b * h * d * visible_pairs(tasks)
         flops = {"fwd": fwd_flops, "fwd_bwd": 3.5 * fwd_flops}
         native, repeated = (make_ideal(tasks, q, kv_by_rank, scale, device, rep) for rep in (False, True))
-        engines = {name: make_engine(backend, layout, causal, q, dout, kv_by_rank, scale)
+        engines = {name: make_engine(backend, layout, causal, q, dout, kv_by_rank, scale, args.backward_head_chunks)
                    for name, backend in variants.items() if name != GRAPHED}
         if GRAPHED in variants:
-            engines[GRAPHED] = make_engine(variants[GRAPHED], layout, causal, q, dout, kv_by_rank, scale)
+            engines[GRAPHED] = make_engine(variants[GRAPHED], layout, causal, q, dout, kv_by_rank, scale,
+                                           args.backward_head_chunks)
         for name, (fwd, fwd_bwd) in list(engines.items()):
             try:
                 fwd_bwd()
@@ -491,6 +492,9 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls per candidate first")
     parser.add_argument("--rounds", type=int, default=3, help="turns in which every candidate is timed")
     parser.add_argument("--reps", type=int, default=3, help="timings per candidate per round")
+    parser.add_argument("--backward-head-chunks", type=int, default=1,
+                        help="the engine's backward calls on groups of K/V heads, this many per block (lower "
+                             "peak memory, more launches; RING_FLASH_ATTN_BACKWARD_HEAD_CHUNKS in the library)")
     parser.add_argument("--graph", action="store_true",
                         help=f"CUDA: also time the default variant captured in CUDA graphs ({GRAPHED})")
     parser.add_argument("--out-dir", default="benchmarks/results",
@@ -499,6 +503,9 @@ def main(argv=None):
     args.device = args.device or default_device_type()
     if any(p < 2 for p in args.world_sizes):
         parser.error("--world-sizes: the loopback ring needs P >= 2")
+    if args.backward_head_chunks < 1 or args.heads_k % args.backward_head_chunks:
+        parser.error(f"--backward-head-chunks: expected a positive divisor of --heads-k {args.heads_k}, "
+                     f"got {args.backward_head_chunks}")
 
     rows, variants = run(args)
     env = _write_json(args, rows)

@@ -29,8 +29,8 @@ from .ring.allgather import allgather_attention, allgather_calls
 from .ring.engine import ContextParallelAttention, RingPlan
 from .ring.layouts import Layout, PackedLayout, get_layout
 from .ring.planner import layout_needs_band_mask
-from .validation import (check_alibi_slopes, check_cu_seqlens, check_heads_k_stride, check_max_seqlen,
-                         check_packed_alibi_slopes, check_packed_qkv, check_qkv, check_softcap,
+from .validation import (backward_head_chunks, check_alibi_slopes, check_cu_seqlens, check_heads_k_stride,
+                         check_max_seqlen, check_packed_alibi_slopes, check_packed_qkv, check_qkv, check_softcap,
                          check_unsupported, group_rank_and_size)
 
 
@@ -114,7 +114,8 @@ def ring_attention(q, k, v, *, variant: str = "ring", causal: bool = False, soft
     plan = RingPlan(layout=layout, band=band, scale=scale, softcap=softcap, backend=kernel, comm=comm,
                     alibi_slopes=alibi_slopes, documents=documents,
                     varlen=(not documents and isinstance(layout, PackedLayout) and q.shape[0] == 1
-                            and kernel.serves_varlen(features)))
+                            and kernel.serves_varlen(features)),
+                    backward_head_chunks=backward_head_chunks(k.shape[2]))
     if agree_here:
         agreement.agree(group, agreement.describe(
             q, k, v, exchange="ring", causal=causal, window_size=window, softmax_scale=scale, softcap=softcap,

@@ -50,8 +50,8 @@ from .merge import accumulator_dtype
 from .ring.layouts import DerivedLayout, Layout, PackedLayout, Run, get_layout
 from .ring.engine import RingPlan, ring_backward, ring_forward
 from .ring.planner import layout_needs_band_mask
-from .validation import (check_alibi_slopes, check_cu_seqlens, check_packed_alibi_slopes, check_packed_qkv,
-                         check_qkv, check_softcap, group_rank_and_size)
+from .validation import (backward_head_chunks, check_alibi_slopes, check_cu_seqlens, check_packed_alibi_slopes,
+                         check_packed_qkv, check_qkv, check_softcap, group_rank_and_size)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -587,12 +587,13 @@ def usp_attention(q, k, v, *, ulysses_group: Optional[dist.ProcessGroup], ring_g
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     comm = _RingInMesh(ring_group) if ring_group is not None else _OneRankRing(in_mesh=True)
     chunk_heads = heads // ulysses_size // head_chunks
+    ring_backward_head_chunks = backward_head_chunks(heads_k_per_rank // head_chunks)
     rings = []
     for chunk in range(head_chunks):
         first = u * (heads // ulysses_size) + chunk * chunk_heads  # this rank's query heads in this chunk
         slopes = None if alibi_slopes is None else alibi_slopes[..., first:first + chunk_heads]
         rings.append(RingPlan(layout=gathered_layout, band=band, scale=scale, softcap=softcap, backend=kernel,
-                              comm=comm, alibi_slopes=slopes))
+                              comm=comm, alibi_slopes=slopes, backward_head_chunks=ring_backward_head_chunks))
     # Every rank of the mesh agrees before the first all-to-all (rows, columns, rows: see agree_all).
     agreement.agree_all(_check_rounds(ulysses_group, ring_group), agreement.describe(
         q, k, v, exchange="ulysses", mesh=(ulysses_size, ring_size), causal=causal, window_size=window,

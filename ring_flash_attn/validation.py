@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import operator
+import os
 from typing import Optional
 
 import torch
@@ -142,3 +143,22 @@ def check_packed_alibi_slopes(alibi_slopes, q: torch.Tensor):
     if alibi_slopes is not None and (not isinstance(alibi_slopes, torch.Tensor) or alibi_slopes.dim() != 1):
         raise ValueError("alibi_slopes: with packed sequences expected one slope per head, shape (heads,)")
     return check_alibi_slopes(alibi_slopes, q, heads_dim=1)
+
+
+BACKWARD_HEAD_CHUNKS_ENV = "RING_FLASH_ATTN_BACKWARD_HEAD_CHUNKS"
+
+
+def backward_head_chunks(heads_k: int) -> int:
+    """Into how many calls on groups of K/V heads the ring backward splits each block's call
+    (``RING_FLASH_ATTN_BACKWARD_HEAD_CHUNKS``, default 1; see :class:`~ring_flash_attn.ring.engine.RingPlan`)."""
+    raw = os.environ.get(BACKWARD_HEAD_CHUNKS_ENV, "")
+    if raw == "":
+        return 1
+    try:
+        chunks = int(raw)
+    except ValueError:
+        chunks = 0
+    if chunks < 1 or heads_k % chunks:
+        raise ValueError(f"{BACKWARD_HEAD_CHUNKS_ENV}: expected a positive integer dividing the K/V heads "
+                         f"({heads_k}), got {raw!r}")
+    return chunks

@@ -55,6 +55,10 @@ class RingPlan:
     # A packed batch's small blocks as variable-length calls (ring/batching.VarlenBatch), where the backend
     # serves them.
     varlen: bool = False
+    # The backward's call on one block runs as this many calls on groups of K/V heads (and their query heads).
+    # Heads are independent, so results are the same; a fused backward's own workspace (a float32 dQ, dK/dV
+    # per query head for GQA) scales with the heads of a call, so its peak falls, for more launches.
+    backward_head_chunks: int = 1
 
     def calls(self, src: int, seqlen_local: int):
         """The kernel calls on the K/V of rank ``src``: one document-masked call, or the planner's with the
@@ -116,9 +120,10 @@ def fold_call(backend, call, kwargs, q, k, v, out_acc, lse_acc) -> None:
     put_rows(lse_acc, q_rows, lse_part, dim=2)
 
 
-def call_gradients(backend, call, kwargs, dout, q, k, v, out, lse, dq_acc):
+def call_gradients(backend, call, kwargs, dout, q, k, v, out, lse, dq_acc, head_chunks: int = 1):
     """One planned call's backward: its dQ is added to ``dq_acc``; its ``(dK, dV)`` are returned, for
-    :func:`add_key_gradients` once the partial sums they join have arrived."""
+    :func:`add_key_gradients` once the partial sums they join have arrived. ``head_chunks`` > 1 (one block,
+    no ALiBi): that many calls on groups of K/V heads, whose (dK, dV) come back as tuples of the groups'."""
     if isinstance(call, DocumentCall):
         dq, dk, dv = backend.backward_documents(dout, q, k, v, out, lse, call, **kwargs)
         dq_acc += dq
@@ -130,11 +135,21 @@ def call_gradients(backend, call, kwargs, dout, q, k, v, out, lse, dq_acc):
             out[0].index_select(0, q_rows), lse[0].index_select(1, q_rows), call, **kwargs)
         dq_acc[0].index_add_(0, q_rows, dq.to(dq_acc.dtype))
         return dk, dv
-    if not isinstance(call, TaskBatch):
+    if not isinstance(call, TaskBatch) and (head_chunks == 1 or "alibi_slopes" in kwargs):
         dq, dk, dv = backend.backward(dout[:, call.q], q[:, call.q], k[:, call.k], v[:, call.k],
                                       out[:, call.q], lse[:, :, call.q], **kwargs)
         dq_acc[:, call.q] += dq
         return dk, dv
+    if not isinstance(call, TaskBatch):
+        dks, dvs = [], []
+        for q_heads, k_heads in _head_groups(q.shape[2], k.shape[2], head_chunks):
+            dq, dk, dv = backend.backward(dout[:, call.q, q_heads], q[:, call.q, q_heads], k[:, call.k, k_heads],
+                                          v[:, call.k, k_heads], out[:, call.q, q_heads], lse[:, q_heads, call.q],
+                                          **kwargs)
+            dq_acc[:, call.q, q_heads] += dq
+            dks.append(dk)
+            dvs.append(dv)
+        return tuple(dks), tuple(dvs)
     q_rows, k_rows = call.indices(q.device)
     dq, dk, dv = backend.backward(
         *(gather_rows(t, q_rows, call.q_len) for t in (dout, q)),
@@ -142,6 +157,13 @@ def call_gradients(backend, call, kwargs, dout, q, k, v, out, lse, dq_acc):
         gather_rows(out, q_rows, call.q_len), gather_rows(lse, q_rows, call.q_len, dim=2), **kwargs)
     add_rows(dq_acc, q_rows, dq)
     return dk, dv
+
+
+def _head_groups(heads: int, heads_k: int, chunks: int):
+    """``chunks`` (query heads, K/V heads) slices: consecutive K/V heads and the query heads that use them."""
+    per_chunk, groups = heads_k // chunks, heads // heads_k
+    return [(slice(c * per_chunk * groups, (c + 1) * per_chunk * groups), slice(c * per_chunk, (c + 1) * per_chunk))
+            for c in range(chunks)]
 
 
 def add_key_gradients(call, dk, dv, dk_acc, dv_acc) -> None:
@@ -153,6 +175,11 @@ def add_key_gradients(call, dk, dv, dk_acc, dv_acc) -> None:
         _, k_rows = call.indices(dk_acc.device)
         dk_acc[0].index_add_(0, k_rows, dk.to(dk_acc.dtype))
         dv_acc[0].index_add_(0, k_rows, dv.to(dv_acc.dtype))
+        return
+    if isinstance(dk, tuple):  # groups of K/V heads (call_gradients' head_chunks)
+        for (_, k_heads), dk_part, dv_part in zip(_head_groups(1, dk_acc.shape[2], len(dk)), dk, dv):
+            dk_acc[:, call.k, k_heads] += dk_part
+            dv_acc[:, call.k, k_heads] += dv_part
         return
     if not isinstance(call, TaskBatch):
         dk_acc[:, call.k] += dk
@@ -212,7 +239,8 @@ def ring_backward(dout, q, k, v, out, lse, plan: RingPlan, failure: Optional[Com
             try:
                 for call in plan.calls((comm.rank - step) % comm.world_size, seqlen):
                     block_grads.append((call, *call_gradients(plan.backend, call, plan.kernel_kwargs(call), dout, q,
-                                                              kv[0][0], kv[0][1], out, lse, dq_acc)))
+                                                              kv[0][0], kv[0][1], out, lse, dq_acc,
+                                                              plan.backward_head_chunks)))
             except BaseException as error:  # keep passing K/V and dK/dV (ours left out) to the end of the ring
                 failure, block_grads = ComputeFailure(error, f"backward step {step}"), []
         if pending_dkv is not None:
