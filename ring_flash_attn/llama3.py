@@ -25,8 +25,9 @@ from .docstrings import llama3_docstring, prepare_cu_seqlens_docstring, zigzag_l
 from .functional import ring_attention
 from .kernels.mask import Band, check_window
 from .ring.allgather import allgather_attention
-from .ring.batching import batch_calls
-from .ring.planner import PLAN_CACHES, BlockTask
+from .kernels import Features, select_backend
+from .ring.batching import batch_calls, varlen_calls
+from .ring.planner import PLAN_CACHES, BlockTask, needs_band_mask
 from .validation import (check_cu_seqlens, check_heads_k_stride, check_max_seqlen,
                          check_packed_alibi_slopes, check_packed_qkv, check_softcap, check_unsupported,
                          group_rank_and_size)
@@ -60,25 +61,51 @@ def llama3_flash_attn_prepare_cu_seqlens(cu_seqlens, causal, rank, world_size):
 
 
 @lru_cache(maxsize=64)  # as ring/batching.step_calls: one batch, reused by its layers and its backward
-def _llama3_calls(cu_q: tuple, cu_k: tuple, k_start: int, q_start: int, band: Band):
-    """:func:`_llama3_tasks`, the small ones of one shape batched (ring/batching.py)."""
-    return batch_calls(tuple(_llama3_tasks(cu_q, cu_k, k_start, q_start, band)))
+def _llama3_tasks(cu_q: tuple, cu_k: tuple, k_start: int, q_start: int, band: Band, keep_positions: bool):
+    """``(blocks, whether one needs a band mask)`` of this rank's sequence pieces (:func:`_llama3_blocks`)."""
+    tasks = tuple(_llama3_blocks(cu_q, cu_k, k_start, q_start, band, keep_positions))
+    return tasks, needs_band_mask(tasks)
 
 
-PLAN_CACHES.append(_llama3_calls)
+@lru_cache(maxsize=64)  # keyed by the pieces, as _llama3_tasks (hashing thousands of blocks would cost more)
+def _llama3_calls(cu_q: tuple, cu_k: tuple, k_start: int, q_start: int, band: Band, keep_positions: bool,
+                  varlen: bool):
+    """The blocks as kernel calls: with ``varlen`` (a backend with a variable-length kernel) the small unmasked
+    blocks in one call and the small causal squares in another, else the small ones of one shape batched
+    (ring/batching.py)."""
+    tasks, _ = _llama3_tasks(cu_q, cu_k, k_start, q_start, band, keep_positions)
+    return varlen_calls(tasks) if varlen else batch_calls(tasks)
 
 
-def _llama3_tasks(cu_q, cu_k, k_start: int, q_start: int, band: Band):
-    """One task per sequence piece, positions taken from where the piece really sits (``k_start``: where this
-    rank's keys begin in the gathered K/V)."""
+PLAN_CACHES.extend([_llama3_tasks, _llama3_calls])
+
+
+def _llama3_blocks(cu_q, cu_k, k_start: int, q_start: int, band: Band, keep_positions: bool):
+    """The blocks of each sequence piece, positions taken from where the piece really sits (``k_start``: where
+    this rank's keys begin in the gathered K/V).
+
+    A causal piece sees its sequence's earlier keys whole and its own keys causally: a query block at offset
+    ``o`` from its keys (bottom-right causal when its keys end with it) is the unmasked block of the first ``o``
+    keys and the causal square of the next ``q`` keys, each a plain call of PyTorch's fused ops (a bottom-right
+    causal block would need a band-mask kernel)."""
     tasks = []
     for (qa, qb), (ka, kb) in zip(zip(cu_q, cu_q[1:]), zip(cu_k, cu_k[1:])):
         k_lo, k_hi = k_start + ka, k_start + kb
         block = Band(band.lo, band.hi, (q_start + qa) - k_lo)
-        if block.is_empty(qb - qa, kb - ka):
+        rows = qb - qa
+        if block.is_empty(rows, kb - ka):
             continue
-        tasks.append(BlockTask(qa, qb, k_lo, k_hi, None if block.is_full(qb - qa, kb - ka) else block,
-                               (block.offset, 1)))
+        if block.is_full(rows, kb - ka):
+            tasks.append(BlockTask(qa, qb, k_lo, k_hi, None, (block.offset, 1) if keep_positions else None))
+            continue
+        offset = block.offset
+        if block.lo == 0 and block.hi is None and offset >= 0 and k_lo + offset + rows <= k_hi:
+            if offset:
+                tasks.append(BlockTask(qa, qb, k_lo, k_lo + offset, None, (offset, 1) if keep_positions else None))
+            tasks.append(BlockTask(qa, qb, k_lo + offset, k_lo + offset + rows, Band(0, None, 0),
+                                   (0, 1) if keep_positions else None))
+            continue
+        tasks.append(BlockTask(qa, qb, k_lo, k_hi, block, (block.offset, 1) if keep_positions else None))
     return tasks
 
 
@@ -103,11 +130,17 @@ def llama3_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqle
     if len(k_lengths) != len(q_lengths):
         raise ValueError(f"cu_seqlens_k: expected {len(q_lengths) + 1} entries like cu_seqlens_q, "
                          f"got {len(k_lengths) + 1}")
-    calls = _llama3_calls((0, *accumulate(q_lengths)), (0, *accumulate(k_lengths)), local_k_slice.start,
-                          rank * q.shape[0], Band.from_kernel_args(causal, window))
-    # Whether a call needs a band mask depends on where this rank's sequence pieces sit, which other ranks
-    # do not know: decide from the arguments alike on every rank, so that all choose the same backend.
-    needs_band = causal or window != (-1, -1)
+    band, keep_positions = Band.from_kernel_args(causal, window), alibi_slopes is not None
+    cu_q, cu_k = (0, *accumulate(q_lengths)), (0, *accumulate(k_lengths))
+    # Causal pieces are unmasked blocks and causal squares (_llama3_tasks), which PyTorch's fused ops serve; a
+    # window needs a band-mask kernel. Decided from the arguments alike on every rank (which do not know where the
+    # others' pieces sit), so that all choose the same backend; only keys that do not end with their queries
+    # (arguments made by hand, not by llama3_flash_attn_prepare_cu_seqlens) leave a band on some rank.
+    pieces = (cu_q, cu_k, local_k_slice.start, rank * q.shape[0], band, keep_positions)
+    needs_band = window != (-1, -1) or _llama3_tasks(*pieces)[1]
+    features = Features(q.device.type, q.dtype, q.shape[-1], band=needs_band, softcap=softcap > 0,
+                        alibi=alibi_slopes is not None)
+    calls = _llama3_calls(*pieces, select_backend(features, backend).serves_varlen(features))
     out, lse = allgather_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), calls, softmax_scale=softmax_scale,
                                    softcap=softcap, group=group, backend=backend, heads_k_stride=heads_k_stride,
                                    world_size=world_size, needs_band=needs_band, alibi_slopes=alibi_slopes,

@@ -426,6 +426,40 @@ def batch_calls(tasks: Tuple[BlockTask, ...]) -> Tuple[Call, ...]:
     return tuple(calls)
 
 
+def varlen_calls(tasks: Tuple[BlockTask, ...]) -> Tuple[Call, ...]:
+    """``tasks`` (any blocks, in query order, key rows rising with the query rows: one per packed sequence and
+    kind, as the llama3 exchange plans them) with the small unmasked blocks, and the small causal squares, made
+    :class:`VarlenBatch` calls of a backend's variable-length kernel; the rest as :func:`batch_calls` makes them.
+    A block joins the first call of its kind whose last block ends, in query rows and in key rows, before it
+    starts (so rows stay disjoint within a call)."""
+    kinds = {False: [], True: []}  # causal -> per call [blocks, end of its query rows, end of its key rows]
+    rest = []
+    for task in tasks:
+        q_len, k_len = task.q_stop - task.q_start, task.k_stop - task.k_start
+        causal = task.band is not None
+        if q_len > MAX_BATCHED_ROWS or (causal and not task.band.is_top_left_causal(q_len, k_len)):
+            rest.append(task)
+            continue
+        for call in kinds[causal]:
+            if call[1] <= task.q_start and call[2] <= task.k_start:
+                break
+        else:
+            call = [[], 0, 0]
+            kinds[causal].append(call)
+        call[0].append(task)
+        call[1], call[2] = task.q_stop, task.k_stop
+    calls = []
+    for causal, made in kinds.items():
+        for blocks, _, _ in made:
+            if len(blocks) < MIN_BATCHED_CALLS:
+                rest.extend(blocks)
+            else:
+                calls.extend(VarlenBatch(causal, [(task, [0]) for task in blocks[i:i + MAX_CALLS_PER_BATCH]])
+                             for i in range(0, len(blocks), MAX_CALLS_PER_BATCH))
+    rest.sort(key=lambda task: (task.q_start, task.k_start))
+    return (*calls, *batch_calls(tuple(rest)))
+
+
 def gather_rows(x: torch.Tensor, index: torch.Tensor, length: int, dim: int = 1) -> torch.Tensor:
     """The rows ``index`` of ``x`` along ``dim`` (the sequence dim), as a batch: ``[B, S, H, D]`` ->
     ``[B * n, length, H, D]``; ``[B, H, S]`` (LSE, ``dim=2``) -> ``[B * n, H, length]``."""

@@ -273,3 +273,22 @@ def repeatability(rank, world_size, seed):
     return {"bitwise_equal": all(torch.equal(a, b) for a, b in zip(runs[0][:5], runs[1][:5])),
             "probs_is_none": runs[0][5] is None, "lse_shape": tuple(runs[0][1].shape),
             "plain_equals": torch.equal(plain, runs[0][0])}
+
+
+def llama3_varlen_errors(rank, world_size, cases):
+    """:func:`llama3_errors` with the reference backend standing in for a variable-length kernel where sdpa's
+    FlashAttention-2 would serve one (no band, softcap or ALiBi; its per-block default computes), and how many
+    variable-length calls the all-gather engine made (forward and backward)."""
+    from unittest import mock
+
+    from ring_flash_attn.kernels.reference import ReferenceBackend
+
+    made = []
+    calls = {name: getattr(ReferenceBackend, name) for name in ("forward_varlen", "backward_varlen")}
+    with mock.patch.object(ReferenceBackend, "serves_varlen", lambda self, f: not (f.band or f.softcap or f.alibi)), \
+            mock.patch.object(ReferenceBackend, "forward_varlen", lambda self, *a, **kw: made.append("forward")
+                              or calls["forward_varlen"](self, *a, **kw)), \
+            mock.patch.object(ReferenceBackend, "backward_varlen", lambda self, *a, **kw: made.append("backward")
+                              or calls["backward_varlen"](self, *a, **kw)):
+        errors = llama3_errors(rank, world_size, cases)
+    return errors, made

@@ -27,3 +27,53 @@ def check_packed_ranks(layout, world_size, inputs, ref, dtype, label, **attentio
                   rel_err(ql.grad[0], shard(ref[2], rank)[0]))
         print(*label, rank, [f"{e:.2e}" for e in errors])
         assert errors[0] <= FORWARD[dtype] and errors[1] <= FORWARD[torch.float32] and errors[2] <= GRADIENT[dtype]
+
+
+def check_llama3_pieces(seqlens, world_size, inputs, ref, dtype, backend, label):
+    """Each rank's contiguous piece of the packed batch ``inputs`` (q, k, v, dout: float64 ``[1, total, heads,
+    d]`` drawn in ``dtype``; causal documents ``seqlens``) under the llama3 exchange: planned as
+    llama3_flash_attn_varlen_func plans it (llama3._llama3_calls: variable-length calls where ``backend`` serves
+    them) and run through the engine's per-call steps (fold_call, call_gradients, add_key_gradients) on the
+    whole sequence's K/V, which is what the all-gather hands every rank for contiguous pieces (so no process
+    group is needed). out, LSE and dQ per rank, and dK/dV summed over the ranks, against the float64 oracle
+    ``ref`` within the tolerances of ``dtype``. Returns how many variable-length calls were made."""
+    from ring_flash_attn import llama3_flash_attn_prepare_cu_seqlens
+    from ring_flash_attn.kernels import Features, get_backend
+    from ring_flash_attn.kernels.mask import Band
+    from ring_flash_attn.llama3 import _llama3_calls
+    from ring_flash_attn.merge import new_accumulators
+    from ring_flash_attn.ring.batching import VarlenBatch
+    from ring_flash_attn.ring.engine import add_key_gradients, call_gradients, fold_call, kernel_kwargs
+
+    q, k, v, dout = inputs
+    kernel, scale = get_backend(backend), q.shape[-1] ** -0.5
+    varlen = kernel.serves_varlen(Features(q.device.type, dtype, q.shape[-1]))
+    piece = q.shape[1] // world_size
+    k_all, v_all = k.to(dtype), v.to(dtype)
+    dk_acc, dv_acc = (torch.zeros(k.shape, dtype=torch.float64 if dtype == torch.float64 else torch.float32,
+                                  device=q.device) for _ in range(2))
+    cu = torch.tensor([0, *itertools.accumulate(seqlens)], dtype=torch.int32)
+    made = 0
+    for rank in range(world_size):
+        cu_q, cu_k, _, _, local_k_slice = llama3_flash_attn_prepare_cu_seqlens(cu, True, rank, world_size)
+        calls = _llama3_calls(tuple(cu_q.tolist()), tuple(cu_k.tolist()), local_k_slice.start, rank * piece,
+                              Band.from_kernel_args(True, (-1, -1)), False, varlen)
+        made += sum(isinstance(call, VarlenBatch) for call in calls)
+        rows = slice(rank * piece, (rank + 1) * piece)
+        ql, doutl = q[:, rows].to(dtype), dout[:, rows].to(dtype)
+        out_acc, lse = new_accumulators(ql)
+        for call in calls:
+            fold_call(kernel, call, kernel_kwargs(call, scale, 0.0, None), ql, k_all, v_all, out_acc, lse)
+        out = out_acc.to(dtype)
+        dq_acc = torch.zeros_like(out_acc)
+        for call in calls:
+            dk, dv = call_gradients(kernel, call, kernel_kwargs(call, scale, 0.0, None), doutl, ql, k_all, v_all,
+                                    out, lse, dq_acc)
+            add_key_gradients(call, dk, dv, dk_acc, dv_acc)
+        errors = (rel_err(out, ref[0][:, rows]), rel_err(lse, ref[1][:, :, rows]), rel_err(dq_acc, ref[2][:, rows]))
+        print(*label, rank, [f"{e:.2e}" for e in errors])
+        assert errors[0] <= FORWARD[dtype] and errors[1] <= FORWARD[torch.float32] and errors[2] <= GRADIENT[dtype]
+    errors = (rel_err(dk_acc, ref[3]), rel_err(dv_acc, ref[4]))
+    print(*label, "dk, dv", [f"{e:.2e}" for e in errors])
+    assert errors[0] <= GRADIENT[dtype] and errors[1] <= GRADIENT[dtype]
+    return made

@@ -141,3 +141,33 @@ def test_packed_batch_of_many_sequences_matches_oracle(variant, lengths, count, 
     ref = packed_oracle(q, k, v, dout, seqlens, causal=True, window=(-1, -1), scale=d ** -0.5)
     check_packed_ranks(layout, world_size, (q, k, v, dout), ref, dtype, (variant, count, path))
     assert bool(varlen_calls) == (path == "varlen"), len(varlen_calls)  # the path the case is about ran
+
+
+@pytest.mark.parametrize("world_size,path", [(4, "varlen"), (8, "varlen"), (4, "batched")])
+def test_llama3_document_pieces_match_oracle(world_size, path, monkeypatch):
+    """The llama3 exchange (the trainer's document masking) on documents of 1-300 tokens crossing the ranks'
+    contiguous pieces: each piece is the unmasked block of its document's earlier keys and the causal square of
+    its own (llama3._llama3_blocks), made as FlashAttention-2 variable-length calls (``varlen``, bf16's path) or
+    plain and batched cuDNN calls (``batched``), through the engine's per-call steps on the whole sequence's K/V
+    (what the all-gather hands every rank): out, LSE, dQ per rank and dK/dV summed, against float64."""
+    import random
+
+    from ring_flash_attn.kernels.sdpa import SdpaBackend
+    from ring_flash_attn.ring.planner import clear_plan_caches
+    from tests.distributed.workers import packed_oracle
+    from tests.gpu.packed import check_llama3_pieces
+
+    if path == "batched":
+        monkeypatch.setattr(SdpaBackend, "serves_varlen", lambda self, features: False)
+    h, hk, d, dtype = 16, 4, 128, torch.bfloat16
+    rng = random.Random(int(torch.randint(0, 2 ** 31 - 1, ()).item()))
+    seqlens = [rng.randint(1, 300) for _ in range(96)]
+    seqlens[-1] += -sum(seqlens) % world_size
+    g = torch.Generator(device="cuda").manual_seed(rng.randrange(2 ** 31))
+    q, dout = (torch.randn(1, sum(seqlens), h, d, device="cuda", generator=g).to(dtype).double() for _ in range(2))
+    k, v = (torch.randn(1, sum(seqlens), hk, d, device="cuda", generator=g).to(dtype).double() for _ in range(2))
+    ref = packed_oracle(q, k, v, dout, seqlens, causal=True, window=(-1, -1), scale=d ** -0.5)
+    clear_plan_caches()
+    made = check_llama3_pieces(seqlens, world_size, (q, k, v, dout), ref, dtype, "sdpa", (path, world_size))
+    assert (made >= world_size) if path == "varlen" else made == 0, made
+    clear_plan_caches()
