@@ -1,7 +1,8 @@
 """The llama3 exchange's plan (the trainer's document masking): a causal piece of a document is the unmasked
 block of its document's earlier keys and the causal square of its own, never a band-masked block; with a
 variable-length kernel, all unmasked blocks are one call and all causal squares another. Checked pair by pair
-against the causal document mask on random packed batches, and on gloo ranks against the float64 oracle."""
+against the causal document mask on random packed batches, and on gloo ranks against the float64 oracle (with
+the load-balanced all-gather exchange too, whose calls are the ring's step calls)."""
 
 import os
 import random
@@ -99,7 +100,10 @@ CASES = [dict(layout="llama3", causal=True, seqlens=(5, 7, 12, 2, 24, 6, 18, 3, 
               heads_k_stride=2, head_dim=8, batch=1, dtype="float64", backend="reference", seed=SEED + 1,
               window=(6, -1)),  # a band: no variable-length calls
          dict(layout="llama3", causal=False, seqlens=(8, 8, 12, 4, 20, 4, 16, 12, 8, 14, 6, 8), heads=4, heads_k=4,
-              heads_k_stride=2, head_dim=8, batch=1, dtype="float64", backend="reference", seed=SEED + 2)]
+              heads_k_stride=2, head_dim=8, batch=1, dtype="float64", backend="reference", seed=SEED + 2),
+         # the load-balanced all-gather exchange (zigzag_llama3_flash_attn_varlen_func): the ring's step calls
+         dict(layout="zigzag", causal=True, seqlens=(8, 16, 8, 24, 8, 8, 16, 8, 24, 8, 8, 16), heads=4, heads_k=2,
+              heads_k_stride=1, head_dim=8, batch=1, dtype="float64", backend="reference", seed=SEED + 3)]
 
 
 def test_variable_length_calls_over_gloo_ranks_match_the_float64_oracle():

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from ring_flash_attn.kernels.mask import Band, strided_band
-from ring_flash_attn.ring.allgather import allgather_tasks
+from ring_flash_attn.ring.allgather import allgather_calls
 from ring_flash_attn.ring.layouts import LAYOUTS, PackedLayout, get_layout
 from ring_flash_attn.ring.planner import BlockTask, layout_needs_band_mask, needs_band_mask, plan_step
 
@@ -182,14 +182,19 @@ def test_all_ranks_band_answer_matches_the_old_one():
     assert answers == {True, False}
 
 
-def test_allgather_tasks_match_the_old_planner():
+def test_allgather_calls_make_the_old_planners_blocks():
+    """The all-gather exchange's calls (every source's step calls, keys moved into the gathered K/V; batched, or
+    variable-length calls) make exactly the old planner's blocks of every source."""
     for layout, world_size, seqlen_local, band, keep_positions in CASES[::5]:
         for rank in range(world_size):
-            want = tuple(BlockTask(t.q_start, t.q_stop, src * seqlen_local + t.k_start, src * seqlen_local + t.k_stop,
-                                   t.band, t.positions)
-                         for src in range(world_size)
-                         for t in old_plan_step(layout, rank, src, world_size, seqlen_local, band, keep_positions))
-            assert allgather_tasks(layout, rank, world_size, seqlen_local, band, keep_positions) == want
+            want = sorted(BlockTask(t.q_start, t.q_stop, src * seqlen_local + t.k_start, src * seqlen_local + t.k_stop,
+                                    t.band, t.positions)
+                          for src in range(world_size)
+                          for t in old_plan_step(layout, rank, src, world_size, seqlen_local, band, keep_positions))
+            for varlen in (False, True):
+                calls = allgather_calls(layout, rank, world_size, seqlen_local, band, keep_positions, varlen)
+                made = sorted(t for call in calls for t in (call.tasks if hasattr(call, "tasks") else (call,)))
+                assert made == want, (layout, world_size, rank, varlen)
 
 
 def test_arbitrary_blocks_merge_exactly_like_the_old_coalescing():

@@ -32,9 +32,9 @@ from ..agreement import ComputeFailure
 from ..kernels import Features, select_backend
 from ..kernels.base import KernelBackend
 from ..merge import accumulator_dtype, new_accumulators
-from .batching import Call, batch_calls
+from .batching import Call, keys_moved, share_rows, step_calls
 from .engine import ContextParallelAttention, add_key_gradients, call_gradients, fold_call, kernel_kwargs
-from .planner import PLAN_CACHES, BlockTask, plan_step
+from .planner import PLAN_CACHES
 
 
 @dataclass(frozen=True)
@@ -164,19 +164,15 @@ def _finish_scatter(in_flight, dk, dv) -> None:
     dv[0, :, kv_heads] = dv_mine
 
 
-def allgather_tasks(layout, rank: int, world_size: int, seqlen_local: int, band,
-                    keep_positions: bool = False) -> Tuple[BlockTask, ...]:
-    """The ring planner's tasks for every source rank, with key ranges moved into the gathered K/V."""
-    return tuple(task.shifted(0, src * seqlen_local)
-                 for src in range(world_size)
-                 for task in plan_step(layout, rank, src, world_size, seqlen_local, band, keep_positions))
-
-
 @lru_cache(maxsize=64)  # as ring/batching.step_calls: one batch, reused by its layers and its backward
-def allgather_calls(layout, rank: int, world_size: int, seqlen_local: int, band,
-                    keep_positions: bool = False) -> Tuple[Call, ...]:
-    """:func:`allgather_tasks`, the small ones of one shape batched (ring/batching.py)."""
-    return batch_calls(allgather_tasks(layout, rank, world_size, seqlen_local, band, keep_positions))
+def allgather_calls(layout, rank: int, world_size: int, seqlen_local: int, band, keep_positions: bool = False,
+                    varlen: bool = False) -> Tuple[Call, ...]:
+    """The ring's calls on every source rank (:func:`~ring_flash_attn.ring.batching.step_calls`: small blocks
+    of one shape batched, or with ``varlen`` variable-length calls), with key rows moved into the gathered K/V."""
+    calls = tuple(call for src in range(world_size) for call in keys_moved(
+        step_calls(layout, rank, src, world_size, seqlen_local, band, keep_positions, varlen), src * seqlen_local))
+    share_rows(calls)
+    return calls
 
 
 PLAN_CACHES.append(allgather_calls)

@@ -76,7 +76,7 @@ class TaskBatch:
         """Row indices ``(query rows, key rows)``, call after call, on ``device`` (made once per device, with
         those of the other batches of its ring step)."""
         if self._rows is None:
-            _share_rows((self,))
+            share_rows((self,))
         return self._rows.on(device)[self._slot]
 
 
@@ -184,8 +184,9 @@ class VarlenBatch:
         return self._made(device)[1]
 
 
-def _share_rows(calls) -> None:
-    """Give the batches among ``calls`` (one ring step's) their indices in one :class:`_StepRows`."""
+def share_rows(calls) -> None:
+    """Give the batches among ``calls`` (one ring step's, or the all-gather exchange's) their indices in one
+    :class:`_StepRows`."""
     batches = [call for call in calls if isinstance(call, TaskBatch)]
     if batches:
         rows = _StepRows(batches)
@@ -266,7 +267,7 @@ def _packed_calls(layout: PackedLayout, rank: int, src: int, world_size: int, ba
             else:
                 calls.extend(make(BlockTask, (q, q + q_len, k, k + k_len, task_band, positions))
                              for q, k in zip(q_starts, k_starts))
-    _share_rows(calls)
+    share_rows(calls)
     return tuple(calls)
 
 
@@ -422,8 +423,23 @@ def batch_calls(tasks: Tuple[BlockTask, ...]) -> Tuple[Call, ...]:
                 batched = True
     if not batched:
         return tasks  # nothing to batch: the planner's calls in the planner's order
-    _share_rows(calls)
+    share_rows(calls)
     return tuple(calls)
+
+
+def keys_moved(calls, k_by: int) -> Tuple[Call, ...]:
+    """``calls`` (one ring step's, from :func:`step_calls`) on key rows moved by ``k_by``: the all-gather
+    exchange's calls on source rank ``src``'s keys, which sit at ``src * seqlen_local`` in the gathered K/V."""
+    moved = []
+    for call in calls:
+        if isinstance(call, TaskBatch):
+            moved.append(TaskBatch(call.q_len, call.k_len, call.band, call.positions, call.q_starts,
+                                   [k + k_by for k in call.k_starts]))
+        elif isinstance(call, VarlenBatch):
+            moved.append(VarlenBatch(call.causal, [(task.shifted(0, k_by), starts) for task, starts in call.members]))
+        else:
+            moved.append(call.shifted(0, k_by))
+    return tuple(moved)
 
 
 def varlen_calls(tasks: Tuple[BlockTask, ...]) -> Tuple[Call, ...]:
