@@ -130,3 +130,23 @@ def test_pieces_through_the_engine_steps_match_the_float64_oracle(monkeypatch):
     clear_plan_caches()
     assert check_llama3_pieces(seqlens, 4, inputs, ref, torch.float64, "reference", ("cpu",)) >= 4
     clear_plan_caches()
+
+
+def test_allgather_ranks_through_the_engine_steps_match_the_float64_oracle(monkeypatch):
+    """The same check for the load-balanced all-gather exchange (zigzag, packed), as tests/gpu runs it."""
+    from ring_flash_attn.kernels.reference import ReferenceBackend
+    from ring_flash_attn.ring.layouts import PackedLayout, get_layout
+    from tests.distributed.workers import packed_oracle
+    from tests.gpu.packed import check_allgather_ranks
+
+    monkeypatch.setattr(ReferenceBackend, "serves_varlen", lambda self, features: True)
+    rng = random.Random(SEED)
+    world_size = 4
+    seqlens = [2 * world_size * rng.randint(1, 4) for _ in range(24)]
+    layout = PackedLayout(get_layout("zigzag"), tuple(n // world_size for n in seqlens))
+    g = torch.Generator().manual_seed(SEED)
+    inputs = [torch.randn(1, sum(seqlens), h, 8, generator=g, dtype=torch.float64) for h in (4, 2, 2, 4)]
+    ref = packed_oracle(*inputs, seqlens, causal=True, window=(-1, -1), scale=8 ** -0.5)
+    clear_plan_caches()
+    assert check_allgather_ranks(layout, world_size, inputs, ref, torch.float64, "reference", ("cpu",)) >= world_size
+    clear_plan_caches()

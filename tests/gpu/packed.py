@@ -31,36 +31,60 @@ def check_packed_ranks(layout, world_size, inputs, ref, dtype, label, **attentio
 
 def check_llama3_pieces(seqlens, world_size, inputs, ref, dtype, backend, label):
     """Each rank's contiguous piece of the packed batch ``inputs`` (q, k, v, dout: float64 ``[1, total, heads,
-    d]`` drawn in ``dtype``; causal documents ``seqlens``) under the llama3 exchange: planned as
+    d]`` drawn in ``dtype``; causal documents ``seqlens``) under the llama3 exchange, planned as
     llama3_flash_attn_varlen_func plans it (llama3._llama3_calls: variable-length calls where ``backend`` serves
-    them) and run through the engine's per-call steps (fold_call, call_gradients, add_key_gradients) on the
-    whole sequence's K/V, which is what the all-gather hands every rank for contiguous pieces (so no process
-    group is needed). out, LSE and dQ per rank, and dK/dV summed over the ranks, against the float64 oracle
-    ``ref`` within the tolerances of ``dtype``. Returns how many variable-length calls were made."""
+    them); checked by :func:`check_gathered_ranks`. Returns how many variable-length calls were made."""
     from ring_flash_attn import llama3_flash_attn_prepare_cu_seqlens
-    from ring_flash_attn.kernels import Features, get_backend
     from ring_flash_attn.kernels.mask import Band
     from ring_flash_attn.llama3 import _llama3_calls
-    from ring_flash_attn.merge import new_accumulators
+
+    piece = inputs[0].shape[1] // world_size
+    cu = torch.tensor([0, *itertools.accumulate(seqlens)], dtype=torch.int32)
+
+    def calls_of(rank, varlen):
+        cu_q, cu_k, _, _, local_k_slice = llama3_flash_attn_prepare_cu_seqlens(cu, True, rank, world_size)
+        return _llama3_calls(tuple(cu_q.tolist()), tuple(cu_k.tolist()), local_k_slice.start, rank * piece,
+                             Band.from_kernel_args(True, (-1, -1)), False, varlen)
+
+    shard = lambda x, rank, dim=1: x.narrow(dim, rank * piece, piece)  # noqa: E731
+    return check_gathered_ranks(calls_of, shard, world_size, inputs, ref, dtype, backend, label)
+
+
+def check_allgather_ranks(layout, world_size, inputs, ref, dtype, backend, label):
+    """As :func:`check_llama3_pieces` for the load-balanced all-gather exchange (``ring_attention(
+    exchange="allgather")`` on the packed ``layout``): each rank's calls are ring/allgather.allgather_calls'."""
+    from ring_flash_attn.kernels.mask import Band
+    from ring_flash_attn.ring.allgather import allgather_calls
+
+    total_local = sum(layout.seqlens_local)
+    calls_of = lambda rank, varlen: allgather_calls(  # noqa: E731
+        layout, rank, world_size, total_local, Band.from_kernel_args(True, (-1, -1)), False, varlen)
+    shard = lambda x, rank, dim=1: layout.shard(x, rank, world_size, dim)  # noqa: E731
+    return check_gathered_ranks(calls_of, shard, world_size, inputs, ref, dtype, backend, label)
+
+
+def check_gathered_ranks(calls_of, shard, world_size, inputs, ref, dtype, backend, label):
+    """Every rank's all-gather calls (``calls_of(rank, varlen)``; ``shard(x, rank, dim)``: its rows of a
+    full-sequence tensor) run through the engine's per-call steps (fold_call, call_gradients,
+    add_key_gradients) on the gathered K/V, built here from every rank's rows in rank order (what the all-gather
+    hands every rank, so no process group is needed). out, LSE and dQ per rank, and dK/dV summed over the ranks,
+    against the float64 oracle ``ref`` within the tolerances of ``dtype``. Returns how many variable-length
+    calls were made."""
+    from ring_flash_attn.kernels import Features, get_backend
+    from ring_flash_attn.merge import accumulator_dtype, new_accumulators
     from ring_flash_attn.ring.batching import VarlenBatch
     from ring_flash_attn.ring.engine import add_key_gradients, call_gradients, fold_call, kernel_kwargs
 
     q, k, v, dout = inputs
     kernel, scale = get_backend(backend), q.shape[-1] ** -0.5
     varlen = kernel.serves_varlen(Features(q.device.type, dtype, q.shape[-1]))
-    piece = q.shape[1] // world_size
-    k_all, v_all = k.to(dtype), v.to(dtype)
-    dk_acc, dv_acc = (torch.zeros(k.shape, dtype=torch.float64 if dtype == torch.float64 else torch.float32,
-                                  device=q.device) for _ in range(2))
-    cu = torch.tensor([0, *itertools.accumulate(seqlens)], dtype=torch.int32)
+    k_all, v_all = (torch.cat([shard(t, r) for r in range(world_size)], dim=1).to(dtype) for t in (k, v))
+    dk_all, dv_all = (torch.zeros(k_all.shape, dtype=accumulator_dtype(dtype), device=q.device) for _ in range(2))
     made = 0
     for rank in range(world_size):
-        cu_q, cu_k, _, _, local_k_slice = llama3_flash_attn_prepare_cu_seqlens(cu, True, rank, world_size)
-        calls = _llama3_calls(tuple(cu_q.tolist()), tuple(cu_k.tolist()), local_k_slice.start, rank * piece,
-                              Band.from_kernel_args(True, (-1, -1)), False, varlen)
+        calls = calls_of(rank, varlen)
         made += sum(isinstance(call, VarlenBatch) for call in calls)
-        rows = slice(rank * piece, (rank + 1) * piece)
-        ql, doutl = q[:, rows].to(dtype), dout[:, rows].to(dtype)
+        ql, doutl = shard(q, rank).to(dtype), shard(dout, rank).to(dtype)
         out_acc, lse = new_accumulators(ql)
         for call in calls:
             fold_call(kernel, call, kernel_kwargs(call, scale, 0.0, None), ql, k_all, v_all, out_acc, lse)
@@ -69,11 +93,14 @@ def check_llama3_pieces(seqlens, world_size, inputs, ref, dtype, backend, label)
         for call in calls:
             dk, dv = call_gradients(kernel, call, kernel_kwargs(call, scale, 0.0, None), doutl, ql, k_all, v_all,
                                     out, lse, dq_acc)
-            add_key_gradients(call, dk, dv, dk_acc, dv_acc)
-        errors = (rel_err(out, ref[0][:, rows]), rel_err(lse, ref[1][:, :, rows]), rel_err(dq_acc, ref[2][:, rows]))
+            add_key_gradients(call, dk, dv, dk_all, dv_all)
+        errors = (rel_err(out, shard(ref[0], rank)), rel_err(lse, shard(ref[1], rank, 2)),
+                  rel_err(dq_acc, shard(ref[2], rank)))
         print(*label, rank, [f"{e:.2e}" for e in errors])
         assert errors[0] <= FORWARD[dtype] and errors[1] <= FORWARD[torch.float32] and errors[2] <= GRADIENT[dtype]
-    errors = (rel_err(dk_acc, ref[3]), rel_err(dv_acc, ref[4]))
-    print(*label, "dk, dv", [f"{e:.2e}" for e in errors])
-    assert errors[0] <= GRADIENT[dtype] and errors[1] <= GRADIENT[dtype]
+    rows = k_all.shape[1] // world_size  # rank r's rows of the gathered K/V are its own shard
+    for name, got, want in (("dk", dk_all, ref[3]), ("dv", dv_all, ref[4])):
+        error = max(rel_err(got[:, r * rows:(r + 1) * rows], shard(want, r)) for r in range(world_size))
+        print(*label, name, f"{error:.2e}")
+        assert error <= GRADIENT[dtype], (name, error)
     return made

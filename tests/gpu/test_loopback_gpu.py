@@ -171,3 +171,32 @@ def test_llama3_document_pieces_match_oracle(world_size, path, monkeypatch):
     made = check_llama3_pieces(seqlens, world_size, (q, k, v, dout), ref, dtype, "sdpa", (path, world_size))
     assert (made >= world_size) if path == "varlen" else made == 0, made
     clear_plan_caches()
+
+
+@pytest.mark.parametrize("path", ["varlen", "batched"])
+def test_allgather_exchange_of_a_packed_batch_matches_oracle(path, monkeypatch):
+    """The load-balanced all-gather exchange (zigzag, ``ring_attention(exchange="allgather")``) on 256 packed
+    sequences: every source's ring step calls with keys moved into the gathered K/V (ring/allgather.py), as
+    FlashAttention-2 variable-length calls or batched plain calls, through the engine's per-call steps."""
+    import random
+
+    from ring_flash_attn.kernels.sdpa import SdpaBackend
+    from ring_flash_attn.ring.layouts import PackedLayout
+    from ring_flash_attn.ring.planner import clear_plan_caches
+    from tests.distributed.workers import packed_oracle
+    from tests.gpu.packed import check_allgather_ranks
+
+    if path == "batched":
+        monkeypatch.setattr(SdpaBackend, "serves_varlen", lambda self, features: False)
+    world_size, h, hk, d, dtype = 4, 16, 4, 128, torch.bfloat16
+    rng = random.Random(int(torch.randint(0, 2 ** 31 - 1, ()).item()))
+    seqlens = [2 * world_size * rng.choice((1, 2, 3, 5, 16)) for _ in range(256)]
+    layout = PackedLayout(get_layout("zigzag"), tuple(n // world_size for n in seqlens))
+    g = torch.Generator(device="cuda").manual_seed(rng.randrange(2 ** 31))
+    q, dout = (torch.randn(1, sum(seqlens), h, d, device="cuda", generator=g).to(dtype).double() for _ in range(2))
+    k, v = (torch.randn(1, sum(seqlens), hk, d, device="cuda", generator=g).to(dtype).double() for _ in range(2))
+    ref = packed_oracle(q, k, v, dout, seqlens, causal=True, window=(-1, -1), scale=d ** -0.5)
+    clear_plan_caches()
+    made = check_allgather_ranks(layout, world_size, (q, k, v, dout), ref, dtype, "sdpa", (path,))
+    assert (made >= world_size) if path == "varlen" else made == 0, made
+    clear_plan_caches()
