@@ -9,7 +9,7 @@ Launch with ``torchrun --nproc_per_node N benchmarks/agreement_cost.py [--device
 * ``agree (always)``: one all-gather of four integers per rank;
 * ``finish``: the failure check after the last exchange (one all-gather of four
   integers; once per forward and once per backward);
-* one whole ring attention call (forward + backward) under each of
+* one whole attention call (forward + backward; ``--exchange`` ring, allgather or ulysses) under each of
   ``RING_FLASH_ATTN_AGREE=never|once|always`` (median; modes interleaved call by
   call), and the difference to ``never``.
 
@@ -30,7 +30,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from ring_flash_attn import agreement, ring_attention
+from ring_flash_attn import agreement, ring_attention, ulysses_attention
 from ring_flash_attn.comm.launch import init_distributed
 
 
@@ -64,6 +64,8 @@ def main():
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--backend", help='process-group backend, e.g. "cuda:nccl,cpu:gloo" (default: by device)')
+    parser.add_argument("--exchange", default="ring", choices=("ring", "allgather", "ulysses"),
+                        help="the exchange of the whole-call measurement")
     parser.add_argument("--json", help="write the figures here (rank 0)")
     args = parser.parse_args()
 
@@ -79,7 +81,7 @@ def main():
                                variant="zigzag", cu_seqlens=None)
 
     figures = {"world_size": world_size, "device": str(device), "backend": str(dist.get_backend()),
-               "torch": torch.__version__, "shape": list(shape), "dtype": args.dtype}
+               "torch": torch.__version__, "shape": list(shape), "dtype": args.dtype, "exchange": args.exchange}
     figures["describe_us"] = per_call_us(
         lambda: agreement.describe(q, k, v, exchange="ring", causal=True, window_size=(-1, -1),
                                    softmax_scale=args.head_dim ** -0.5, softcap=0.0, alibi_slopes=None,
@@ -95,7 +97,10 @@ def main():
                                        args.iters, args.warmup, device)
 
     def attention_call():
-        out, _ = ring_attention(q, k, v, variant="zigzag", causal=True)
+        if args.exchange == "ulysses":  # Ulysses over the whole group (heads must divide by N)
+            out, _ = ulysses_attention(q, k, v, variant="zigzag", causal=True)
+        else:
+            out, _ = ring_attention(q, k, v, variant="zigzag", causal=True, exchange=args.exchange)
         out.backward(dout)
 
     # Modes interleaved call by call and medians taken: a loaded machine drifts more than these checks cost.
