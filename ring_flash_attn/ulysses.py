@@ -164,6 +164,11 @@ class _Pending:
         self._send, self._recv = send, torch.empty_like(send)
         self._work = dist.all_to_all_single(self._recv, send, group=group, async_op=True)
 
+    @property
+    def in_flight_on_device(self) -> bool:
+        """Not waited for yet, on a device (whose stream, not the host, waits for it)."""
+        return self._work is not None and self._send.device.type != "cpu"
+
     def wait(self) -> torch.Tensor:
         if self._work is not None:
             if self._send.device.type == "cpu":
@@ -179,7 +184,7 @@ def _finish_all_on_error(started) -> None:
     buffers (the device waits; the host does not). CPU ones are left to gloo, whose work holds its buffers:
     waiting for them would wait out the bound once more per all-to-all."""
     for pending in started:
-        if pending._send is not None and pending._send.device.type != "cpu":
+        if pending.in_flight_on_device:
             try:
                 pending.wait()
             except Exception:  # the error being raised is the one to report
