@@ -140,12 +140,13 @@ def _allgather(q, k, v, layout, *, causal, window, softmax_scale, softcap, group
     needs_band = layout_needs_band_mask(packed, world_size, batch * seqlen, band)
     features = Features(q.device.type, q.dtype, q.shape[-1], band=needs_band, softcap=softcap > 0,
                         alibi=alibi_slopes is not None)
+    kernel = select_backend(features, backend)
     calls = allgather_calls(packed, rank, world_size, batch * seqlen, band, keep_positions,
-                            varlen=select_backend(features, backend).serves_varlen(features))
+                            varlen=kernel.serves_varlen(features))
     shared = dict(agreement.layout_items(layout), causal=causal, window_size=window, batch_seqlen=(batch, seqlen))
-    out, lse = allgather_attention(*flat, calls, softmax_scale=softmax_scale, softcap=softcap, group=group,
-                                   backend=backend, heads_k_stride=heads_k_stride, world_size=world_size,
-                                   alibi_slopes=alibi_slopes, shared=shared, needs_band=needs_band)
+    out, lse = allgather_attention(*flat, calls, kernel=kernel, softmax_scale=softmax_scale, softcap=softcap,
+                                   group=group, heads_k_stride=heads_k_stride, world_size=world_size,
+                                   alibi_slopes=alibi_slopes, shared=shared)
     heads = q.shape[2]
     return out.view(q.shape), lse.view(heads, batch, seqlen).transpose(0, 1)
 

@@ -132,7 +132,7 @@ def llama3_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqle
                          f"got {len(k_lengths) + 1}")
     band, keep_positions = Band.from_kernel_args(causal, window), alibi_slopes is not None
     cu_q, cu_k = (0, *accumulate(q_lengths)), (0, *accumulate(k_lengths))
-    # Causal pieces are unmasked blocks and causal squares (_llama3_tasks), which PyTorch's fused ops serve; a
+    # Causal pieces are unmasked blocks and causal squares (_llama3_blocks), which PyTorch's fused ops serve; a
     # window needs a band-mask kernel. Decided from the arguments alike on every rank (which do not know where the
     # others' pieces sit), so that all choose the same backend; only keys that do not end with their queries
     # (arguments made by hand, not by llama3_flash_attn_prepare_cu_seqlens) leave a band on some rank.
@@ -140,10 +140,11 @@ def llama3_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqle
     needs_band = window != (-1, -1) or _llama3_tasks(*pieces)[1]
     features = Features(q.device.type, q.dtype, q.shape[-1], band=needs_band, softcap=softcap > 0,
                         alibi=alibi_slopes is not None)
-    calls = _llama3_calls(*pieces, select_backend(features, backend).serves_varlen(features))
-    out, lse = allgather_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), calls, softmax_scale=softmax_scale,
-                                   softcap=softcap, group=group, backend=backend, heads_k_stride=heads_k_stride,
-                                   world_size=world_size, needs_band=needs_band, alibi_slopes=alibi_slopes,
+    kernel = select_backend(features, backend)
+    calls = _llama3_calls(*pieces, kernel.serves_varlen(features))
+    out, lse = allgather_attention(q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), calls, kernel=kernel,
+                                   softmax_scale=softmax_scale, softcap=softcap, group=group,
+                                   heads_k_stride=heads_k_stride, world_size=world_size, alibi_slopes=alibi_slopes,
                                    shared=dict(variant="llama3", causal=causal, window_size=window))
     out, lse = out.squeeze(0), lse.squeeze(0)
     return (out, lse, None) if return_attn_probs else out

@@ -29,7 +29,6 @@ import torch.distributed as dist
 
 from .. import agreement
 from ..agreement import ComputeFailure
-from ..kernels import Features, select_backend
 from ..kernels.base import KernelBackend
 from ..merge import accumulator_dtype, new_accumulators
 from .batching import Call, keys_moved, share_rows, step_calls
@@ -178,15 +177,13 @@ def allgather_calls(layout, rank: int, world_size: int, seqlen_local: int, band,
 PLAN_CACHES.append(allgather_calls)
 
 
-def allgather_attention(q, k, v, calls, *, softmax_scale, softcap, group, backend, heads_k_stride, world_size,
-                        needs_band: bool, alibi_slopes=None, shared=None):
-    """Choose the kernel and run the all-gather exchange for this rank's ``calls`` (blocks, or batches of them:
-    ring/batching.py) on packed ``[1, T, H, D]`` tensors. ``needs_band`` must be the same on every rank (every rank must choose the same backend).
+def allgather_attention(q, k, v, calls, *, kernel, softmax_scale, softcap, group, heads_k_stride, world_size,
+                        alibi_slopes=None, shared=None):
+    """Run the all-gather exchange for this rank's ``calls`` (blocks, or batches of them: ring/batching.py) on
+    packed ``[1, T, H, D]`` tensors with the kernel backend ``kernel``, which the caller chose (from features
+    every rank decides alike, so that all choose the same one) and planned ``calls`` for.
     ``shared``: what else the ranks must agree on (layout, causal, window, ...), as :func:`agreement.describe`
     keywords."""
-    features = Features(q.device.type, q.dtype, q.shape[-1], band=needs_band, softcap=softcap > 0,
-                        alibi=alibi_slopes is not None)
-    kernel = select_backend(features, backend)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     plan = AllGatherPlan(tuple(calls), scale, softcap, kernel, group, world_size, heads_k_stride, alibi_slopes)
     agreement.agree(group, agreement.describe(

@@ -283,6 +283,6 @@ def ulysses_once_lone_rejection(rank, world_size, timeout_s):
     else:
         raised = _raised(lambda: _case_errors(dict(local, seed=2, inputs=inputs, softcap=-1.0), ref, call, rank, 2))
     elapsed = time.perf_counter() - started
-    if rank == 1:  # stay until rank 0's wait has run out: an exiting process closes its connections first
-        time.sleep(timeout_s + 2)
+    if rank == 1:  # stay until rank 0's wait has run out: an exiting process closes its connections, which
+        time.sleep(timeout_s + 2)  # rank 0 would see first
     return dict(clean=clean, raised=raised, elapsed=elapsed, repeated_rounds=repeated_rounds)
