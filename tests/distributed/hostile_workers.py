@@ -200,7 +200,9 @@ def once_mode(rank, world_size, timeout_s, exchange="ring"):
     after_first = list(gathers)
     second = _clean_call_errors(rank, world_size, exchange, seed=4)
     after_second = gathers[len(after_first):]
-    started = time.perf_counter()
+    started = time.perf_counter()  # the same moment on both ranks (after the last call they both made)
+    if rank == 1:  # rank 0 waits first, so its bound ends first: a rank whose wait times out may close its
+        time.sleep(1.0)  # connections, and the other would then see that instead of its own timeout
     if rank == 0:  # the call the group agreed on: skips the check and waits in the first exchange
         raised = _raised(lambda: _clean_call_errors(rank, world_size, exchange, seed=4))
     else:

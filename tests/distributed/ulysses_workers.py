@@ -277,7 +277,9 @@ def ulysses_once_lone_rejection(rank, world_size, timeout_s):
         clean.append(max(_case_errors(dict(local, seed=seed, inputs=inputs), ref, call, rank, 2).values()))
     repeated_rounds = list(rounds)  # the check rounds of the repeated call
     inputs, ref = _oracle_for(dict(local, seed=2))
-    started = time.perf_counter()
+    started = time.perf_counter()  # the same moment on both ranks (after the last call they both made)
+    if rank == 1:  # rank 0 waits first, so its bound ends first: a rank whose wait times out may close its
+        time.sleep(1.0)  # connections, and the other would then see that instead of its own timeout
     if rank == 0:
         raised = _raised(lambda: _case_errors(dict(local, seed=2, inputs=inputs), ref, call, rank, 2))
     else:
