@@ -139,13 +139,7 @@ def errors_shared(*groups, active: bool = True):
         yield
     except Exception as error:
         if outermost and active and not state.reached:
-            for group in groups:
-                if _takes_part(group):
-                    try:
-                        _agree(group, None, error, None, "attention")
-                    except Exception as raised:  # it raises this rank's own error, unless the sharing failed
-                        if raised is not error:
-                            raise
+            _agree_rounds(groups, None, error, None, "attention")  # raises this rank's error, the others told
         raise
     finally:
         state.depth -= 1
@@ -220,7 +214,12 @@ def agree_all(groups, items: tuple, device: torch.device, kind: str) -> None:
     of the mesh raises: the columns hear what a row found (every column meets every row), the second row round
     what a column found."""
     _call_state().reached = True
-    error = None
+    _agree_rounds(groups, items, None, device, kind)
+
+
+def _agree_rounds(groups, items: Optional[tuple], error: Optional[BaseException], device, kind: str) -> None:
+    """One agreement round on each of ``groups`` in turn; ``error`` (this rank's validation error, or the first a
+    round raised) is offered to every later round instead of ``items``. Raises the first error."""
     for n, group in enumerate(groups):
         if not _takes_part(group):
             continue
