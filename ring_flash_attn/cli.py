@@ -1,7 +1,7 @@
 """``ring-attn``: the command-line entry point (also ``python -m ring_flash_attn``).
 
 Sub-commands: ``check`` (ring vs full attention on the launched ranks), ``train``
-(long-context training), ``bench`` (one rank's ring schedule against the best
+(long-context training), ``capacity`` (the longest sequence a training step fits), ``bench`` (one rank's ring schedule against the best
 kernel, on one device), ``env`` (what to attach to a bug report).
 """
 
@@ -37,6 +37,7 @@ def _main_env(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from .check import add_check_parser
     from .train import add_train_parser
+    from .train.capacity import add_capacity_parser
     from .train.export import add_export_parser
 
     parser = argparse.ArgumentParser(prog="ring-attn", description="Context-parallel (ring) attention: check it "
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_check_parser(sub)
     add_train_parser(sub)
+    add_capacity_parser(sub)
     add_export_parser(sub)
     # Listed for --help only: main() hands ``bench``'s arguments to the benchmark's own parser.
     sub.add_parser("bench", help="time one rank's ring schedule against the best kernel on one device "

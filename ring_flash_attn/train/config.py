@@ -72,8 +72,15 @@ class TrainConfig:
     grad_clip: float = 1.0                # max global gradient norm; 0 = off
     seed: int = 0                         # model initialisation and RNG streams
     precision: str = "fp32"               # "fp32", or "bf16" (bfloat16 compute, float32 weights, optimizer, reduction)
-    activation_checkpointing: str = "none"  # per decoder layer: none, full (every layer) or every_n
+    activation_checkpointing: str = "auto"  # per decoder layer: none, full (every layer), every_n, or auto (none
+                                          # while the memory plan fits the device, else full)
     activation_checkpointing_n: int = 2   # every_n: checkpoint layers 0, n, 2n, ...
+    offload_activations: Optional[bool] = None  # checkpointed layer inputs in pinned host memory (CUDA, XPU);
+                                          # null: on when the memory plan says they do not fit the device
+    loss_chunk_mib: float = 256.0         # memory budget of one chunk of the loss (logits and their gradient)
+    tile_mib: float = 1024.0              # memory budget of one tile of a token-wise module's intermediates (MLPs,
+                                          # norms): longer sequences run them over tiles of tokens, recomputed in
+                                          # the backward; 0 = never
     compile: bool = False                 # torch.compile each decoder layer
     compile_backend: str = "inductor"     # torch.compile's backend (aot_eager: no code generation, for tests)
 
@@ -89,6 +96,10 @@ class ParallelConfig:
     timeout_s: float = 600.0              # a collective waiting longer than this fails the run
     fsdp_replicate: int = 1               # hybrid sharding: replicate over this many groups of consecutive ranks
                                           # (one per node), shard within each; 1 = shard over every rank
+    cpu_offload: Optional[bool] = None    # FSDP2 keeps weights, gradients and optimizer state in host memory and
+                                          # steps the optimizer there (CUDA, XPU); null: on when the memory plan
+                                          # says the states do not fit beside the activations
+    device_memory_gib: Optional[float] = None  # the memory the plan assumes per rank; null: the device's own
 
 
 @dataclass
@@ -98,6 +109,7 @@ class CheckpointConfig:
     keep: int = 2                         # complete checkpoints kept; older ones are deleted after a save
     resume: bool = False                  # continue from the newest complete checkpoint in dir, if any
     verify: bool = True                   # check every file's size and CRC32 before loading
+    save: bool = True                     # false: write no checkpoint at all (benchmarks, capacity trials)
 
 
 @dataclass
@@ -140,7 +152,7 @@ CHOICES = {
     "data.source": ("stdlib", "files"),
     "data.format": ("text", "jsonl", "parquet", "hf_dataset"),
     "train.precision": ("fp32", "bf16"),
-    "train.activation_checkpointing": ("none", "full", "every_n"),
+    "train.activation_checkpointing": ("auto", "none", "full", "every_n"),
     "parallel.device": ("auto", "cpu", "cuda", "xpu"),
     "log.progress": ("auto", "bar", "lines", "off"),
 }
@@ -274,6 +286,15 @@ def validate(config: RunConfig) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"config key {key}: expected a positive value, got {value}")
+    if not config.train.loss_chunk_mib > 0:
+        raise ConfigError(f"config key train.loss_chunk_mib: expected a positive memory budget in MiB, got "
+                          f"{config.train.loss_chunk_mib}")
+    if not config.train.tile_mib >= 0:
+        raise ConfigError(f"config key train.tile_mib: expected a memory budget in MiB (0 = untiled), got "
+                          f"{config.train.tile_mib}")
+    if config.parallel.device_memory_gib is not None and not config.parallel.device_memory_gib > 0:
+        raise ConfigError(f"config key parallel.device_memory_gib: expected a positive size in GiB (or null: the "
+                          f"device's own), got {config.parallel.device_memory_gib}")
     if config.checkpoint.every < 0:
         raise ConfigError(f"config key checkpoint.every: expected >= 0 (0 = only at exit), got {config.checkpoint.every}")
     if config.train.lr <= 0:

@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import (CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard,
+                                    register_fsdp_forward_method)
 
 from .config import RunConfig
+from .loss import LOSS_METHOD
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -39,13 +41,18 @@ def mixed_precision(config: RunConfig) -> MixedPrecisionPolicy:
 
 
 def apply_fsdp(model: nn.Module, config: RunConfig, shard_mesh) -> nn.Module:
-    """Shard ``model`` in place over ``shard_mesh``: every decoder layer, then the root."""
+    """Shard ``model`` in place over ``shard_mesh``: every decoder layer, then the root. With
+    ``parallel.cpu_offload`` the shards (weights, gradients, optimizer state) live in pinned host memory."""
     policy = mixed_precision(config)
+    offload = CPUOffloadPolicy(pin_memory=True) if config.parallel.cpu_offload else OffloadPolicy()
     layers = decoder_layers(model)
     for index, layer in enumerate(layers):
         # The last layer's parameters are needed again at once by the backward: keep them gathered.
-        fully_shard(layer, mesh=shard_mesh, mp_policy=policy, reshard_after_forward=index < len(layers) - 1)
-    fully_shard(model, mesh=shard_mesh, mp_policy=policy)
+        fully_shard(layer, mesh=shard_mesh, mp_policy=policy, offload_policy=offload,
+                    reshard_after_forward=index < len(layers) - 1)
+    fully_shard(model, mesh=shard_mesh, mp_policy=policy, offload_policy=offload)
+    if hasattr(model, LOSS_METHOD):  # the trainer's loss (loss.py) gathers the root's weights as a forward does
+        register_fsdp_forward_method(model, LOSS_METHOD)
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)  # a SUM: see the module docstring

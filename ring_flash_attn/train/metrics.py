@@ -13,6 +13,7 @@ import torch
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
+RANK_SUMMARY = "rank{rank:05d}.json"  # each rank's own figures at the end of a run (its peak memory)
 
 
 def peak_memory_bytes(device: torch.device) -> int:

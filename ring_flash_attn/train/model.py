@@ -19,6 +19,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from . import pretrained, tokens
 from .config import ConfigError, RunConfig
 from .data import VOCAB_SIZE
+from .loss import LOSS_METHOD
 
 # Embedding and LM-head matrices whose row count is a multiple of 64 map onto full matrix-engine tiles.
 VOCAB_MULTIPLE = 64
@@ -122,12 +123,13 @@ def build_empty_model(run_config: RunConfig, attn_implementation: str) -> nn.Mod
                           f"and model.extra): {type(exc).__name__}: {exc}") from None
 
 
-def check_model(run_config: RunConfig, attn_implementation: str) -> None:
+def check_model(run_config: RunConfig, attn_implementation: str) -> nn.Module:
     """What can be checked before any communication: the model builds, its embedding holds the data's tokens,
-    and a pretrained directory's weights match its config (see pretrained.py)."""
+    and a pretrained directory's weights match its config (see pretrained.py). Returns the model, empty."""
     empty = build_empty_model(run_config, attn_implementation)
     if run_config.model.pretrained:
         pretrained.check_weights(Path(run_config.model.pretrained), empty)
+    return empty
 
 
 def _plain_name(name: str) -> str:
@@ -157,10 +159,10 @@ def materialize_from_rank0(model: nn.Module, full_model: Optional[nn.Module], de
 
 def token_loss_sum(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
                    position_ids: torch.Tensor) -> torch.Tensor:
-    """Sum of next-token cross-entropy over the given tokens (labels already shifted), in float32.
+    """Sum of next-token cross-entropy over the given tokens (labels already shifted), in float32, through the
+    model's chunked loss (loss.py: no [tokens, vocab] logits).
 
     The caller divides by the token count of the whole step (every rank, every replica), so the sum, not a
     per-rank mean, is what goes into the loss.
     """
-    logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
-    return nn.functional.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="sum")
+    return getattr(model, LOSS_METHOD)(input_ids, labels, position_ids)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 import signal
 import time
@@ -24,18 +25,21 @@ import torch.distributed as dist
 from torch import nn
 
 from ..comm import choose_backend, default_device_type, detect_launch, init_distributed
-from . import checkpoint, tokens
+from . import checkpoint, memory_plan, tokens
 from ..integrations.hf import (register_ring_attention, shard_batch, substitute_hf_flash_attn,
                                update_ring_flash_attn_params)
 from .config import DEFAULT_CHECK_RTOL, ConfigError, RunConfig, validate_for_world
 from .data import Batch, BatchPlan, PackedDataset, document_cu_seqlens
 from .faults import FaultInjector
 from .flops import flops_per_token, peak_tflops
-from .metrics import METRICS_FILE, PLOT_FILE, MetricsLog, Progress, StepTimer, peak_memory_bytes, plot_loss
+from .metrics import (METRICS_FILE, PLOT_FILE, RANK_SUMMARY, MetricsLog, Progress, StepTimer, peak_memory_bytes,
+                      plot_loss)
 from .mesh import Mesh, build_mesh
 from .model import (build_empty_model, build_model, check_model, materialize_from_rank0, model_config,
                     token_loss_sum)
+from .loss import apply_chunked_loss
 from .parallel import parallelize
+from .tiling import apply_tiling
 from .preemption import StopRequest, TrainingInterrupted
 from ..ulysses import usp_process_groups
 
@@ -61,6 +65,7 @@ class Run:
     dataset: PackedDataset
     plan: BatchPlan
     attn_implementation: str
+    memory: memory_plan.Plan            # this rank's memory at the run's length; ``config`` holds its choices
 
     @property
     def tokens_per_step(self) -> int:
@@ -75,9 +80,12 @@ def setup(config: RunConfig) -> Run:
     """Check everything that can be checked alone, then join the process group and build the mesh."""
     launch = detect_launch()
     dp_size = validate_for_world(config, launch.world_size)
-    check_model(config, FULL_ATTENTION)
+    empty_model = check_model(config, FULL_ATTENTION)
     device_type = default_device_type() if config.parallel.device == "auto" else config.parallel.device
+    memory_plan.check_device_choices(config, device_type)
     _, device = init_distributed(device_type, config.parallel.dist_backend, config.parallel.timeout_s)
+    memory = plan_memory(config, empty_model, launch.world_size, device)
+    config = memory_plan.resolve(config, memory)
     # Read on every rank (each its own file system), then every rank raises whichever rank's error: a rank
     # that failed alone would exit, and the launcher would kill the others before they said why.
     dataset = _shared_errors(lambda: None if config.data.tokenizer else PackedDataset.from_config(config.data))
@@ -98,7 +106,27 @@ def setup(config: RunConfig) -> Run:
         kv_heads = model_config(config).num_key_value_heads
         substitute_hf_flash_attn(mesh.cp_group, heads_k_stride=kv_heads)
     plan = BatchPlan(dp_size, config.train.micro_batch_size, config.train.grad_accum)
-    return Run(config, launch.rank, launch.world_size, device, mesh, dataset, plan, attn_implementation)
+    return Run(config, launch.rank, launch.world_size, device, mesh, dataset, plan, attn_implementation, memory)
+
+
+def plan_memory(config: RunConfig, empty_model: nn.Module, world_size: int,
+                device: torch.device) -> memory_plan.Plan:
+    """The memory plan of this rank, the same on every rank: it assumes the smallest device memory of any rank
+    (or ``parallel.device_memory_gib``), so every rank makes the same automatic choices."""
+    if config.parallel.device_memory_gib is not None:
+        device_bytes = int(config.parallel.device_memory_gib * memory_plan.GIB)
+    else:
+        smallest = torch.tensor([memory_plan.device_memory(device, memory_plan.local_ranks(world_size))], dtype=torch.int64,
+                                device=device)
+        dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
+        device_bytes = int(smallest.item())
+    settings = memory_plan.Settings.of(config, world_size, device.type != "cpu")
+    shape = memory_plan.Shape.of_model(empty_model)
+    plan = memory_plan.plan_step(shape, settings, device_bytes)
+    longest = memory_plan.longest_fitting(shape, settings, device_bytes, multiple=2 * config.parallel.cp)
+    plan.notes.append(f"longest data.seq_len predicted to fit: {longest:,} tokens (at micro_batch_size "
+                      f"{config.train.micro_batch_size}; `ring-attn capacity` measures it)")
+    return plan
 
 
 def _shared_errors(read):
@@ -217,15 +245,18 @@ def step_targets(dataset: PackedDataset, plan: BatchPlan, step: int, document_ma
 
 
 def full_model(config: RunConfig, attn_implementation: str) -> nn.Module:
-    """The whole model with its initial weights, in host memory (rank 0 only, and the --check reference)."""
-    return build_model(config, attn_implementation)
+    """The whole model with its initial weights, in host memory (rank 0 only, and the --check reference), with
+    the run's chunked loss and tiling (the same numbers as the sharded model's, in less memory)."""
+    model = build_model(config, attn_implementation)
+    apply_tiling(model, config.train.tile_mib)
+    return apply_chunked_loss(model, config.train.loss_chunk_mib)
 
 
 def build_sharded_model(run: Run) -> nn.Module:
     """The run's model, parallelised (parallel.py) and sharded over every rank, with rank 0's initial weights."""
     config = run.config
     model = build_empty_model(config, run.attn_implementation)
-    parallelize(model, config, run.mesh)
+    parallelize(model, config, run.mesh, run.device)
     full, problem = None, None
     if run.rank == 0:
         try:
@@ -287,6 +318,7 @@ def train(run: Run) -> List[dict]:
         return []
 
     run.say(_describe(run, model))
+    run.say("\n".join(run.memory.describe()))
     log_dir = Path(config.log.dir)
     metrics = MetricsLog(log_dir / METRICS_FILE, start_step) if run.rank == 0 else None
     progress = Progress(config.log.progress if run.rank == 0 else "off", config.train.steps, start_step,
@@ -316,7 +348,7 @@ def train(run: Run) -> List[dict]:
                 if metrics is not None:
                     metrics.write(record)
                 progress.update(record)
-                every = config.checkpoint.every
+                every = config.checkpoint.every if config.checkpoint.save else 0
                 if every and (step + 1) % every == 0:
                     checkpoint.save(root, _train_state(run, step + 1), model, optimizer, run.device,
                                     config.checkpoint.keep, config.to_dict())
@@ -329,7 +361,10 @@ def train(run: Run) -> List[dict]:
         progress.close()
         if metrics is not None:
             metrics.close()
-    if last_saved != final_step:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    (log_dir / RANK_SUMMARY.format(rank=run.rank)).write_text(json.dumps(
+        {"rank": run.rank, "peak_memory_bytes": peak_memory_bytes(run.device), "steps": len(records)}))
+    if last_saved != final_step and config.checkpoint.save:
         checkpoint.save(root, _train_state(run, final_step), model, optimizer, run.device, config.checkpoint.keep,
                         config.to_dict())
     if stopped_by is not None:

@@ -14,6 +14,7 @@ from ring_flash_attn.train.fsdp import local_state_bytes
 from ring_flash_attn.train.model import _plain_name
 
 STEPS = 3
+TIED = ("model.extra", "{tie_word_embeddings: true}")  # the output projection is the input embedding
 
 
 def losses_and_gradients(config_path: Path, log_dir: Path, *overrides) -> dict:
@@ -62,6 +63,7 @@ def two_rank_scenarios(rank: int, world_size: int, config_path: Path, base: Path
     results["eager"] = losses_and_gradients(config_path, base / "eager", ("parallel.cp", "2"))
     results["compiled"] = losses_and_gradients(config_path, base / "compiled", ("parallel.cp", "2"),
                                                ("train.compile", "true"), ("train.compile_backend", "aot_eager"))
+    results["tied"] = losses_and_gradients(config_path, base / "tied", ("parallel.cp", "2"), TIED)
     return results
 
 

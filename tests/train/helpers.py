@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
+import types
 import sys
 from pathlib import Path
 
@@ -15,11 +17,13 @@ from tests.distributed.harness import free_port
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # Small enough that a step takes milliseconds on one core; big enough to have GQA and two zigzag chunks per rank.
+# Budgets small enough that the loss runs in chunks of 8 tokens (320 x 16 bytes a token in float32) and the MLPs
+# and norms in tiles of 10 and 27 tokens (64 x 16 and 32 x 12 bytes a token): every training test runs them.
 TINY = {
     "model": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
               "num_key_value_heads": 2},
     "data": {"seq_len": 64, "max_bytes": 200_000},
-    "train": {"steps": 6, "lr": 3.0e-3, "warmup_steps": 2},
+    "train": {"steps": 6, "lr": 3.0e-3, "warmup_steps": 2, "loss_chunk_mib": 0.04, "tile_mib": 0.01},
     "parallel": {"cp": 2, "device": "cpu", "timeout_s": 60},
     "checkpoint": {"every": 3, "keep": 3},
     "log": {"progress": "lines", "plot": False},
@@ -80,3 +84,28 @@ def save_tiny_tokenizer(directory: Path, vocab_size: int = 300) -> Path:
     tokenizer.train_from_iterator(texts, trainer)
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", unk_token="<unk>").save_pretrained(directory)
     return directory
+
+
+@contextlib.contextmanager
+def plain_loss_and_modules():
+    """Within: the trainer's one-process reference model (trainer.full_model) computes its loss as cross-entropy
+    over the model's own logits, with untiled MLPs and norms: the computation the memory-lean step replaces."""
+    import torch.nn.functional as F
+
+    from ring_flash_attn.train import trainer
+    from ring_flash_attn.train.loss import LOSS_METHOD
+
+    def plain_loss(model, input_ids, labels, position_ids):
+        logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="sum")
+
+    def attach(model, budget_mib):
+        setattr(model, LOSS_METHOD, types.MethodType(plain_loss, model))
+        return model
+
+    saved = trainer.apply_chunked_loss, trainer.apply_tiling
+    trainer.apply_chunked_loss, trainer.apply_tiling = attach, lambda model, budget_mib: model
+    try:
+        yield
+    finally:
+        trainer.apply_chunked_loss, trainer.apply_tiling = saved

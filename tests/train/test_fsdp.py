@@ -1,5 +1,6 @@
 """FSDP2 over the data x context ranks (4 CPU ranks, gloo): losses and gradients equal one process with full
-attention; activation checkpointing changes nothing; parameter and optimizer bytes per rank fall as 1 / N;
+attention and the plain loss over the model's logits (the sharded runs chunk the loss and tile MLPs and norms);
+activation checkpointing changes nothing; parameter and optimizer bytes per rank fall as 1 / N;
 a sharded checkpoint resumes on another world size."""
 
 import pytest
@@ -14,7 +15,7 @@ from tests.tolerances import GRADIENT, rel_err
 
 from . import fsdp_workers
 from .fsdp_workers import STEPS
-from .helpers import write_config
+from .helpers import plain_loss_and_modules, write_config
 
 # Loss is a mean over every token; over a few AdamW steps float32 runs summing in different orders agree to
 # a few ulps of the accumulated error (the --check tolerance).
@@ -30,13 +31,14 @@ def world(tmp_path_factory):
     return base, config, run_world(4, fsdp_workers.all_scenarios, config, base, timeout_s=240)[0]
 
 
-def _reference(config_path, dp_size):
-    config = load_config(str(config_path))
+def _reference(config_path, dp_size, *overrides):
+    config = load_config(str(config_path), list(overrides))
     dataset = PackedDataset.from_config(config.data)
     plan = BatchPlan(dp_size, config.train.micro_batch_size, config.train.grad_accum)
     steps = []
-    for loss, model in trainer.reference_steps(config, dataset, plan, STEPS, torch.device("cpu")):
-        steps.append((loss, {name: p.grad.clone() for name, p in model.named_parameters()}))
+    with plain_loss_and_modules():
+        for loss, model in trainer.reference_steps(config, dataset, plan, STEPS, torch.device("cpu")):
+            steps.append((loss, {name: p.grad.clone() for name, p in model.named_parameters()}))
     return steps
 
 
@@ -110,6 +112,21 @@ def test_compiled_layers_equal_eager_and_compile_once(two_ranks):
     graphs = compiled["graphs_compiled"]
     assert graphs[0] > eager["graphs_compiled"][-1]  # it did compile
     assert graphs[1] == graphs[2], "recompiled after the first steps"
+
+
+def test_tied_embeddings_on_two_ranks_equal_one_process(world, two_ranks):
+    """The chunked loss's projection gradient and the embedding's gradient land in one tied weight."""
+    _, config, _ = world
+    _, results = two_ranks
+    tied = results["tied"]
+    assert any("embed_tokens" in name for name in tied["gradients"][0])
+    assert not any("lm_head" in name for name in tied["gradients"][0])
+    for step, (loss, gradients) in enumerate(_reference(config, 1, fsdp_workers.TIED)):
+        assert tied["losses"][step] == pytest.approx(loss, rel=LOSS_RTOL), step
+        tolerance = GRADIENT[torch.float32] if step == 0 else LATER_GRADIENT_RTOL
+        for name, reference in gradients.items():
+            error = rel_err(torch.from_numpy(tied["gradients"][step][name]), reference)
+            assert error <= tolerance, (step, name, error)
 
 
 def test_state_bytes_halve_from_two_ranks_to_four(world, two_ranks):

@@ -16,7 +16,7 @@ from tests.tolerances import FORWARD, GRADIENT, rel_err
 
 from . import real_model_workers
 from .fsdp_workers import STEPS
-from .helpers import save_tiny_llama, save_tiny_tokenizer, write_config
+from .helpers import plain_loss_and_modules, save_tiny_llama, save_tiny_tokenizer, write_config
 
 LOSS_RTOL = 1e-5
 LATER_GRADIENT_RTOL = 1e-3
@@ -64,13 +64,14 @@ def test_pretrained_with_extended_rope_trains_as_one_process(world):
     config = load_config(str(config_path), pretrained)
     dataset = PackedDataset.from_config(config.data)
     plan = BatchPlan(1, config.train.micro_batch_size, config.train.grad_accum)
-    reference = trainer.reference_steps(config, dataset, plan, STEPS, torch.device("cpu"))
-    for step, (loss, model) in enumerate(reference):
-        assert results["pretrained"]["losses"][step] == pytest.approx(loss, rel=LOSS_RTOL), step
-        tolerance = GRADIENT[torch.float32] if step == 0 else LATER_GRADIENT_RTOL
-        for name, p in model.named_parameters():
-            error = rel_err(torch.from_numpy(results["pretrained"]["gradients"][step][name]), p.grad)
-            assert error <= tolerance, (step, name, error)
+    with plain_loss_and_modules():  # the gradients are read at each step, inside
+        for step, (loss, model) in enumerate(trainer.reference_steps(config, dataset, plan, STEPS,
+                                                                     torch.device("cpu"))):
+            assert results["pretrained"]["losses"][step] == pytest.approx(loss, rel=LOSS_RTOL), step
+            tolerance = GRADIENT[torch.float32] if step == 0 else LATER_GRADIENT_RTOL
+            for name, p in model.named_parameters():
+                error = rel_err(torch.from_numpy(results["pretrained"]["gradients"][step][name]), p.grad)
+                assert error <= tolerance, (step, name, error)
     assert model.config.max_position_embeddings == 128 and model.config.rope_parameters["rope_type"] == "llama3"
 
 
@@ -117,7 +118,8 @@ def test_document_mask_equals_full_attention_per_document(world):
         error = rel_err(torch.from_numpy(sharded["gradients"][0][name]), p.grad)
         assert error <= GRADIENT[torch.float32], (name, error)
     # Later steps against the unsharded model on the packed rows (transformers masks by the restarting positions).
-    reference = [loss for loss, _ in trainer.reference_steps(config, dataset, plan, STEPS, torch.device("cpu"))]
+    with plain_loss_and_modules():
+        reference = [loss for loss, _ in trainer.reference_steps(config, dataset, plan, STEPS, torch.device("cpu"))]
     assert sharded["losses"] == pytest.approx(reference, rel=LOSS_RTOL)
 
 
