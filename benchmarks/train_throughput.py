@@ -51,7 +51,7 @@ def write_config(directory: Path, seq_len: int, steps: int) -> Path:
               "data": {"source": "stdlib", "seq_len": seq_len, "max_bytes": 4 * (steps + 2) * (seq_len + 1)},
               "train": {"steps": steps, "micro_batch_size": 1, "lr": 3.0e-4, "warmup_steps": 1, "precision": "bf16"},
               "parallel": {"cp": 1, "device": "cuda"},
-              "checkpoint": {"every": 0},
+              "checkpoint": {"save": False},
               "log": {"every": 1, "plot": False, "progress": "lines"}}
     path = directory / "throughput.yaml"
     path.write_text(yaml.safe_dump(config))

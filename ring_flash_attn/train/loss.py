@@ -74,14 +74,22 @@ def chunk_tokens(vocab_size: int, compute_dtype: torch.dtype, budget_bytes: int)
     return max(1, budget_bytes // per_token)
 
 
+_MIXED_PRODUCT_DEVICES = {"cuda"}  # where torch.addmm(..., out_dtype=) adds 16-bit products into float32
+
+
 def _add_product(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """``total += a @ b`` with ``total`` in float32 and ``a``, ``b`` possibly in a 16-bit dtype."""
     if a.dtype == total.dtype:
         total.addmm_(a, b)
-    elif total.device.type == "cuda":  # cuBLAS sums 16-bit products into the float32 total in place
-        torch.addmm(total, a, b, out_dtype=total.dtype, out=total)
-    else:  # elsewhere PyTorch has no mixed-dtype product: round the chunk's product once, add it in float32
-        total.add_(a @ b)
+        return
+    if total.device.type in _MIXED_PRODUCT_DEVICES:
+        try:  # cuBLAS sums the 16-bit products into the float32 total in place
+            torch.addmm(total, a, b, out_dtype=total.dtype, out=total)
+            return
+        except (RuntimeError, TypeError, NotImplementedError):  # a torch without it: as elsewhere from now on
+            _MIXED_PRODUCT_DEVICES.discard(total.device.type)
+    # No mixed-dtype product here: the chunk's product is rounded once, then added in float32.
+    total.add_(a @ b)
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
