@@ -323,7 +323,7 @@ def train(run: Run) -> List[dict]:
     metrics = MetricsLog(log_dir / METRICS_FILE, start_step) if run.rank == 0 else None
     progress = Progress(config.log.progress if run.rank == 0 else "off", config.train.steps, start_step,
                         config.log.every)
-    faults = FaultInjector(run.rank)
+    faults = FaultInjector(run.rank, config.data.seq_len)
     timer = StepTimer(run.device)
     model_flops = flops_per_token(model, config.data.seq_len)
     peak = peak_tflops(run.device, config.train.precision, config.log.peak_tflops)
