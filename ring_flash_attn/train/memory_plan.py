@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -91,9 +91,10 @@ class Plan:
 
     tokens: int
     choices: Choices
-    parts: Dict[str, int]           # bytes on the device, by part
+    parts: Dict[str, int]           # bytes on the device at the step's peak, by part
     host_parts: Dict[str, int]      # bytes in host memory (offloaded states and activations)
     device_bytes: int               # the device's memory as the plan sees it
+    phases: Dict[str, int] = field(default_factory=dict)  # the step's phases; the largest is among the parts
     notes: List[str] = field(default_factory=list)
 
     @property
@@ -159,19 +160,28 @@ class Settings:
 
 
 # What a transformers decoder layer (RMSNorms, rotary attention, gated MLP: Llama's) keeps for its backward,
-# per token, with a = the compute dtype's size:
-# - each RMSNorm: its input in float32 (4 h), the normalised value and the output (2 a h); tiled (tiling.py):
-#   its input and output only (2 a h);
-# - attention: q, k, v after rotary, the output and its contiguous copy for o_proj (a d (3 heads + 2 kv_heads)),
+# per token, with a = the compute dtype's size, in two groups: what its attention's backward still needs when it
+# runs, and what the part after attention needs (freed by then: the backward runs the layer in reverse).
+# - the input norm's output (a h) for q, k, v; q, k, v after rotary, the output (a d (2 heads + 2 kv_heads)),
 #   the float32 log-sum-exp per head;
-# - the gated MLP: gate and up projections, the activation and the product (4 m a); tiled: one tile's worth.
-def _layer_saved(shape: Shape, s: Settings, tokens: int) -> int:
-    a, h, m = s.compute_bytes, shape.hidden, shape.intermediate
+# - after attention: the output's contiguous copy for o_proj (a d heads), the residual and the second norm's
+#   output (2 a h) or, untiled, that norm's float32 input and normalised value too (4 h + a h), the input norm's
+#   the same way; the gated MLP's gate and up projections, activation and product (4 m a), or one tile's worth.
+def _layer_saved(shape: Shape, s: Settings, tokens: int) -> Tuple[int, int]:
+    """(bytes the attention's backward needs, bytes the rest of the layer's backward needs)."""
+    a, h, m, d = s.compute_bytes, shape.hidden, shape.intermediate, shape.head_dim
     norm_tile, mlp_tile = _tile_tokens(s, tiling.norm_bytes_per_token(h, a)), _tile_tokens(s, 4 * m * a)
-    norm = 2 * a * h if tokens > norm_tile else 4 * h + 2 * a * h
-    attention = a * shape.head_dim * (3 * shape.heads + 2 * shape.kv_heads) + 4 * shape.heads
-    mlp = 4 * m * a * min(tokens, mlp_tile)
-    return (2 * norm + attention) * tokens + mlp
+    untiled_norm = (4 * h + a * h) if tokens <= norm_tile else 0   # float32 input and normalised value
+    attention = a * h + untiled_norm + a * d * (2 * shape.heads + 2 * shape.kv_heads) + 4 * shape.heads
+    after = a * d * shape.heads + 2 * a * h + untiled_norm
+    return attention * tokens, after * tokens + 4 * m * a * min(tokens, mlp_tile)
+
+
+def _backward_gradients(shape: Shape, s: Settings, tokens: int) -> int:
+    """Gradients alive at a layer's attention backward: the gradient along the residual and into the attention's
+    output, dq, dk, dv, and the attention kernel's float32 accumulator of dq."""
+    a, d = s.compute_bytes, shape.head_dim
+    return tokens * (2 * a * shape.hidden + a * d * (shape.heads + 2 * shape.kv_heads) + 4 * shape.heads * d)
 
 
 def _tile_tokens(s: Settings, bytes_per_token: int) -> float:
@@ -180,7 +190,11 @@ def _tile_tokens(s: Settings, bytes_per_token: int) -> float:
 
 def plan_step(shape: Shape, s: Settings, device_bytes: int, tokens: Optional[int] = None,
               choices: Optional[Choices] = None) -> Plan:
-    """The memory of one step; with ``choices`` None, the automatic choices made as the module docstring says."""
+    """The memory of one step; with ``choices`` None, the automatic choices made as the module docstring says.
+
+    The total is what lives through the step (states, gathered weights, saved activations) plus the largest
+    of its phases: the loss, and a layer's backward (the layer recomputed, its gradients).
+    """
     tokens = s.tokens if tokens is None else tokens
     if choices is None:
         return _choose(shape, s, device_bytes, tokens)
@@ -189,19 +203,19 @@ def plan_step(shape: Shape, s: Settings, device_bytes: int, tokens: Optional[int
     host: Dict[str, int] = {}
     # States: float32 weights, gradients and AdamW's two moments, sharded; the weights gathered for the layer at
     # hand and the next (FSDP prefetches), with their gradients in the backward, and the root's (embeddings,
-    # output projection) for the whole step.
+    # output projection) for the whole step, with the loss's float32 sum of the projection's gradient.
     states = 16 * shape.params // s.shard_ranks
     if choices.cpu_offload:
         host["states"] = states
     else:
         parts["states (sharded weights, grads, AdamW)"] = states
-    gathered = 2 * shape.layer_params * a + shape.layer_params * (a + 4)
-    gathered += shape.root_params * (2 * a + 4)   # weights, their gradient, the float32 copy reduced
-    parts["gathered weights"] = gathered
-    layer = _layer_saved(shape, s, tokens)
+    parts["gathered weights"] = 2 * shape.layer_params * a + shape.layer_params * (a + 4) + shape.root_params * (2 * a + 4)
+    attention, after = _layer_saved(shape, s, tokens)
+    gradients = _backward_gradients(shape, s, tokens)
     mode = choices.activation_checkpointing
     if mode == "none":
-        parts["activations (every layer)"] = shape.layers * layer
+        parts["activations (every layer)"] = shape.layers * (attention + after)
+        layer_backward = gradients
     else:
         every = 1 if mode == "full" else s.checkpoint_every
         checkpointed = -(-shape.layers // every)
@@ -210,19 +224,20 @@ def plan_step(shape: Shape, s: Settings, device_bytes: int, tokens: Optional[int
             host["checkpointed layer inputs"] = inputs
             inputs = 2 * tokens * h * a   # the input in use and the one fetched ahead
         parts["checkpointed layer inputs"] = inputs
-        plain = shape.layers - checkpointed
-        parts["recomputed layer"] = layer + plain * layer
-    # The backward of a layer: the gradients flowing in and out of it and along its residual, the gradients of
-    # its attention's output, q, k and v, and the attention kernel's float32 accumulator of dq.
-    parts["layer backward"] = tokens * (3 * h * a + a * shape.head_dim * (2 * shape.heads + 2 * shape.kv_heads)
-                                        + 4 * shape.heads * shape.head_dim)
-    # The loss: the final norm's saved tensors, the last hidden states' gradient, one chunk of logits.
-    final_norm = 2 * a * h if tokens > _tile_tokens(s, tiling.norm_bytes_per_token(h, a)) else 4 * h + 2 * a * h
-    parts["loss"] = tokens * (final_norm + a * h) + min(s.loss_chunk_bytes, tokens * shape.vocab * (2 * a + 8))
+        if checkpointed < shape.layers:
+            parts["activations (layers not checkpointed)"] = (shape.layers - checkpointed) * (attention + after)
+        # Recomputed, the layer holds all it saved, then frees the rest as its attention's backward begins.
+        layer_backward = max(attention + after + tokens * a * h, attention + gradients)
     if s.cp > 1:  # two K/V blocks in flight (forward) and two dK/dV blocks (backward), double-buffered
         parts["ring buffers"] = 4 * 2 * tokens * shape.kv_heads * shape.head_dim * a
     parts["runtime"] = RUNTIME_BYTES if s.accelerator else 0
-    return Plan(tokens, choices, parts, host, device_bytes)
+    # The loss: the final norm's saved tensors, the last hidden states and their gradient, one chunk of logits.
+    final_norm = 2 * a * h + (4 * h + a * h if tokens <= _tile_tokens(s, tiling.norm_bytes_per_token(h, a)) else 0)
+    loss = tokens * (final_norm + a * h) + min(s.loss_chunk_bytes, tokens * shape.vocab * (2 * a + 8))
+    phases = {"layer backward (recomputed layer, gradients)": layer_backward, "loss": loss}
+    phase = max(phases, key=phases.get)
+    parts[phase] = phases[phase]
+    return Plan(tokens, choices, parts, host, device_bytes, phases=phases)
 
 
 # From the fastest to the leanest: recomputing layers costs a third more compute, moving their inputs to the
