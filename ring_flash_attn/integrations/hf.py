@@ -153,6 +153,11 @@ def _register(name: str, group, variant: str, backend: Optional[str], ulysses_si
     AttentionMaskInterface.register(name, _make_mask(name))
 
 
+def is_ring_attention(name: str) -> bool:
+    """Whether transformers' attention implementation ``name`` is one this module registered."""
+    return name in _SETTINGS
+
+
 def shard_batch(input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 position_ids: Optional[torch.Tensor] = None, *, variant: str = "zigzag",
                 group: Optional[dist.ProcessGroup] = None, attention_mask: Optional[torch.Tensor] = None) -> dict:

@@ -39,7 +39,7 @@ with --resume. Guide: docs/training.md."""
 
 # Short flags for the overrides people type most.
 SHORTCUTS = {"cp": "parallel.cp", "variant": "parallel.variant", "steps": "train.steps", "device": "parallel.device",
-             "seq_len": "data.seq_len", "log_dir": "log.dir"}
+             "seq_len": "data.seq_len", "log_dir": "log.dir", "profile": "log.profile_steps"}
 
 
 class TrainArgumentParser(argparse.ArgumentParser):

@@ -119,6 +119,8 @@ class LogConfig:
     every: int = 1                        # progress lines every N steps (the JSONL log has every step)
     plot: bool = True                     # loss-vs-step PNG at the end (needs matplotlib)
     peak_tflops: Optional[float] = None   # the device's peak dense TFLOP/s for MFU; default: known devices' table
+    profile_steps: int = 0                # profile this many steps (--profile N): a trace per rank, top ops printed
+    profile_after: int = 3                # ... after this many warm-up steps of the run
 
 
 @dataclass
@@ -295,6 +297,9 @@ def validate(config: RunConfig) -> None:
     if config.parallel.device_memory_gib is not None and not config.parallel.device_memory_gib > 0:
         raise ConfigError(f"config key parallel.device_memory_gib: expected a positive size in GiB (or null: the "
                           f"device's own), got {config.parallel.device_memory_gib}")
+    if config.log.profile_steps < 0 or config.log.profile_after < 0:
+        raise ConfigError(f"config keys log.profile_steps, log.profile_after: expected >= 0, got "
+                          f"{config.log.profile_steps}, {config.log.profile_after}")
     if config.checkpoint.every < 0:
         raise ConfigError(f"config key checkpoint.every: expected >= 0 (0 = only at exit), got {config.checkpoint.every}")
     if config.train.lr <= 0:

@@ -41,6 +41,7 @@ from .loss import apply_chunked_loss
 from .parallel import parallelize
 from .tiling import apply_tiling
 from .preemption import StopRequest, TrainingInterrupted
+from .profiling import StepProfiler
 from ..ulysses import usp_process_groups
 
 # The attention full-sequence runs use in --check: PyTorch's fused attention over the whole sequence.
@@ -98,8 +99,7 @@ def setup(config: RunConfig) -> Run:
     _check_same_data(dataset)
     if config.parallel.ulysses > 1:  # the ulysses x ring mesh over the cp ranks, with the run's collective timeout
         usp_process_groups(config.parallel.ulysses, mesh.cp_group, timeout=timedelta(seconds=config.parallel.timeout_s))
-    attn_implementation = register_ring_attention(mesh.cp_group, config.parallel.variant, config.parallel.attn_backend,
-                                                  ulysses_size=config.parallel.ulysses)
+    attn_implementation = attention_implementation(config, mesh)
     if config.data.document_mask:
         # Documents of any length, crossing the ranks' pieces: the all-gather (llama3) exchange over contiguous
         # pieces serves them; the zigzag/stripe layouts would need every document's length divisible by 2 x cp.
@@ -107,6 +107,16 @@ def setup(config: RunConfig) -> Run:
         substitute_hf_flash_attn(mesh.cp_group, heads_k_stride=kv_heads)
     plan = BatchPlan(dp_size, config.train.micro_batch_size, config.train.grad_accum)
     return Run(config, launch.rank, launch.world_size, device, mesh, dataset, plan, attn_implementation, memory)
+
+
+def attention_implementation(config: RunConfig, mesh: Mesh) -> str:
+    """The model's attention: ring attention over the cp group; at cp = 1, unless a kernel backend is forced or
+    documents are masked (transformers' SDPA path would attend across packed documents), transformers' own SDPA
+    attention, which needs no ring machinery and compiles into a layer's graph."""
+    if mesh.cp_size == 1 and not config.data.document_mask and config.parallel.attn_backend is None:
+        return FULL_ATTENTION
+    return register_ring_attention(mesh.cp_group, config.parallel.variant, config.parallel.attn_backend,
+                                   ulysses_size=config.parallel.ulysses)
 
 
 def plan_memory(config: RunConfig, empty_model: nn.Module, world_size: int,
@@ -172,7 +182,8 @@ def make_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.train.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.train.lr, betas=(config.train.beta1, config.train.beta2))
+    # fused: one kernel for every parameter's update instead of a few per group of tensors (what a plain loop uses)
+    return torch.optim.AdamW(groups, lr=config.train.lr, betas=(config.train.beta1, config.train.beta2), fused=True)
 
 
 def _reference_autocast(config: RunConfig, device: torch.device, sharded: bool):
@@ -330,8 +341,9 @@ def train(run: Run) -> List[dict]:
     records, last_saved = [], start_step if found is not None else None
     final_step, stopped_by = config.train.steps, None
     started = time.perf_counter()
+    profiler = StepProfiler(config.log.profile_steps, config.log.profile_after, run.device, run.rank, log_dir)
     try:
-        with StopRequest(grace_s=config.parallel.timeout_s) as stop:
+        with StopRequest(grace_s=config.parallel.timeout_s) as stop, profiler:
             for step in range(start_step, config.train.steps):
                 faults.at_step(step + 1)
                 timer.start()
@@ -353,6 +365,7 @@ def train(run: Run) -> List[dict]:
                     checkpoint.save(root, _train_state(run, step + 1), model, optimizer, run.device,
                                     config.checkpoint.keep, config.to_dict())
                     last_saved = step + 1
+                profiler.step_done()
                 stopped_by = _collective(run, step, stop.agreed_signal, run.device)
                 if stopped_by is not None:
                     final_step = step + 1

@@ -1,6 +1,7 @@
 """The trainer under torchrun (CPU ranks): a killed rank is restarted and resumes with nothing lost; a silent rank
 fails the run within the timeout; bad input fails every rank with a clear message and a non-zero exit."""
 
+import json
 import time
 
 import pytest
@@ -16,16 +17,26 @@ def _tail(result) -> str:
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    """An 8-step run with checkpoints every 3 steps, nothing injected: the reference losses."""
+    """An 8-step run with checkpoints every 3 steps, nothing injected: the reference losses. Steps 4 and 5 are
+    profiled (--profile), which must change nothing."""
     base = tmp_path_factory.mktemp("uninterrupted")
     config = write_config(base, train={"steps": 8})
-    result = torchrun(2, ["--config", config, "--log.dir", base / "run"])
+    result = torchrun(2, ["--config", config, "--log.dir", base / "run", "--profile", "2"])
     assert result.returncode == 0, _tail(result)
-    return config, base / "run"
+    return config, base / "run", result
+
+
+def test_profile_writes_a_trace_per_rank_and_prints_the_top_ops(uninterrupted):
+    _, run, result = uninterrupted
+    for rank in (0, 1):
+        trace = json.loads((run / "profile" / f"rank{rank:05d}.json").read_text())
+        steps = {e["name"] for e in trace["traceEvents"] if e.get("name", "").startswith("ProfilerStep#")}
+        assert steps == {"ProfilerStep#3", "ProfilerStep#4"}, steps  # 0-based: the run's 4th and 5th steps
+    assert "top ops by self host time:" in result.stdout and "aten::mm" in result.stdout
 
 
 def test_killed_rank_restarts_and_resumes_with_nothing_lost(uninterrupted, tmp_path):
-    config, reference = uninterrupted
+    config, reference, _ = uninterrupted
     result = torchrun(2, ["--config", config, "--log.dir", tmp_path / "run", "--resume"], max_restarts=1,
                       env={FAULT: "kill@5:1"})  # rank 1 SIGKILLs itself at step 5 of the first attempt
     assert result.returncode == 0, _tail(result)
@@ -35,7 +46,7 @@ def test_killed_rank_restarts_and_resumes_with_nothing_lost(uninterrupted, tmp_p
 
 
 def test_sigterm_on_one_rank_stops_every_rank_with_a_checkpoint_and_resume_finishes(uninterrupted, tmp_path):
-    config, reference = uninterrupted
+    config, reference, _ = uninterrupted
     args = ["--config", config, "--log.dir", tmp_path / "run", "--checkpoint.every", "0"]
     stopped = torchrun(2, args, env={FAULT: "term@4:1"})  # as a scheduler preempting the job would
     assert stopped.returncode != 0, _tail(stopped)
@@ -61,7 +72,7 @@ def test_silent_rank_fails_the_run_within_the_timeout_naming_the_step(tmp_path):
 
 
 def test_corrupt_checkpoint_exits_non_zero_on_every_rank(uninterrupted, tmp_path):
-    config, reference = uninterrupted
+    config, reference, _ = uninterrupted
     latest = reference / "checkpoints" / "step_00000008"
     shard = next(latest.glob("*.distcp"))
     original = shard.read_bytes()
