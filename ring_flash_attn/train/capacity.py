@@ -123,7 +123,7 @@ def predict(config, ranks: int, device_memory_gib: Optional[float]) -> List[str]
         device = torch.device(kind if kind == "cpu" else f"{kind}:0")
         device_bytes = memory_plan.device_memory(device, ranks if kind == "cpu" else 1)
         where = f"{memory_plan._gib(device_bytes)} per rank ({kind})"
-    settings = memory_plan.Settings.of(config, ranks, kind != "cpu")
+    settings = memory_plan.Settings.of(config, ranks, kind != "cpu", device_bytes)
     plan = memory_plan.plan_step(shape, settings, device_bytes)
     longest = memory_plan.longest_fitting(shape, settings, device_bytes, multiple=2 * config.parallel.cp)
     return [f"model: {shape.params / 1e9:.2f} B parameters ({shape.layers} layers, hidden {shape.hidden}, vocabulary "

@@ -77,7 +77,8 @@ class TrainConfig:
     activation_checkpointing_n: int = 2   # every_n: checkpoint layers 0, n, 2n, ...
     offload_activations: Optional[bool] = None  # checkpointed layer inputs in pinned host memory (CUDA, XPU);
                                           # null: on when the memory plan says they do not fit the device
-    loss_chunk_mib: float = 256.0         # memory budget of one chunk of the loss (logits and their gradient)
+    loss_chunk_mib: Optional[float] = None  # memory budget of one chunk of the loss (logits and their gradient);
+                                          # null: a 64th of the device's memory per rank, at most 1024
     tile_mib: float = 1024.0              # memory budget of one tile of a token-wise module's intermediates (MLPs,
                                           # norms): longer sequences run them over tiles of tokens, recomputed in
                                           # the backward; 0 = never
@@ -288,7 +289,7 @@ def validate(config: RunConfig) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"config key {key}: expected a positive value, got {value}")
-    if not config.train.loss_chunk_mib > 0:
+    if config.train.loss_chunk_mib is not None and not config.train.loss_chunk_mib > 0:
         raise ConfigError(f"config key train.loss_chunk_mib: expected a positive memory budget in MiB, got "
                           f"{config.train.loss_chunk_mib}")
     if not config.train.tile_mib >= 0:

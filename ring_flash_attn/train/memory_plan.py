@@ -147,10 +147,10 @@ class Settings:
     accelerator: bool
 
     @classmethod
-    def of(cls, config, world_size: int, accelerator: bool) -> "Settings":
+    def of(cls, config, world_size: int, accelerator: bool, device_bytes: int) -> "Settings":
         train, parallel = config.train, config.parallel
         return cls(config.data.seq_len, train.micro_batch_size, parallel.cp, world_size // parallel.fsdp_replicate,
-                   2 if train.precision == "bf16" else 4, int(train.loss_chunk_mib * 2 ** 20),
+                   2 if train.precision == "bf16" else 4, int(loss_chunk_mib(config, device_bytes) * 2 ** 20),
                    int(train.tile_mib * 2 ** 20), train.activation_checkpointing,
                    train.activation_checkpointing_n, train.offload_activations, parallel.cpu_offload, accelerator)
 
@@ -306,6 +306,17 @@ def device_memory(device: torch.device, local_ranks: int = 1) -> int:
     return int(module.get_device_properties(device).total_memory)
 
 
+LOSS_CHUNK_SHARE = 64         # an automatic loss chunk takes this share of the device's memory ...
+LOSS_CHUNK_MAX_MIB = 1024     # ... and at most this: larger chunks are no faster
+
+
+def loss_chunk_mib(config, device_bytes: int) -> float:
+    """``train.loss_chunk_mib``, or its automatic value for a device of ``device_bytes``."""
+    if config.train.loss_chunk_mib is not None:
+        return config.train.loss_chunk_mib
+    return min(LOSS_CHUNK_MAX_MIB, device_bytes / LOSS_CHUNK_SHARE / 2 ** 20)
+
+
 def check_device_choices(config, device_type: str) -> None:
     """Switches the device cannot serve are config errors (raised alike on every rank, before any collective)."""
     from .config import ConfigError
@@ -324,6 +335,7 @@ def resolve(config, plan: Plan):
     """``config`` with its automatic memory choices replaced by the plan's."""
     choices = plan.choices
     train = dataclasses.replace(config.train, activation_checkpointing=choices.activation_checkpointing,
-                                offload_activations=choices.offload_activations)
+                                offload_activations=choices.offload_activations,
+                                loss_chunk_mib=loss_chunk_mib(config, plan.device_bytes))
     parallel = dataclasses.replace(config.parallel, cpu_offload=choices.cpu_offload)
     return dataclasses.replace(config, train=train, parallel=parallel)

@@ -130,7 +130,7 @@ def plan_memory(config: RunConfig, empty_model: nn.Module, world_size: int,
                                 device=device)
         dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
         device_bytes = int(smallest.item())
-    settings = memory_plan.Settings.of(config, world_size, device.type != "cpu")
+    settings = memory_plan.Settings.of(config, world_size, device.type != "cpu", device_bytes)
     shape = memory_plan.Shape.of_model(empty_model)
     plan = memory_plan.plan_step(shape, settings, device_bytes)
     longest = memory_plan.longest_fitting(shape, settings, device_bytes, multiple=2 * config.parallel.cp)
@@ -260,7 +260,8 @@ def full_model(config: RunConfig, attn_implementation: str) -> nn.Module:
     the run's chunked loss and tiling (the same numbers as the sharded model's, in less memory)."""
     model = build_model(config, attn_implementation)
     apply_tiling(model, config.train.tile_mib)
-    return apply_chunked_loss(model, config.train.loss_chunk_mib)
+    # a run's config has its memory choices resolved; a bare one (the --check reference) takes the largest chunk
+    return apply_chunked_loss(model, config.train.loss_chunk_mib or memory_plan.LOSS_CHUNK_MAX_MIB)
 
 
 def build_sharded_model(run: Run) -> nn.Module:

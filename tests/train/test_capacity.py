@@ -78,7 +78,7 @@ def test_large_vocabulary_at_4096_tokens_per_rank_stays_under_1_25_gib_per_proce
     model = {"hidden_size": 64, "intermediate_size": 172, "num_hidden_layers": 2, "num_attention_heads": 4,
              "num_key_value_heads": 2, "extra": {"vocab_size": 128256}}
     config = write_config(tmp_path, model=model, data={"seq_len": 8192, "max_bytes": 100_000},
-                          train={"steps": 1, "loss_chunk_mib": 256, "tile_mib": 1024},
+                          train={"steps": 1, "loss_chunk_mib": None, "tile_mib": 1024},  # the defaults
                           checkpoint={"save": False})
     result = torchrun(2, ["--config", config, "--log.dir", tmp_path / "run"], timeout_s=240)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -214,6 +214,8 @@ def test_offload_switches_are_config_errors_on_the_cpu(tmp_path):
         with pytest.raises(ConfigError, match=key + r": true needs a GPU"):
             memory_plan.check_device_choices(config, "cpu")
         memory_plan.check_device_choices(config, "cuda")
+    assert memory_plan.loss_chunk_mib(load_config(None), 80 * memory_plan.GIB) == 1024  # automatic, at most 1 GiB
+    assert memory_plan.loss_chunk_mib(load_config(None), 8 * memory_plan.GIB) == 128     # a 64th of the device
     for key, value in (("train.loss_chunk_mib", "0"), ("train.tile_mib", "-1"),
                        ("parallel.device_memory_gib", "0")):
         with pytest.raises(ConfigError, match=key):
