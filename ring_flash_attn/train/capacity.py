@@ -82,6 +82,8 @@ def add_capacity_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--ranks", type=int, default=None, help="--predict: the number of ranks (default: 1)")
     parser.add_argument("--device-memory-gib", type=float, default=None,
                         help="--predict: memory per rank (default: this machine's first accelerator, or RAM)")
+    parser.add_argument("--host-memory-gib", type=float, default=None,
+                        help="--predict: host memory per node for what is offloaded (default: this machine's RAM)")
     parser.epilog = "Config overrides as for ring-attn train: --<section>.<key> <value>."
     parser.set_defaults(handler=main_capacity, overrides=[])
     from .command import TrainArgumentParser
@@ -95,7 +97,7 @@ def main_capacity(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config, parse_overrides(list(extras)))
         if args.predict:
-            print("\n".join(predict(config, args.ranks or 1, args.device_memory_gib)))
+            print("\n".join(predict(config, args.ranks or 1, args.device_memory_gib, args.host_memory_gib)))
             return 0
         return search(config, args)
     except ConfigError as exc:
@@ -103,8 +105,10 @@ def main_capacity(args: argparse.Namespace) -> int:
         return 2
 
 
-def predict(config, ranks: int, device_memory_gib: Optional[float]) -> List[str]:
-    """The memory plan at the config's length and the longest length it predicts, for ``ranks`` ranks."""
+def predict(config, ranks: int, device_memory_gib: Optional[float], host_memory_gib: Optional[float] = None,
+            ranks_per_node: Optional[int] = None) -> List[str]:
+    """The memory plan at the config's length and the longest length it predicts, for ``ranks`` ranks on nodes
+    of ``ranks_per_node`` (default: all on one)."""
     import torch
 
     from . import memory_plan
@@ -123,7 +127,10 @@ def predict(config, ranks: int, device_memory_gib: Optional[float]) -> List[str]
         device = torch.device(kind if kind == "cpu" else f"{kind}:0")
         device_bytes = memory_plan.device_memory(device, ranks if kind == "cpu" else 1)
         where = f"{memory_plan._gib(device_bytes)} per rank ({kind})"
-    settings = memory_plan.Settings.of(config, ranks, kind != "cpu", device_bytes)
+    per_node = ranks_per_node or ranks
+    host_bytes = (int(host_memory_gib * memory_plan.GIB) if host_memory_gib else memory_plan.host_memory()) // per_node
+    where += f", {memory_plan._gib(host_bytes)} of host memory per rank"
+    settings = memory_plan.Settings.of(config, ranks, kind != "cpu", device_bytes, host_bytes if kind != "cpu" else None)
     plan = memory_plan.plan_step(shape, settings, device_bytes)
     longest = memory_plan.longest_fitting(shape, settings, device_bytes, multiple=2 * config.parallel.cp)
     return [f"model: {shape.params / 1e9:.2f} B parameters ({shape.layers} layers, hidden {shape.hidden}, vocabulary "

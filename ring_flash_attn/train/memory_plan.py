@@ -29,6 +29,7 @@ import torch
 from . import tiling
 
 MEMORY_FRACTION = 0.85      # of the device's memory a plan may fill (the allocator's fragmentation, the runtime)
+HOST_FRACTION = 0.75        # of a rank's share of host memory its offloaded states and activations may fill
 RUNTIME_BYTES = 1 << 30     # CUDA/XPU context, library workspaces, communicator buffers: left to the runtime
 GIB = 2 ** 30
 
@@ -95,6 +96,7 @@ class Plan:
     host_parts: Dict[str, int]      # bytes in host memory (offloaded states and activations)
     device_bytes: int               # the device's memory as the plan sees it
     phases: Dict[str, int] = field(default_factory=dict)  # the step's phases; the largest is among the parts
+    host_bytes: Optional[int] = None  # this rank's share of host memory (None: not limited)
     notes: List[str] = field(default_factory=list)
 
     @property
@@ -102,8 +104,13 @@ class Plan:
         return sum(self.parts.values())
 
     @property
+    def host_total(self) -> int:
+        return sum(self.host_parts.values())
+
+    @property
     def fits(self) -> bool:
-        return self.total <= MEMORY_FRACTION * self.device_bytes
+        host_fits = self.host_bytes is None or self.host_total <= HOST_FRACTION * self.host_bytes
+        return self.total <= MEMORY_FRACTION * self.device_bytes and host_fits
 
     @property
     def dominant(self) -> str:
@@ -116,8 +123,9 @@ class Plan:
                  f"({100 * self.total / self.device_bytes:.0f} %; dominant: {self.dominant})",
                  "  " + ", ".join(f"{name} {_gib(size)}" for name, size in order)]
         if any(self.host_parts.values()):
+            share = f" (of {_gib(self.host_bytes)} of host memory per rank)" if self.host_bytes else ""
             lines.append("  in host memory: " + ", ".join(f"{name} {_gib(size)}" for name, size in
-                                                           self.host_parts.items() if size))
+                                                           self.host_parts.items() if size) + share)
         c = self.choices
         lines.append(f"  activation checkpointing {c.activation_checkpointing}, activation offload "
                      f"{'on' if c.offload_activations else 'off'}, state offload {'on' if c.cpu_offload else 'off'}")
@@ -145,14 +153,17 @@ class Settings:
     offload_activations: Optional[bool]
     cpu_offload: Optional[bool]
     accelerator: bool
+    host_bytes: Optional[int] = None  # this rank's share of the host's memory, for what is offloaded
 
     @classmethod
-    def of(cls, config, world_size: int, accelerator: bool, device_bytes: int) -> "Settings":
+    def of(cls, config, world_size: int, accelerator: bool, device_bytes: int,
+           host_bytes: Optional[int] = None) -> "Settings":
         train, parallel = config.train, config.parallel
         return cls(config.data.seq_len, train.micro_batch_size, parallel.cp, world_size // parallel.fsdp_replicate,
                    2 if train.precision == "bf16" else 4, int(loss_chunk_mib(config, device_bytes) * 2 ** 20),
                    int(train.tile_mib * 2 ** 20), train.activation_checkpointing,
-                   train.activation_checkpointing_n, train.offload_activations, parallel.cpu_offload, accelerator)
+                   train.activation_checkpointing_n, train.offload_activations, parallel.cpu_offload, accelerator,
+                   host_bytes)
 
     @property
     def tokens(self) -> int:
@@ -237,7 +248,7 @@ def plan_step(shape: Shape, s: Settings, device_bytes: int, tokens: Optional[int
     phases = {"layer backward (recomputed layer, gradients)": layer_backward, "loss": loss}
     phase = max(phases, key=phases.get)
     parts[phase] = phases[phase]
-    return Plan(tokens, choices, parts, host, device_bytes, phases=phases)
+    return Plan(tokens, choices, parts, host, device_bytes, phases=phases, host_bytes=s.host_bytes)
 
 
 # From the fastest to the leanest: recomputing layers costs a third more compute, moving their inputs to the
@@ -262,6 +273,13 @@ def _choose(shape: Shape, s: Settings, device_bytes: int, tokens: int) -> Plan:
     plans = [plan_step(shape, s, device_bytes, tokens, c) for c in candidates]
     for plan in plans:
         if plan.fits:
+            return plan
+    # Host memory is the weaker limit (some machines report less than they give): a plan that fits the device
+    # and only overflows the host's share goes ahead, with a warning.
+    for plan in plans:
+        if plan.total <= MEMORY_FRACTION * device_bytes:
+            plan.notes.append(f"warning: {_gib(plan.host_total)} offloaded to host memory, more than "
+                              f"{HOST_FRACTION:.0%} of this rank's {_gib(s.host_bytes)} share of it")
             return plan
     leanest = min(plans, key=lambda p: p.total)
     leanest.notes.append(f"does not fit: {_gib(leanest.total)} > {MEMORY_FRACTION:.0%} of {_gib(device_bytes)}; "
@@ -298,10 +316,15 @@ def local_ranks(world_size: int) -> int:
     return world_size
 
 
+def host_memory(local_ranks: int = 1) -> int:
+    """This rank's share of the host's RAM."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(1, local_ranks)
+
+
 def device_memory(device: torch.device, local_ranks: int = 1) -> int:
     """Bytes of memory of ``device``: an accelerator's own, or the host's RAM shared by ``local_ranks`` processes."""
     if device.type == "cpu":
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(1, local_ranks)
+        return host_memory(local_ranks)
     module = getattr(torch, device.type)
     return int(module.get_device_properties(device).total_memory)
 

@@ -123,14 +123,17 @@ def plan_memory(config: RunConfig, empty_model: nn.Module, world_size: int,
                 device: torch.device) -> memory_plan.Plan:
     """The memory plan of this rank, the same on every rank: it assumes the smallest device memory of any rank
     (or ``parallel.device_memory_gib``), so every rank makes the same automatic choices."""
+    local = memory_plan.local_ranks(world_size)
+    # The host's memory matters for what is offloaded to it: each rank's share of its host's.
+    smallest = torch.tensor([memory_plan.device_memory(device, local), memory_plan.host_memory(local)],
+                            dtype=torch.int64, device=device)
+    dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
+    device_bytes, host_bytes = smallest.tolist()
     if config.parallel.device_memory_gib is not None:
         device_bytes = int(config.parallel.device_memory_gib * memory_plan.GIB)
-    else:
-        smallest = torch.tensor([memory_plan.device_memory(device, memory_plan.local_ranks(world_size))], dtype=torch.int64,
-                                device=device)
-        dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
-        device_bytes = int(smallest.item())
-    settings = memory_plan.Settings.of(config, world_size, device.type != "cpu", device_bytes)
+    accelerator = device.type != "cpu"
+    settings = memory_plan.Settings.of(config, world_size, accelerator, device_bytes,
+                                       host_bytes if accelerator else None)
     shape = memory_plan.Shape.of_model(empty_model)
     plan = memory_plan.plan_step(shape, settings, device_bytes)
     longest = memory_plan.longest_fitting(shape, settings, device_bytes, multiple=2 * config.parallel.cp)
