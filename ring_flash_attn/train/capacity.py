@@ -23,13 +23,12 @@ import argparse
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
@@ -59,7 +58,6 @@ class Trial:
     plan_dominant: Optional[str] = None
     plan_bytes: Optional[int] = None
     wall_s: float = 0.0
-    notes: List[str] = field(default_factory=list)
 
 
 def add_capacity_parser(subparsers) -> argparse.ArgumentParser:
@@ -355,9 +353,6 @@ def search(config, args) -> int:
         out = Path(args.out) if args.out else work / RESULT_FILE
         out.write_text(json.dumps(result, indent=1))
         print(f"trials and logs: {work}; results: {out}", flush=True)
-    if not args.work_dir and ranks.rank == 0:
-        for log in work.glob("seq_*/checkpoints"):
-            shutil.rmtree(log, ignore_errors=True)
     return 0 if good is not None else 1
 
 
