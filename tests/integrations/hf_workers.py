@@ -391,6 +391,9 @@ def zhuzilin_compat_errors(rank, world_size, seed):
 
 def world_checks(rank, world_size, cases, misc_seed=None):
     """Every model case, and with ``misc_seed`` the other checks too: one world start for all of them."""
+    from tests.integrations.zhuzilin_workers import loaded_before_registering, zhuzilin_api_checks
+
+    loaded_early = loaded_before_registering(rank, world_size, cases[0][2] + 800)  # first: nothing registered yet
     results = {"models": model_errors(rank, world_size, cases),
                "two_rings": two_rings_errors(rank, world_size, cases[0][2] + 700) if world_size >= 4 else None,
                "packed": {variant: packed_errors(rank, world_size, variant, cases[0][2] + 500 + n)
@@ -398,9 +401,8 @@ def world_checks(rank, world_size, cases, misc_seed=None):
     if misc_seed is not None:
         results.update(misc_checks(rank, world_size, misc_seed))
     # Last: these substitute transformers' flash attention, as the replaced project's clients do.
-    from tests.integrations.zhuzilin_workers import zhuzilin_api_checks
-
-    results["zhuzilin_api"] = zhuzilin_api_checks(rank, world_size, cases[0][2] + 900)
+    results["zhuzilin_api"] = dict(zhuzilin_api_checks(rank, world_size, cases[0][2] + 900),
+                                   loaded_before_registering=loaded_early)
     return results
 
 

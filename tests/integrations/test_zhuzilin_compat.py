@@ -7,10 +7,6 @@ Tolerances: float64 throughout. Attention outputs, LSE and gradients against flo
 context parallelism, each packed sequence alone, softmax in float64: 1e-10, as in test_hf.py.
 """
 
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 
@@ -90,35 +86,14 @@ def test_non_causal_encoder_through_substitute_hf_flash_attn(api_results, world_
         assert got["hidden"] <= MODEL_TOL and got["grads"] <= MODEL_TOL and got["key_bias_grads_abs"] <= 1e-12, got
 
 
-REGISTRATION_ORDER = textwrap.dedent("""
-    import tempfile, torch, torch.distributed as dist, transformers
-    import ring_flash_attn.integrations.hf as hf
-    from transformers import AutoModelForCausalLM
-
-    dist.init_process_group("gloo", init_method="file://" + tempfile.mktemp(), rank=0, world_size=1)
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                                   num_attention_heads=4, num_key_value_heads=2, use_cache=False)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="ring_attention", dtype=torch.float64)
-    ids = torch.randint(1, 64, (1, 8))
-    try:
-        model(input_ids=ids)
-    except RuntimeError as exc:
-        print("BEFORE:", exc)
-    hf.register_ring_attention(variant="ring")
-    eager = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager", dtype=torch.float64)
-    eager.load_state_dict(model.state_dict())
-    err = (model(input_ids=ids).logits - eager(input_ids=ids).logits).abs().max().item()
-    print("AFTER:", err)
-""")
-
-
-def test_model_loaded_with_ring_attention_before_registering():
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_model_loaded_with_ring_attention_before_registering(api_results, world_size):
     """Loading with "ring_attention" before register_ring_attention works (importing the integration registers
-    the name); a forward before configuring it says what to call."""
-    out = subprocess.run([sys.executable, "-c", REGISTRATION_ORDER], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    before = next(line for line in out.stdout.splitlines() if line.startswith("BEFORE:"))
-    assert "call register_ring_attention(group=..., variant=...) or substitute_hf_flash_attn" in before
-    after = float(next(line for line in out.stdout.splitlines() if line.startswith("AFTER:")).split()[1])
-    assert after <= 1e-6  # transformers' eager takes its softmax in float32
+    the name); a forward before configuring it says what to call; after registering, the ring runs."""
+    outcomes = [per_rank["loaded_before_registering"] for per_rank in api_results[world_size]]
+    for got in outcomes:
+        exc_type, message = got["before"]
+        assert exc_type == "RuntimeError", got
+        assert "call register_ring_attention(group=..., variant=...) or substitute_hf_flash_attn" in message
+        assert got["logits"] <= MODEL_TOL, got
+    assert len({got["before"] for got in outcomes}) == 1, "ranks raised different errors"

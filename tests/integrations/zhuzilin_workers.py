@@ -16,6 +16,7 @@ without context parallelism) on one process:
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import torch
@@ -25,8 +26,9 @@ import torch.nn.functional as F
 from ring_flash_attn.kernels import get_backend
 from tests.distributed.workers import make_inputs, oracle, packed_oracle
 from tests.integrations.common import outcome_of
-from tests.integrations.hf_workers import (EXACT_EAGER, SEQLEN, make_models, make_packed_batch, packed_reference_run,
-                                           reduce_grads, register_exact_eager, worst_grad_error)
+from tests.integrations.hf_workers import (EXACT_EAGER, SEQLEN, make_batch, make_models, make_packed_batch,
+                                           packed_reference_run, reduce_grads, register_exact_eager, tiny_config,
+                                           worst_grad_error)
 from tests.tolerances import rel_err
 
 HEADS, DIM = 2, 8
@@ -245,7 +247,7 @@ def client_flash_forward_errors(rank, world_size, seed):
 
     import ring_flash_attn.adapters.hf_adapter as hf_adapter
     from ring_flash_attn import ring_flash_attn_func
-    from tests.integrations.hf_workers import make_batch, reference_run
+    from tests.integrations.hf_workers import reference_run
 
     installed = flash_utils._flash_attention_forward
 
@@ -329,6 +331,30 @@ def encoder_errors(rank, world_size, seed):
     key_bias = max((grads.pop(name) - ref_grads.pop(name)).abs().max().item() for name in flat)
     return {"hidden": rel_err(torch.cat(shards, dim=1), ref), "grads": worst_grad_error(grads, ref_grads),
             "key_bias_grads_abs": key_bias}
+
+
+def loaded_before_registering(rank, world_size, seed):
+    """Run first in a fresh rank: a model loaded with "ring_attention" before anything configured the name. Its
+    forward says what to call; after register_ring_attention it runs the ring (logits vs one process)."""
+    from transformers import AutoModelForCausalLM
+
+    from ring_flash_attn.integrations import hf
+
+    assert "ring_attention" not in hf._SETTINGS, "this check must run before anything registers ring attention"
+    torch.manual_seed(seed)
+    ring = AutoModelForCausalLM.from_config(tiny_config("llama"), attn_implementation="ring_attention",
+                                            dtype=torch.float64)
+    input_ids, _ = make_batch(seed + 1)
+    local = hf.shard_batch(input_ids, variant="ring")
+    run = lambda: ring(input_ids=local["input_ids"], position_ids=local["position_ids"]).logits  # noqa: E731
+    results = {"before": outcome_of(run)}
+    hf.register_ring_attention(variant="ring")
+    register_exact_eager()
+    exact = copy.deepcopy(ring)
+    exact.set_attn_implementation(EXACT_EAGER)
+    with torch.no_grad():
+        results["logits"] = rel_err(hf.gather_logits(run(), variant="ring"), exact(input_ids=input_ids).logits)
+    return results
 
 
 def zhuzilin_api_checks(rank, world_size, seed):
