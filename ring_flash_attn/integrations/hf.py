@@ -61,6 +61,7 @@ TRANSFORMERS_MINIMUM, TRANSFORMERS_BELOW = "4.56", "6"
 require_version("transformers", transformers.__version__, TRANSFORMERS_MINIMUM, TRANSFORMERS_BELOW)
 
 from transformers import AttentionInterface  # noqa: E402  (after the version gate: older versions lack them)
+from transformers import masking_utils  # noqa: E402
 from transformers.masking_utils import AttentionMaskInterface  # noqa: E402
 
 # Not "ring_flash_attn": transformers treats every implementation name containing "flash" as a flash-attn
@@ -262,7 +263,9 @@ def _make_mask(name: str):
         if config is not None and getattr(config, "attention_chunk_size", None):
             raise NotImplementedError(f"mask: chunked attention (config.attention_chunk_size="
                                       f"{config.attention_chunk_size}) is not supported by ring attention")
-        if mask_function is not None and (config is None or getattr(config, "is_causal", True)):
+        # An encoder's plain bidirectional mask (BERT, vision towers) is non-causal attention, which the ring serves.
+        bidirectional = mask_function is getattr(masking_utils, "bidirectional_mask_function", None)
+        if mask_function is not None and not bidirectional and (config is None or getattr(config, "is_causal", True)):
             device = kwargs.get("device") or next(
                 (t.device for t in (cache_position, attention_mask) if t is not None), None)
             _check_no_future_keys(mask_function, batch_size, q_length, device)

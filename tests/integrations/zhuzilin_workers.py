@@ -292,7 +292,8 @@ def bert_config():
 
 
 def encoder_errors(rank, world_size, seed):
-    """A non-causal encoder (BERT) through substitute_hf_flash_attn: packed sequences in contiguous pieces, its
+    """A non-causal encoder (BERT) through substitute_hf_flash_attn, dispatching on "flash_attention_2" (as loaded on
+    a GPU machine) and on "ring_attention" (how a CPU machine loads it): packed sequences in contiguous pieces, its
     hidden states and gradients against each sequence run alone in float64 eager attention."""
     from transformers import BertModel
 
@@ -303,9 +304,6 @@ def encoder_errors(rank, world_size, seed):
     torch.manual_seed(seed)
     exact = BertModel(bert_config(), add_pooling_layer=False).double()
     exact.set_attn_implementation(EXACT_EAGER)
-    ring = BertModel(bert_config(), add_pooling_layer=False).double()
-    ring.load_state_dict(exact.state_dict())
-    ring.config._attn_implementation = "flash_attention_2"  # as loaded with it on a GPU machine
     g = torch.Generator().manual_seed(seed + 1)
     input_ids = torch.randint(1, 64, (1, SEQLEN), generator=g)
     position_ids = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
@@ -320,17 +318,24 @@ def encoder_errors(rank, world_size, seed):
     update_ring_flash_attn_params(torch.tensor(bounds, dtype=torch.int32), None)
     piece = SEQLEN // world_size
     mine = slice(rank * piece, (rank + 1) * piece)
-    hidden = ring(input_ids=input_ids[:, mine], position_ids=position_ids[:, mine]).last_hidden_state
-    (hidden * weights[:, mine]).sum().backward()
-    shards = [torch.empty_like(hidden) for _ in range(world_size)]
-    dist.all_gather(shards, hidden.detach())
-    grads = reduce_grads(ring, average_over=1)
-    # A key bias shifts every score of a row alike, which softmax ignores: its true gradient is 0, so both sides
-    # hold rounding noise there; they are compared in absolute terms.
-    flat = [name for name in ref_grads if name.endswith("attention.self.key.bias")]
-    key_bias = max((grads.pop(name) - ref_grads.pop(name)).abs().max().item() for name in flat)
-    return {"hidden": rel_err(torch.cat(shards, dim=1), ref), "grads": worst_grad_error(grads, ref_grads),
-            "key_bias_grads_abs": key_bias}
+    results = {}
+    for name in ("flash_attention_2", "ring_attention"):
+        ring = BertModel(bert_config(), add_pooling_layer=False).double()
+        ring.load_state_dict(exact.state_dict())
+        ring.config._attn_implementation = name  # flash_attention_2: as loaded with it on a GPU machine
+        hidden = ring(input_ids=input_ids[:, mine], position_ids=position_ids[:, mine]).last_hidden_state
+        (hidden * weights[:, mine]).sum().backward()
+        shards = [torch.empty_like(hidden) for _ in range(world_size)]
+        dist.all_gather(shards, hidden.detach())
+        grads = reduce_grads(ring, average_over=1)
+        want = dict(ref_grads)
+        # A key bias shifts every score of a row alike, which softmax ignores: its true gradient is 0, so both
+        # sides hold rounding noise there; they are compared in absolute terms.
+        flat = [key for key in want if key.endswith("attention.self.key.bias")]
+        key_bias = max((grads.pop(key) - want.pop(key)).abs().max().item() for key in flat)
+        results[name] = {"hidden": rel_err(torch.cat(shards, dim=1), ref), "grads": worst_grad_error(grads, want),
+                         "key_bias_grads_abs": key_bias}
+    return results
 
 
 def loaded_before_registering(rank, world_size, seed):
