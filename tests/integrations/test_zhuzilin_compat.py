@@ -80,6 +80,15 @@ def test_client_flash_attention_forward_reached_through_flash_attention_forward(
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_use_ring_attn_switches_to_transformers_own_and_back(api_results, world_size):
+    for per_rank in api_results[world_size]:
+        got = per_rank["switched_off"]
+        exc_type, message = got["off"]  # transformers' flash attention, absent on this CPU machine
+        assert exc_type != "none" and "flash" in message.lower() and "ring" not in message.lower(), got
+        assert got["switch_after"] is True
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
 def test_non_causal_encoder_through_substitute_hf_flash_attn(api_results, world_size):
     for per_rank in api_results[world_size]:
         for name in ("flash_attention_2", "ring_attention"):

@@ -362,8 +362,26 @@ def loaded_before_registering(rank, world_size, seed):
     return results
 
 
+def switched_off_outcome(rank, world_size, seed):
+    """use_ring_attn(False): the substituted transformers function runs transformers' own flash attention (which
+    this CPU machine lacks: transformers' error, not ours); True again restores the ring."""
+    import transformers.modeling_flash_attention_utils as flash_utils
+
+    import ring_flash_attn.adapters.hf_adapter as hf_adapter
+
+    hf_adapter.substitute_hf_flash_attn(None, heads_k_stride=1)
+    q = torch.randn(1, 8, 4, DIM, dtype=torch.float64)
+    hf_adapter.use_ring_attn(False)
+    try:
+        off = outcome_of(lambda: flash_utils._flash_attention_forward(q, q, q, None, 8, True))
+    finally:
+        hf_adapter.use_ring_attn(True)
+    return {"off": off, "switch_after": hf_adapter.RING_ATTN_SWITCH}
+
+
 def zhuzilin_api_checks(rank, world_size, seed):
-    return {"ring_comm": ring_comm_errors(rank, world_size, seed),
+    return {"switched_off": switched_off_outcome(rank, world_size, seed),
+            "ring_comm": ring_comm_errors(rank, world_size, seed),
             "all_gather_comm": {stride: all_gather_comm_errors(rank, world_size, seed + 1, stride) for stride in (1, 2)},
             "data_params": data_params_errors(rank, world_size, seed + 2),
             "replaced_forward": replaced_forward_errors(rank, world_size, seed + 3),
