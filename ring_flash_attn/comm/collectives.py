@@ -1,4 +1,5 @@
-"""Differentiable collectives used around the ring (gathering per-rank slices back into a sequence)."""
+"""Collectives used around the ring: asynchronous all-gathers with a bounded wait on CPU, and a differentiable
+gather of per-rank slices back into a sequence."""
 
 from __future__ import annotations
 
@@ -9,6 +10,22 @@ import torch.distributed as dist
 
 from .. import agreement
 from ..validation import group_rank_and_size
+
+
+def start_all_gather(output: torch.Tensor, local: torch.Tensor, group: Optional[dist.ProcessGroup] = None):
+    """Start gathering every rank's ``local`` into ``output`` (concatenated along dim 0, group-rank order);
+    returns the work to pass to :func:`wait_works`. Both tensors must stay alive until then."""
+    return dist.all_gather_into_tensor(output, local, group=group, async_op=True)
+
+
+def wait_works(works, device: torch.device, what: str) -> None:
+    """Wait for collectives in flight: bounded on CPU (gloo blocks in wait anyway, and a rank that never
+    arrives becomes an error naming ``what`` within seconds); stream-ordered on accelerators."""
+    if device.type == "cpu":
+        agreement.wait_bounded(works, what)
+    else:
+        for work in works:
+            work.wait()
 
 
 class _AllGatherSequence(torch.autograd.Function):

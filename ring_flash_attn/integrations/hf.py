@@ -28,16 +28,26 @@ Refused with an error naming the feature: left or interior padding, padding
 together with packing, the data collator's ``cu_seq_lens_*``, custom 4D masks
 and mask overlays, chunked attention, cross-attention, KV caches (generation),
 attention dropout, attention sinks and position biases.
+
+Importing this module registers the name ``"ring_attention"`` with transformers, so a model may be loaded with
+it before :func:`register_ring_attention` (or :func:`substitute_hf_flash_attn`) configures it; its first
+forward raises until one of them has run.
+
+zhuzilin/ring-flash-attention's Hugging Face adapter is this module too: its import path
+``ring_flash_attn.adapters.hf_adapter`` names this very module object, so what a client reads or replaces there
+(``DATA_PARAMS``, ``create_ring_flash_attention_forward``) is what :func:`substitute_hf_flash_attn` uses.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
 import torch
 import torch.distributed as dist
 import transformers
+import transformers.modeling_flash_attention_utils as flash_utils
 
 from ..comm.collectives import all_gather_sequence
 from ..functional import ring_attention
@@ -51,6 +61,7 @@ TRANSFORMERS_MINIMUM, TRANSFORMERS_BELOW = "4.56", "6"
 require_version("transformers", transformers.__version__, TRANSFORMERS_MINIMUM, TRANSFORMERS_BELOW)
 
 from transformers import AttentionInterface  # noqa: E402  (after the version gate: older versions lack them)
+from transformers import masking_utils  # noqa: E402
 from transformers.masking_utils import AttentionMaskInterface  # noqa: E402
 
 # Not "ring_flash_attn": transformers treats every implementation name containing "flash" as a flash-attn
@@ -67,10 +78,6 @@ class _RingSettings:
     group: Optional[dist.ProcessGroup]
     variant: str
     backend: Optional[str]
-    # The replaced project's mode (substitute_hf_flash_attn): contiguous pieces of one packed row, all-gather
-    # ("llama3") exchange; heads_k_stride and the arguments update_ring_flash_attn_params prepared.
-    heads_k_stride: Optional[int] = None
-    llama3_params: Optional[tuple] = None
     # The (position_ids, attention_mask) pair the ranks last agreed on, and this rank's cu_seqlens for it
     # (None: one sequence per row); see _agree_on_inputs.
     checked: tuple = field(default=(None, None, None), repr=False)
@@ -247,7 +254,7 @@ def _make_mask(name: str):
             q_length, q_offset = cache_position.shape[0], cache_position[0]
         # Every rank builds its masks once per forward: the point where all ranks forget what they agreed on
         # in the last forward, so that the next layer call checks the new inputs on every rank alike.
-        _SETTINGS[name].checked = (None, None, None)
+        _configured(name).checked = (None, None, None)
         if isinstance(q_offset, torch.Tensor):
             q_offset = int(q_offset)
         if q_offset or kv_offset or kv_length != q_length:
@@ -261,7 +268,9 @@ def _make_mask(name: str):
         if config is not None and getattr(config, "attention_chunk_size", None):
             raise NotImplementedError(f"mask: chunked attention (config.attention_chunk_size="
                                       f"{config.attention_chunk_size}) is not supported by ring attention")
-        if mask_function is not None and (config is None or getattr(config, "is_causal", True)):
+        # An encoder's plain bidirectional mask (BERT, vision towers) is non-causal attention, which the ring serves.
+        bidirectional = mask_function is getattr(masking_utils, "bidirectional_mask_function", None)
+        if mask_function is not None and not bidirectional and (config is None or getattr(config, "is_causal", True)):
             device = kwargs.get("device") or next(
                 (t.device for t in (cache_position, attention_mask) if t is not None), None)
             _check_no_future_keys(mask_function, batch_size, q_length, device)
@@ -297,7 +306,7 @@ def _make_attention_forward(name: str):
                                attention_mask: Optional[torch.Tensor], dropout: float = 0.0,
                                scaling: Optional[float] = None, sliding_window: Optional[int] = None,
                                softcap: Optional[float] = None, is_causal: Optional[bool] = None, **kwargs):
-        settings = _SETTINGS[name]
+        settings = _configured(name)
         _RING_USE.calls += 1
         _refuse_unsupported(module, query, key, attention_mask, dropout, kwargs)
         causal = bool(module.is_causal if is_causal is None else is_causal)
@@ -315,8 +324,6 @@ def _make_attention_forward(name: str):
         q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
         common = dict(causal=causal, softmax_scale=scaling, window_size=window, softcap=softcap or 0.0,
                       group=settings.group, backend=settings.backend)
-        if settings.heads_k_stride is not None:
-            return _llama3_attention(settings, q, k, v, attention_mask, common), None
         cu_seqlens = _agree_on_inputs(settings, kwargs.get("position_ids"), attention_mask, q.shape[0], q.shape[1],
                                       causal)
         if cu_seqlens is None:
@@ -328,6 +335,15 @@ def _make_attention_forward(name: str):
 
     ring_attention_forward.__name__ = ring_attention_forward.__qualname__ = f"{name}_forward"
     return ring_attention_forward
+
+
+def _configured(name: str) -> _RingSettings:
+    settings = _SETTINGS.get(name)
+    if settings is None:  # the name is registered at import, so that models can be loaded before configuring it
+        raise RuntimeError(f"attn_implementation={name!r}: not configured yet; call register_ring_attention(group=..., "
+                           f"variant=...) or substitute_hf_flash_attn(group, heads_k_stride) before the first "
+                           f"forward (before from_pretrained/from_config works too)")
+    return settings
 
 
 def _context_parallel_attention(settings: _RingSettings, q, k, v, common: dict, cu_seqlens=None):
@@ -436,54 +452,191 @@ def _packed_cu_seqlens(group, positions: torch.Tensor, layout, rank: int, world_
     return torch.tensor([0] + lengths, device=positions.device).cumsum(0).to(torch.int32)
 
 
-def _llama3_attention(settings: _RingSettings, q, k, v, padding_mask, common: dict) -> torch.Tensor:
-    """The replaced project's mode: one packed row, rank r holding its r-th contiguous piece."""
-    if settings.llama3_params is None:
-        raise RuntimeError("update_ring_flash_attn_params: call it with the batch's cu_seqlens before the forward "
-                           "(substitute_hf_flash_attn mode)")
-    if q.shape[0] != 1:
-        raise ValueError(f"batch: substitute_hf_flash_attn expects one packed row (batch size 1), got {q.shape[0]}")
-    if padding_mask is not None:
-        raise NotImplementedError("attention_mask: padding is not supported in substitute_hf_flash_attn mode; "
-                                  "describe the packed sequences with update_ring_flash_attn_params")
-    if not common["causal"]:
-        raise NotImplementedError("causal: substitute_hf_flash_attn mode supports causal attention only")
-    cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, local_k_slice = settings.llama3_params
-    out = llama3_flash_attn_varlen_func(q[0], k[0], v[0], cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                        settings.heads_k_stride, local_k_slice, **common)
-    return out.unsqueeze(0)
-
-
 # --------------------------------------------------------------------------------------------------------------
-# Drop-in helpers of zhuzilin/ring-flash-attention (ring_flash_attn.adapters.hf_adapter).
+# zhuzilin/ring-flash-attention's Hugging Face adapter (imported there as ring_flash_attn.adapters.hf_adapter,
+# which is this module): its names, filled and looked up as there, over llama3_flash_attn_varlen_func.
+
+# The packed batch of the next forward, for this rank (causal layers), as update_ring_flash_attn_params fills it.
+DATA_PARAMS: dict = {}
+_DATA_PARAM_NAMES = ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "local_k_slice")
+# False: the substituted transformers function runs transformers' own flash attention instead (use_ring_attn).
+RING_ATTN_SWITCH = True
 
 
-def substitute_hf_flash_attn(process_group: dist.ProcessGroup, heads_k_stride: int) -> None:
-    """Make models loaded with ``attn_implementation="flash_attention_2"`` run context-parallel attention on
-    ``process_group``, as in zhuzilin/ring-flash-attention.
+@dataclass
+class _PackedBatch:
+    """What update_ring_flash_attn_params was last given; non-causal layers derive their own pieces from it."""
 
-    Inputs are laid out as there: batch size 1, the packed sequences cut into contiguous equal pieces in rank
-    order (sequences may cross pieces), causal; call :func:`update_ring_flash_attn_params` with the batch's
-    ``cu_seqlens`` before each forward. K/V are exchanged by all-gather ("llama3"), ``heads_k_stride`` K/V
-    heads at a time. On machines without flash-attn, transformers refuses ``"flash_attention_2"`` at load
-    time: load the model with ``attn_implementation="ring_attention"``, which this call configures the same
-    way (until :func:`register_ring_attention` is called again).
-    """
-    if isinstance(heads_k_stride, bool) or not isinstance(heads_k_stride, int) or heads_k_stride < 1:
-        raise ValueError(f"heads_k_stride: expected a positive int, got {heads_k_stride!r}")
-    for name in (FLASH_ATTENTION_NAME, IMPLEMENTATION_NAME):
-        _register(name, process_group, "ring", None)
-        _SETTINGS[name].heads_k_stride = heads_k_stride
+    cu_seqlens: torch.Tensor
+    group: Optional[dist.ProcessGroup]
+    causal_cu_seqlens_q: torch.Tensor  # the DATA_PARAMS entry filled alongside (a hand-filled one differs)
+    non_causal: Optional[tuple] = None
+
+
+_PACKED: Optional[_PackedBatch] = None
+
+
+def check_params(f1, f2) -> bool:
+    """Whether ``f1`` and ``f2`` take the same number of parameters: how :func:`substitute_hf_flash_attn` picks,
+    among the functions :func:`create_ring_flash_attention_forward` returns, the one that takes the installed
+    transformers' ``_flash_attention_forward`` arguments."""
+    return len(inspect.signature(f1).parameters) == len(inspect.signature(f2).parameters)
+
+
+def use_ring_attn(flag: bool) -> None:
+    """Switch the substituted flash attention between ring attention (True, the default) and transformers' own."""
+    global RING_ATTN_SWITCH
+    RING_ATTN_SWITCH = bool(flag)
 
 
 def update_ring_flash_attn_params(cu_seqlens: torch.Tensor, process_group: dist.ProcessGroup) -> None:
     """Describe the packed batch of the next forward: ``cu_seqlens`` (int32 ``[n_sequences + 1]``) over the
-    whole row, all ranks' pieces together, as in zhuzilin/ring-flash-attention."""
-    if any(_SETTINGS.get(name) is None or _SETTINGS[name].heads_k_stride is None
-           for name in (FLASH_ATTENTION_NAME, IMPLEMENTATION_NAME)):
-        raise RuntimeError("update_ring_flash_attn_params: call substitute_hf_flash_attn first")
+    whole row, all ranks' pieces together; rank r holds the r-th of ``world_size`` equal contiguous pieces.
+
+    Fills :data:`DATA_PARAMS` with this rank's causal ``cu_seqlens_q``, ``cu_seqlens_k``, ``max_seqlen_q``,
+    ``max_seqlen_k`` and ``local_k_slice`` (:func:`~ring_flash_attn.llama3_flash_attn_prepare_cu_seqlens`), as
+    zhuzilin/ring-flash-attention does; non-causal layers derive theirs from the same call."""
+    global _PACKED
     rank, world_size = group_rank_and_size(process_group)
     params = llama3_flash_attn_prepare_cu_seqlens(cu_seqlens, True, rank, world_size)
-    for name in (FLASH_ATTENTION_NAME, IMPLEMENTATION_NAME):
-        _SETTINGS[name].group = process_group
-        _SETTINGS[name].llama3_params = params
+    DATA_PARAMS.update(zip(_DATA_PARAM_NAMES, params))
+    _PACKED = _PackedBatch(cu_seqlens, process_group, params[0])
+
+
+def _packed_pieces(causal: bool) -> tuple:
+    if not all(name in DATA_PARAMS for name in _DATA_PARAM_NAMES):
+        raise RuntimeError("update_ring_flash_attn_params: call it with the batch's cu_seqlens before the forward "
+                           "(substitute_hf_flash_attn mode)")
+    if causal:
+        return tuple(DATA_PARAMS[name] for name in _DATA_PARAM_NAMES)
+    if _PACKED is None or _PACKED.causal_cu_seqlens_q is not DATA_PARAMS["cu_seqlens_q"]:
+        raise RuntimeError("causal=False: a non-causal layer needs the whole row's cu_seqlens; describe the batch "
+                           "with update_ring_flash_attn_params instead of filling DATA_PARAMS by hand")
+    if _PACKED.non_causal is None:
+        rank, world_size = group_rank_and_size(_PACKED.group)
+        _PACKED.non_causal = llama3_flash_attn_prepare_cu_seqlens(_PACKED.cu_seqlens, False, rank, world_size)
+    return _PACKED.non_causal
+
+
+def create_ring_flash_attention_forward(process_group: dist.ProcessGroup, heads_k_stride: int) -> list:
+    """Functions that stand in for transformers' ``_flash_attention_forward``; :func:`substitute_hf_flash_attn`
+    installs the first one that :func:`check_params` matches with the installed transformers' (here: the one
+    function, which takes every transformers version's arguments and declares the installed one's signature).
+
+    It runs :func:`~ring_flash_attn.llama3_flash_attn_varlen_func` over ``process_group`` on the packed row that
+    :func:`update_ring_flash_attn_params` described, ``heads_k_stride`` K/V heads per all-gather: queries
+    ``[1, tokens_local, heads, head_dim]``, causal or not (encoders), sliding windows and soft-capping honoured.
+    The model's ``position_ids`` and ``cu_seq_lens_*`` are not read: the packed batch is the one described.
+    """
+    if isinstance(heads_k_stride, bool) or not isinstance(heads_k_stride, int) or heads_k_stride < 1:
+        raise ValueError(f"heads_k_stride: expected a positive int, got {heads_k_stride!r}")
+
+    def ring_flash_attention_forward(query_states, key_states, value_states, attention_mask, query_length: int,
+                                     is_causal: bool, dropout: float = 0.0, position_ids=None, softmax_scale=None,
+                                     sliding_window=None, use_top_left_mask: bool = False, softcap=None,
+                                     deterministic=None, **kwargs):
+        # flash-attn < 2.1 aligned a causal mask top-left: a single query then sees every key.
+        causal = bool(is_causal) and not (use_top_left_mask and query_length == 1)
+        if query_states.shape[0] != 1:
+            raise ValueError(f"batch: substitute_hf_flash_attn expects one packed row (batch size 1), got "
+                             f"{query_states.shape[0]}; pack the batch and describe it with "
+                             f"update_ring_flash_attn_params")
+        if key_states.shape[1] != query_states.shape[1]:
+            raise NotImplementedError(f"cross-attention: ring attention is self-attention over one sharded "
+                                      f"sequence; got {query_states.shape[1]} queries and {key_states.shape[1]} keys")
+        if attention_mask is not None:
+            raise NotImplementedError("attention_mask: padding is not supported in substitute_hf_flash_attn mode; "
+                                      "describe the packed sequences with update_ring_flash_attn_params")
+        if kwargs.get("s_aux") is not None:
+            raise NotImplementedError("s_aux: attention sinks are not supported by ring attention")
+        window = (-1, -1)
+        if sliding_window is not None:  # transformers' window holds `sliding_window` keys, the query's own included
+            window = (sliding_window - 1, -1 if causal else sliding_window - 1)
+        cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, local_k_slice = _packed_pieces(causal)
+        out = llama3_flash_attn_varlen_func(
+            query_states[0], key_states[0], value_states[0], cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+            heads_k_stride, local_k_slice, dropout_p=dropout, softmax_scale=softmax_scale, causal=causal,
+            window_size=window, deterministic=bool(deterministic), group=process_group, softcap=softcap or 0.0)
+        return out.unsqueeze(0)
+
+    ring_flash_attention_forward.__signature__ = inspect.signature(_transformers_flash_attention_forward())
+    return [ring_flash_attention_forward]
+
+
+def _transformers_flash_attention_forward():
+    """transformers' ``_flash_attention_forward`` as installed, seen through our substitution if one is in place."""
+    current = flash_utils._flash_attention_forward
+    return getattr(current, "_replaced", current)
+
+
+def flash_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: Optional[torch.Tensor], dropout: float = 0.0,
+                            scaling: Optional[float] = None, sliding_window: Optional[int] = None,
+                            softcap: Optional[float] = None, **kwargs):
+    """The attention function :func:`substitute_hf_flash_attn` registers for ``"flash_attention_2"`` (and
+    ``"ring_attention"``): q/k/v ``[batch, heads, seqlen, head_dim]`` are handed, transposed, to
+    ``transformers.modeling_flash_attention_utils._flash_attention_forward`` as it is at call time (the
+    substituted one, or whatever a client installed there); returns ``([batch, seqlen, heads, head_dim], None)``."""
+    is_causal = kwargs.pop("is_causal", None)
+    causal = module.is_causal if is_causal is None else is_causal
+    seqlen = query.shape[2]
+    query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    dtype = query.dtype
+    if torch.is_autocast_enabled(query.device.type):
+        # Rotary embeddings computed in float32 leave q and k in float32 and v in the autocast dtype.
+        autocast_dtype = torch.get_autocast_dtype(query.device.type)
+        query, key, value = query.to(autocast_dtype), key.to(autocast_dtype), value.to(autocast_dtype)
+    out = flash_utils._flash_attention_forward(query, key, value, attention_mask, query_length=seqlen,
+                                               is_causal=causal, dropout=dropout, softmax_scale=scaling,
+                                               sliding_window=sliding_window, softcap=softcap,
+                                               use_top_left_mask=False, **kwargs)
+    return out.to(dtype), None
+
+
+def _switched(ring_forward, transformers_forward):
+    """What replaces transformers' ``_flash_attention_forward``: ``ring_forward`` while :data:`RING_ATTN_SWITCH`
+    is on, transformers' own otherwise. It declares transformers' signature, so that :func:`check_params` still
+    matches it against the installed transformers after the substitution."""
+
+    def _flash_attention_forward(*args, **kwargs):
+        return (ring_forward if RING_ATTN_SWITCH else transformers_forward)(*args, **kwargs)
+
+    _flash_attention_forward.__signature__ = inspect.signature(transformers_forward)
+    _flash_attention_forward._replaced = transformers_forward
+    return _flash_attention_forward
+
+
+def substitute_hf_flash_attn(process_group: dist.ProcessGroup, heads_k_stride: int) -> None:
+    """Make models with ``attn_implementation="flash_attention_2"`` run context-parallel attention on
+    ``process_group``, as in zhuzilin/ring-flash-attention.
+
+    Inputs are laid out as there: batch size 1, the packed sequences cut into contiguous equal pieces in rank
+    order (sequences may cross pieces); call :func:`update_ring_flash_attn_params` with the batch's
+    ``cu_seqlens`` before each forward. K/V are exchanged by all-gather ("llama3"), ``heads_k_stride`` K/V
+    heads at a time. Causal and non-causal layers (encoders) are served.
+
+    As there, transformers' ``_flash_attention_forward`` is replaced by the function of
+    ``create_ring_flash_attention_forward(process_group, heads_k_stride)`` (this module's, looked up now: a
+    client may have replaced it) whose parameters match it (:func:`check_params`), and :func:`flash_attention_forward`
+    is registered for ``"flash_attention_2"``. On machines without flash-attn (CPUs), transformers refuses
+    ``"flash_attention_2"`` when loading a model: load it with ``attn_implementation="ring_attention"``, which
+    this call configures the same way (until :func:`register_ring_attention` is called again).
+    """
+    transformers_forward = _transformers_flash_attention_forward()
+    candidates = create_ring_flash_attention_forward(process_group, heads_k_stride)
+    chosen = next((f for f in candidates if check_params(transformers_forward, f)), None)
+    if chosen is None:
+        raise ValueError(
+            f"create_ring_flash_attention_forward: none of the functions it returned takes the "
+            f"{len(inspect.signature(transformers_forward).parameters)} parameters of transformers "
+            f"{transformers.__version__}'s _flash_attention_forward (they take "
+            f"{[len(inspect.signature(f).parameters) for f in candidates]})")
+    flash_utils._flash_attention_forward = _switched(chosen, transformers_forward)
+    AttentionInterface.register(FLASH_ATTENTION_NAME, flash_attention_forward)
+    _register(IMPLEMENTATION_NAME, process_group, "ring", None)  # its mask (padding, KV cache refused)
+    AttentionInterface.register(IMPLEMENTATION_NAME, flash_attention_forward)
+
+
+# Known to transformers from import on: models can be loaded with the name before it is configured.
+AttentionInterface.register(IMPLEMENTATION_NAME, _make_attention_forward(IMPLEMENTATION_NAME))
+AttentionMaskInterface.register(IMPLEMENTATION_NAME, _make_mask(IMPLEMENTATION_NAME))

@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from .. import agreement
 from ..agreement import ComputeFailure
+from ..comm.collectives import start_all_gather, wait_works
 from ..kernels.base import KernelBackend
 from ..merge import accumulator_dtype, new_accumulators
 from .batching import Call, keys_moved, share_rows, step_calls
@@ -66,22 +67,12 @@ class _Gathered:
                              device=k_chunk.device)
         self.v = torch.empty_like(self.k)
         self._sources = (k_chunk, v_chunk)  # held until the gathers complete
-        self._works = [dist.all_gather_into_tensor(self.k, k_chunk, group=plan.group, async_op=True),
-                       dist.all_gather_into_tensor(self.v, v_chunk, group=plan.group, async_op=True)]
+        self._works = [start_all_gather(self.k, k_chunk, plan.group), start_all_gather(self.v, v_chunk, plan.group)]
 
     def wait(self):
-        _wait(self._works, self.k.device, "all-gather of K/V")
+        wait_works(self._works, self.k.device, "all-gather of K/V")
         self._works, self._sources = [], ()
         return self.k, self.v
-
-
-def _wait(works, device, what: str) -> None:
-    """Bounded on CPU (gloo blocks in wait anyway); stream-ordered elsewhere."""
-    if device.type == "cpu":
-        agreement.wait_bounded(works, what)
-    else:
-        for work in works:
-            work.wait()
 
 
 def _head_chunks(heads: int, heads_k: int, stride: int):
@@ -158,7 +149,7 @@ def allgather_backward(dout, q, k, v, out, lse, plan: AllGatherPlan):
 
 def _finish_scatter(in_flight, dk, dv) -> None:
     works, kv_heads, dk_mine, dv_mine, _, _ = in_flight
-    _wait(works, dk.device, "reduce-scatter of dK/dV")
+    wait_works(works, dk.device, "reduce-scatter of dK/dV")
     dk[0, :, kv_heads] = dk_mine
     dv[0, :, kv_heads] = dv_mine
 

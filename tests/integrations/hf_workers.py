@@ -10,6 +10,7 @@ float64 (registered below, test-only), against which the ring must agree to floa
 from __future__ import annotations
 
 import copy
+import os
 
 import torch
 import torch.distributed as dist
@@ -21,6 +22,19 @@ from tests.tolerances import rel_err
 SEQLEN = 32  # splits into 2P equal chunks for P in (1, 2, 4): zigzag's need
 BATCH = 2
 VOCAB = 64
+
+# The worlds every transformers test reads (started once per session: conftest.py).
+SESSION_SEED = int.from_bytes(os.urandom(3), "little")
+KINDS = ("llama", "mistral", "gemma2")  # MHA; GQA + sliding window; GQA + alternating windows + soft-capping
+VARIANTS = ("zigzag", "ring")
+WORLD_SIZES = (2, 4)
+CASES = [(kind, variant, SESSION_SEED + 10 * n) for n, (kind, variant) in
+         enumerate((k, v) for k in KINDS for v in VARIANTS)]
+MISC_WORLD_SIZE = 2  # bad inputs, right padding and the replaced project's helpers run in this world too
+# Every model and variant at 2 ranks; at 4 (more ring steps, the same integration code) one case per model,
+# both variants among them: 4 processes on the CI's 2 cores are the suite's slowest world.
+CASES_BY_WORLD = {2: CASES, 4: [c for c in CASES if (c[0], c[1]) in {("llama", "zigzag"), ("mistral", "ring"),
+                                                                     ("gemma2", "zigzag")}]}
 
 
 def tiny_config(kind: str, **overrides):
@@ -377,12 +391,18 @@ def zhuzilin_compat_errors(rank, world_size, seed):
 
 def world_checks(rank, world_size, cases, misc_seed=None):
     """Every model case, and with ``misc_seed`` the other checks too: one world start for all of them."""
+    from tests.integrations.zhuzilin_workers import loaded_before_registering, zhuzilin_api_checks
+
+    loaded_early = loaded_before_registering(rank, world_size, cases[0][2] + 800)  # first: nothing registered yet
     results = {"models": model_errors(rank, world_size, cases),
                "two_rings": two_rings_errors(rank, world_size, cases[0][2] + 700) if world_size >= 4 else None,
                "packed": {variant: packed_errors(rank, world_size, variant, cases[0][2] + 500 + n)
                           for n, variant in enumerate(PACKED_VARIANTS)}}
     if misc_seed is not None:
         results.update(misc_checks(rank, world_size, misc_seed))
+    # Last: these substitute transformers' flash attention, as the replaced project's clients do.
+    results["zhuzilin_api"] = dict(zhuzilin_api_checks(rank, world_size, cases[0][2] + 900),
+                                   loaded_before_registering=loaded_early)
     return results
 
 

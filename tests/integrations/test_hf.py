@@ -8,40 +8,25 @@ Tolerances (relative Frobenius errors, float64 models):
   * vs transformers' ``eager``, which takes its softmax in float32 whatever the dtype: 1e-6.
 """
 
-import os
-
 import pytest
 import torch
 
 pytest.importorskip("transformers", reason="transformers is not installed (pip install .[hf])")
 
-from tests.distributed.harness import run_world  # noqa: E402
 from tests.integrations import hf_workers  # noqa: E402
+from tests.integrations.hf_workers import CASES_BY_WORLD, KINDS, MISC_WORLD_SIZE, WORLD_SIZES  # noqa: E402
 from tests.tolerances import FORWARD  # noqa: E402
 
-SESSION_SEED = int.from_bytes(os.urandom(3), "little")
-KINDS = ("llama", "mistral", "gemma2")  # MHA; GQA + sliding window; GQA + alternating windows + soft-capping
-VARIANTS = ("zigzag", "ring")
-WORLD_SIZES = (2, 4)
-CASES = [(kind, variant, SESSION_SEED + 10 * n) for n, (kind, variant) in
-         enumerate((k, v) for k in KINDS for v in VARIANTS)]
 EXACT_TOL = {"llama": 1e-10, "mistral": 1e-10, "gemma2": 1e-10}
 EXACT_GRAD_TOL = {"llama": 1e-10, "mistral": 1e-10, "gemma2": 1e-6}
 EAGER_TOL = 1e-6
 
 
-MISC_WORLD_SIZE = 2  # bad inputs, right padding and the replaced project's helpers run in this world too
-# Every model and variant at 2 ranks; at 4 (more ring steps, the same integration code) one case per model,
-# both variants among them: 4 processes on the CI's 2 cores are the suite's slowest world.
-CASES_BY_WORLD = {2: CASES, 4: [c for c in CASES if (c[0], c[1]) in {("llama", "zigzag"), ("mistral", "ring"),
-                                                                     ("gemma2", "zigzag")}]}
 
 
 @pytest.fixture(scope="module")
-def results_by_world():
-    return {world_size: run_world(world_size, hf_workers.world_checks, CASES_BY_WORLD[world_size],
-                                  SESSION_SEED + 1000 if world_size == MISC_WORLD_SIZE else None)
-            for world_size in WORLD_SIZES}
+def results_by_world(hf_results_by_world):  # the session's worlds (conftest.py), shared with test_zhuzilin_compat
+    return hf_results_by_world
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +132,7 @@ def test_bad_input_raises_on_every_rank(world_of_two_checks, case):
 def test_zhuzilin_helpers(world_of_two_checks):
     for rank_result in world_of_two_checks:
         compat = rank_result["zhuzilin"]
-        assert compat["flash_attention_2_substituted"] == "flash_attention_2_forward"
+        assert compat["flash_attention_2_substituted"] == "flash_attention_forward"
         for model_name in ("ring_attention", "flash_attention_2"):
             assert compat[model_name]["logits"] <= 1e-10 and compat[model_name]["grads"] <= 1e-10, compat
         exc_type, message = compat["batch_of_two"]
