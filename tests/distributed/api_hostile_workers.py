@@ -1,0 +1,97 @@
+"""Rank functions for tests/distributed/test_api_hostile.py (module level, so the harness can pickle them): the
+library API under hostile use (issue 25), all in one world."""
+
+from __future__ import annotations
+
+import torch
+
+import ring_flash_attn as rfa
+from ring_flash_attn.ring.layouts import PackedLayout, get_layout
+from tests.distributed.workers import _cumsum, make_inputs, oracle, packed_oracle
+from tests.tolerances import rel_err
+
+NAMES = ("out", "lse", "dq", "dk", "dv")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inputs in layouts the fused kernels do not read as they are (issue 25, item 1).
+
+
+def strided_head_dim(x: torch.Tensor) -> torch.Tensor:
+    """``x``'s values with head_dim at stride 2 (``buffer[..., ::2]``)."""
+    strided = torch.empty(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype)[..., ::2]
+    return strided.copy_(x)
+
+
+def offset_heads_major(x: torch.Tensor) -> torch.Tensor:
+    """``x``'s values at a storage offset of 3 elements, heads before tokens in memory (``[B, H, S, D]``
+    storage seen as ``[B, S, H, D]``); a 3-d ``[T, H, D]`` is stored as ``[H, T, D]``."""
+    storage = torch.empty(x.numel() + 3, dtype=x.dtype)[3:]
+    if x.dim() == 3:
+        return storage.view(x.shape[1], x.shape[0], x.shape[2]).transpose(0, 1).copy_(x)
+    b, s, h, d = x.shape
+    return storage.view(b, h, s, d).transpose(1, 2).copy_(x)
+
+
+def _odd_inputs(q, k, v, dout):
+    """Leaves with odd layouts and their values: q and dout strided in head_dim, k offset and heads-major, v
+    one value per row expanded over head_dim (stride 0, its gradient summed into the one value).
+    Returns (q, k, v_leaf, v, dout): v_leaf is what gets the gradient of v."""
+    v_leaf = v[..., :1].clone().requires_grad_()
+    return (strided_head_dim(q).requires_grad_(), offset_heads_major(k).requires_grad_(), v_leaf,
+            v_leaf.expand(v.shape), strided_head_dim(dout))
+
+
+def _errors(got, want) -> dict:
+    return {name: rel_err(g, w) for name, g, w in zip(NAMES, got, want)}
+
+
+def odd_layout_errors(rank, world_size) -> dict:
+    """Ring, all-gather, varlen, llama3 and Ulysses calls (default backend: sdpa on CPU) on inputs in odd layouts,
+    against the float64 oracle: {path: {out, lse, dq, dk, dv: relative error}}."""
+    results = {}
+    case = dict(batch=2, seqlen=4 * world_size, heads=world_size * 2, heads_k=world_size, head_dim=8, seed=71)
+    q, k, v, dout = make_inputs(case)
+    v = v[..., :1].expand(v.shape).contiguous()  # one value per row: the values of the expanded v below
+    ref = oracle(q, k, v, dout, causal=True, window=(-1, -1), scale=8 ** -0.5)
+    local = lambda x, dim=1: rfa.shard_sequence(x, "zigzag", rank, world_size, dim)  # noqa: E731
+    want = (local(ref[0]), local(ref[1], 2), local(ref[2]), local(ref[3]), local(ref[4]).sum(-1, keepdim=True))
+
+    def run(name, attend):
+        ql, kl, v_leaf, vl, doutl = _odd_inputs(*(local(t) for t in (q, k, v, dout)))
+        out, lse = attend(ql, kl, vl)
+        out.backward(doutl)
+        results[name] = _errors((out, lse, ql.grad, kl.grad, v_leaf.grad), want)
+
+    for exchange in ("ring", "allgather"):
+        run(f"{exchange} exchange", lambda ql, kl, vl: rfa.ring_attention(
+            ql, kl, vl, variant="zigzag", causal=True, exchange=exchange, heads_k_stride=1))
+    run("ulysses", lambda ql, kl, vl: rfa.ulysses_attention(ql, kl, vl, variant="zigzag", causal=True))
+    run("zigzag_ring_flash_attn_func", lambda ql, kl, vl: rfa.zigzag_ring_flash_attn_func(
+        ql, kl, vl, causal=True, return_attn_probs=True)[:2])
+
+    # Packed sequences: zigzag varlen over the ring, and the replaced project's contiguous llama3 pieces.
+    seqlens = (2 * world_size, 6 * world_size)
+    q, k, v, dout = make_inputs(dict(case, batch=1, seqlen=sum(seqlens), seed=72))
+    v = v[..., :1].expand(v.shape).contiguous()
+    ref = packed_oracle(q, k, v, dout, seqlens, causal=True, window=(-1, -1), scale=8 ** -0.5)
+    layout = PackedLayout(get_layout("zigzag"), tuple(n // world_size for n in seqlens))
+    local = lambda x, dim=1: layout.shard(x, rank, world_size, dim)[0]  # noqa: E731
+    want = (local(ref[0]), local(ref[1], 2), local(ref[2]), local(ref[3]), local(ref[4]).sum(-1, keepdim=True))
+    cu = torch.tensor(_cumsum(layout.seqlens_local), dtype=torch.int32)
+    run("zigzag varlen", lambda ql, kl, vl: rfa.zigzag_ring_flash_attn_varlen_func(
+        ql, kl, vl, cu, max(layout.seqlens_local), causal=True, return_attn_probs=True)[:2])
+
+    piece = sum(seqlens) // world_size
+    local = lambda x, dim=1: x.narrow(dim, rank * piece, piece)[0]  # noqa: E731
+    want = (local(ref[0]), local(ref[1], 2), local(ref[2]), local(ref[3]), local(ref[4]).sum(-1, keepdim=True))
+    args = rfa.llama3_flash_attn_prepare_cu_seqlens(torch.tensor(_cumsum(seqlens), dtype=torch.int32), True, rank,
+                                                    world_size)
+    run("llama3 varlen", lambda ql, kl, vl: rfa.llama3_flash_attn_varlen_func(
+        ql, kl, vl, *args[:4], 1, args[4], causal=True, return_attn_probs=True)[:2])
+    return results
+
+
+def api_hostile_world(rank, world_size):
+    """Every check of this module in one world (one start of the ranks)."""
+    return {"odd_layouts": odd_layout_errors(rank, world_size)}
