@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 
 from . import agreement
+from .comm import in_flight
 from .comm.ring import RingComm
 from .functional import ring_attention
 from .kernels import Features, select_backend
@@ -395,7 +396,8 @@ class _UlyssesAttention(torch.autograd.Function):
                                       "(its backward is not differentiable); call backward with create_graph=False")
         saved = ctx.saved_tensors
         per_chunk = [saved[5 * n:5 * n + 5] for n in range(ctx.plan.chunks)]
-        dq, dk, dv = _ulysses_backward(dout.contiguous(), per_chunk, ctx.plan, ctx.k_shape)
+        with in_flight.one_call_at_a_time(ctx.plan.groups, "a Ulysses backward"):
+            dq, dk, dv = _ulysses_backward(dout.contiguous(), per_chunk, ctx.plan, ctx.k_shape)
         return dq, dk, dv, None
 
 

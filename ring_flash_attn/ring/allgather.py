@@ -47,6 +47,10 @@ class AllGatherPlan:
     heads_k_stride: int
     alibi_slopes: Optional[torch.Tensor] = None
 
+    @property
+    def groups(self) -> tuple:
+        return (self.group,)
+
     def kernel_kwargs(self, task, q_heads: slice) -> dict:
         slopes = None if self.alibi_slopes is None else self.alibi_slopes[..., q_heads]
         return kernel_kwargs(task, self.scale, self.softcap, slopes)

@@ -31,6 +31,8 @@ from typing import Any, Optional
 import torch
 
 from ..agreement import ComputeFailure
+from ..comm import in_flight
+from ..comm.ring import RingComm
 from ..kernels.base import KernelBackend
 from ..kernels.mask import Band
 from ..merge import accumulator_dtype, merge_into, new_accumulators
@@ -59,6 +61,11 @@ class RingPlan:
     # Heads are independent, so results are the same; a fused backward's own workspace (a float32 dQ, dK/dV
     # per query head for GQA) scales with the heads of a call, so its peak falls, for more launches.
     backward_head_chunks: int = 1
+
+    @property
+    def groups(self) -> tuple:
+        """The process groups the plan's exchanges use (none for a stand-in communicator such as the loopback)."""
+        return (self.comm.group,) if isinstance(self.comm, RingComm) else ()
 
     def calls(self, src: int, seqlen_local: int):
         """The kernel calls on the K/V of rank ``src``: one document-masked call, or the planner's with the
@@ -262,8 +269,8 @@ def ring_backward(dout, q, k, v, out, lse, plan: RingPlan, failure: Optional[Com
 class ContextParallelAttention(torch.autograd.Function):
     """Autograd for any exchange plan (ring or all-gather): the plan's own backward, not per-block autograd.
 
-    A plan has ``forward(q, k, v) -> (out, lse)`` and
-    ``backward(dout, q, k, v, out, lse) -> (dq, dk, dv)``.
+    A plan has ``forward(q, k, v) -> (out, lse)``, ``backward(dout, q, k, v, out, lse) -> (dq, dk, dv)`` and
+    ``groups`` (the process groups its exchanges use: one call at a time on them, comm/in_flight.py).
     """
 
     @staticmethod
@@ -280,5 +287,6 @@ class ContextParallelAttention(torch.autograd.Function):
             raise NotImplementedError("create_graph: double backward through ring attention is not supported "
                                       "(its backward is not differentiable); call backward with create_graph=False")
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = ctx.plan.backward(dout.contiguous(), q, k, v, out, lse)
+        with in_flight.one_call_at_a_time(ctx.plan.groups, "an attention backward"):
+            dq, dk, dv = ctx.plan.backward(dout.contiguous(), q, k, v, out, lse)
         return dq, dk, dv, None

@@ -3,10 +3,16 @@ library API under hostile use (issue 25), all in one world."""
 
 from __future__ import annotations
 
+import threading
+
 import torch
+import torch.distributed as dist
 
 import ring_flash_attn as rfa
+from ring_flash_attn.kernels import get_backend, register_backend
+from ring_flash_attn.kernels.base import KernelBackend
 from ring_flash_attn.ring.layouts import PackedLayout, get_layout
+from tests.distributed.hostile_workers import _raised
 from tests.distributed.workers import _cumsum, make_inputs, oracle, packed_oracle
 from tests.tolerances import rel_err
 
@@ -92,6 +98,88 @@ def odd_layout_errors(rank, world_size) -> dict:
     return results
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Threads (item 2).
+
+
+def call_errors(rank, world_size, seed, group=None, backward_on_thread=False) -> float:
+    """One zigzag call (reference backend) over ``group`` on fresh inputs, its backward on another thread if
+    asked; the largest relative error of out/lse/dq/dk/dv against the float64 oracle."""
+    q, k, v, dout = make_inputs(dict(batch=1, seqlen=4 * world_size, heads=4, heads_k=2, head_dim=8, seed=seed))
+    ref = oracle(q, k, v, dout, causal=True, window=(-1, -1), scale=8 ** -0.5)
+    local = lambda x, dim=1: rfa.shard_sequence(x, "zigzag", rank, world_size, dim)  # noqa: E731
+    ql, kl, vl = (local(t).requires_grad_() for t in (q, k, v))
+    out, lse = rfa.ring_attention(ql, kl, vl, variant="zigzag", causal=True, group=group, backend="reference")
+    if backward_on_thread:
+        backward = threading.Thread(target=out.backward, args=(local(dout),), name="backward")
+        backward.start()
+        backward.join(60)
+    else:
+        out.backward(local(dout))
+    want = (local(ref[0]), local(ref[1], 2), local(ref[2]), local(ref[3]), local(ref[4]))
+    return max(rel_err(g, w) for g, w in zip((out, lse, ql.grad, kl.grad, vl.grad), want))
+
+
+class GateBackend(KernelBackend):
+    """The reference kernels; once armed, the next forward call sets ``entered`` and waits (at most 30 s) for
+    ``go``: a call held in flight while another thread tries the same group."""
+
+    name = "test_gate"
+
+    def __init__(self):
+        self.reference, self.entered, self.go = get_backend("reference"), None, None
+
+    def unsupported_reason(self, features):
+        return None
+
+    def forward(self, q, k, v, **kw):
+        if self.entered is not None:
+            entered, self.entered = self.entered, None
+            entered.set()
+            self.go.wait(30)
+        return self.reference.forward(q, k, v, **kw)
+
+    def backward(self, dout, q, k, v, out, lse, **kw):
+        return self.reference.backward(dout, q, k, v, out, lse, **kw)
+
+
+def threads(rank, world_size) -> dict:
+    """Two threads on one group at once: the second raises at once, the first at its end, on every rank; then the
+    group serves a clean call. Two threads on two groups at once, and a backward on another thread: exact."""
+    gate = GateBackend()
+    register_backend(gate)
+    q, k, v, _ = (rfa.shard_sequence(t, "zigzag", rank, world_size)
+                  for t in make_inputs(dict(batch=1, seqlen=4 * world_size, heads=4, heads_k=2, head_dim=8, seed=5)))
+    gate.entered, gate.go = threading.Event(), threading.Event()
+    report = {}
+
+    def first():
+        report["first"] = _raised(lambda: rfa.zigzag_ring_flash_attn_func(q, k, v, causal=True, backend=gate.name))
+
+    held = threading.Thread(target=first, name="first")
+    held.start()
+    gate.entered.wait(30)
+    report["second"] = _raised(lambda: rfa.zigzag_ring_flash_attn_func(q, k, v, causal=True))
+    gate.go.set()
+    held.join(60)
+    report["after"] = call_errors(rank, world_size, seed=6)
+
+    groups = [dist.new_group(list(range(world_size))) for _ in range(2)]
+    errors = {}
+
+    def on_own_group(n):
+        errors[n] = call_errors(rank, world_size, seed=7 + n, group=groups[n])
+
+    workers = [threading.Thread(target=on_own_group, args=(n,), name=f"group {n}") for n in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+    report["own groups"] = [errors.get(n, float("inf")) for n in range(2)]
+    report["backward on a thread"] = call_errors(rank, world_size, seed=9, backward_on_thread=True)
+    return report
+
+
 def api_hostile_world(rank, world_size):
     """Every check of this module in one world (one start of the ranks)."""
-    return {"odd_layouts": odd_layout_errors(rank, world_size)}
+    return {"odd_layouts": odd_layout_errors(rank, world_size), "threads": threads(rank, world_size)}

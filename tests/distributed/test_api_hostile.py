@@ -1,5 +1,7 @@
 """The library API under hostile use (issue 25), on 3 CPU ranks in one world: inputs in layouts the fused kernels
-do not read as they are, against the float64 oracle."""
+do not read as they are, against the float64 oracle; two threads on one process group."""
+
+import re
 
 import pytest
 import torch
@@ -28,3 +30,28 @@ def test_odd_layouts_match_the_oracle(world, path):
         for name, error in errors.items():
             bound = FORWARD[torch.float64] if name in ("out", "lse") else GRADIENT[torch.float64]
             assert error <= bound, f"rank {rank}, {path}, {name}: relative error {error:.3g}"
+
+
+def test_two_threads_on_one_group_both_fail_and_the_group_serves_on(world):
+    """Issue 25: two threads calling on one group at once both got wrong results on every rank. Now the second
+    raises at once on its thread, the first at its end (its transfers may have been paired with the second's on
+    some rank), every rank alike, nothing hangs, and the group serves the next call exactly."""
+    for rank, report in enumerate(world):
+        threads = report["threads"]
+        kind, message = threads["second"]
+        assert kind == "GroupBusyError", (rank, threads["second"])
+        assert re.match(r"group: an attention call from thread 'first' is in flight on the process group of ranks "
+                        r"\[0, 1, 2\], and an attention call from thread 'MainThread' entered it too\. Calls on one "
+                        r"process group must not overlap", message), message
+        kind, message = threads["first"]
+        assert kind == "GroupBusyError", (rank, threads["first"])
+        assert re.match(r"group: an attention call from thread 'MainThread' entered the process group of ranks "
+                        r"\[0, 1, 2\] while an attention call was in flight there", message), message
+        assert threads["after"] <= GRADIENT[torch.float64], threads["after"]
+
+
+def test_threads_on_their_own_groups_and_a_backward_on_a_thread_are_exact(world):
+    for report in world:
+        threads = report["threads"]
+        assert max(threads["own groups"]) <= GRADIENT[torch.float64], threads["own groups"]
+        assert threads["backward on a thread"] <= GRADIENT[torch.float64], threads["backward on a thread"]
