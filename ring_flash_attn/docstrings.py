@@ -51,7 +51,8 @@ VARLEN = """\
 
 COMMON = """\
     dropout_p: float. Must be 0.0: attention dropout is not implemented (NotImplementedError otherwise).
-    softmax_scale: float. The scaling of QK^T before the softmax; default 1 / sqrt(headdim).
+    softmax_scale: float > 0 and finite, or None. The scaling of QK^T before the softmax; None:
+        1 / sqrt(headdim). 0, negative, NaN and inf raise ValueError.
     causal: bool. Causal mask by true token positions in the whole sequence, across ranks.
     window_size: (left, right). Sliding-window attention by true positions: the query at position i sees
         the keys at positions [i - left, i + right]; -1 means unbounded (as in flash-attn).

@@ -31,7 +31,7 @@ from .ring.layouts import Layout, PackedLayout, get_layout
 from .ring.planner import layout_needs_band_mask
 from .validation import (backward_head_chunks, check_alibi_slopes, check_cu_seqlens, check_heads_k_stride,
                          check_max_seqlen, check_packed_alibi_slopes, check_packed_qkv, check_qkv, check_softcap,
-                         check_unsupported, group_rank_and_size)
+                         check_softmax_scale, check_unsupported, group_rank_and_size)
 
 
 def serve_as_documents(layout, kernel) -> bool:
@@ -96,9 +96,10 @@ def ring_attention(q, k, v, *, variant: str = "ring", causal: bool = False, soft
     alibi_slopes = check_alibi_slopes(alibi_slopes, q)
     window = check_window(window_size)
     softcap = check_softcap(softcap)
+    scale = check_softmax_scale(softmax_scale, q.shape[-1])
     layout = variant if isinstance(variant, Layout) else get_layout(variant)
     if exchange == "allgather":
-        return _allgather(q, k, v, layout, causal=causal, window=window, softmax_scale=softmax_scale, softcap=softcap,
+        return _allgather(q, k, v, layout, causal=causal, window=window, softmax_scale=scale, softcap=softcap,
                           group=group, backend=backend, heads_k_stride=heads_k_stride, alibi_slopes=alibi_slopes)
     agree_here = comm is None  # a stand-in communicator (the loopback) has no ranks to agree with
     if agree_here:
@@ -109,7 +110,6 @@ def ring_attention(q, k, v, *, variant: str = "ring", causal: bool = False, soft
                         band=layout_needs_band_mask(layout, comm.world_size, q.shape[1], band),
                         softcap=softcap > 0, alibi=alibi_slopes is not None)
     kernel = select_backend(features, backend)
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     documents = serve_as_documents(layout, kernel)
     plan = RingPlan(layout=layout, band=band, scale=scale, softcap=softcap, backend=kernel, comm=comm,
                     alibi_slopes=alibi_slopes, documents=documents,

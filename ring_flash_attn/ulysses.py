@@ -52,7 +52,7 @@ from .ring.layouts import DerivedLayout, Layout, PackedLayout, Run, get_layout
 from .ring.engine import RingPlan, ring_backward, ring_forward
 from .ring.planner import layout_needs_band_mask
 from .validation import (backward_head_chunks, check_alibi_slopes, check_cu_seqlens, check_packed_alibi_slopes,
-                         check_packed_qkv, check_qkv, check_softcap, group_rank_and_size)
+                         check_packed_qkv, check_qkv, check_softcap, check_softmax_scale, group_rank_and_size)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -568,6 +568,7 @@ def usp_attention(q, k, v, *, ulysses_group: Optional[dist.ProcessGroup], ring_g
         check_qkv(q, k, v)
         alibi_slopes = check_alibi_slopes(alibi_slopes, q)
     window, softcap = check_window(window_size), check_softcap(softcap)
+    scale = check_softmax_scale(softmax_scale, q.shape[-1])
     heads, heads_k, seqlen_local = q.shape[2], k.shape[2], q.shape[1]
     if heads % ulysses_size:
         raise ValueError(f"q: the number of query heads must be divisible by the Ulysses degree {ulysses_size} "
@@ -591,7 +592,6 @@ def usp_attention(q, k, v, *, ulysses_group: Optional[dist.ProcessGroup], ring_g
         k, v = k.repeat_interleave(repeats, dim=2), v.repeat_interleave(repeats, dim=2)
     a2a = _AllToAll(ulysses_group, ulysses_size, _reorder(layout, ulysses_size, ring_size, seqlen_local, ring_rank,
                                                           q.device))
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     comm = _RingInMesh(ring_group) if ring_group is not None else _OneRankRing(in_mesh=True)
     chunk_heads = heads // ulysses_size // head_chunks
     ring_backward_head_chunks = backward_head_chunks(heads_k_per_rank // head_chunks)

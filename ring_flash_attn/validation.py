@@ -72,6 +72,26 @@ def check_alibi_slopes(alibi_slopes, q: torch.Tensor, heads_dim: int = 2):
     return alibi_slopes
 
 
+def check_softmax_scale(softmax_scale, head_dim: int) -> float:
+    """The scale of QK^T: ``1 / sqrt(head_dim)`` for None, else a finite number > 0.
+
+    0 and negative scales are refused: PyTorch's fused CPU op returns NaN for them (0 with a causal mask, any
+    negative scale: measured, torch 2.13) where the answer is uniform (0) or reversed attention, and no model
+    means either; NaN and inf give NaN or a silently finite result."""
+    if softmax_scale is None:
+        return head_dim ** -0.5
+    expected = "softmax_scale: expected a finite number > 0, or None for 1 / sqrt(head_dim)"
+    if isinstance(softmax_scale, (bool, str, bytes)):
+        raise TypeError(f"{expected}, got {softmax_scale!r} ({type(softmax_scale).__name__})")
+    try:
+        scale = float(softmax_scale)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{expected}, got {type(softmax_scale).__name__}") from None
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"{expected}, got {scale}")
+    return scale
+
+
 def check_softcap(softcap: float) -> float:
     softcap = float(softcap or 0.0)
     if not math.isfinite(softcap) or softcap < 0:  # inf would cap nothing and give NaN: tanh(s/inf) * inf

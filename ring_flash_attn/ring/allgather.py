@@ -31,6 +31,7 @@ from .. import agreement
 from ..agreement import ComputeFailure
 from ..kernels.base import KernelBackend
 from ..merge import accumulator_dtype, new_accumulators
+from ..validation import check_softmax_scale
 from .batching import Call, keys_moved, share_rows, step_calls
 from .engine import ContextParallelAttention, add_key_gradients, call_gradients, fold_call, kernel_kwargs
 from .planner import PLAN_CACHES
@@ -188,7 +189,7 @@ def allgather_attention(q, k, v, calls, *, kernel, softmax_scale, softcap, group
     every rank decides alike, so that all choose the same one) and planned ``calls`` for.
     ``shared``: what else the ranks must agree on (layout, causal, window, ...), as :func:`agreement.describe`
     keywords."""
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    scale = check_softmax_scale(softmax_scale, q.shape[-1])
     plan = AllGatherPlan(tuple(calls), scale, softcap, kernel, group, world_size, heads_k_stride, alibi_slopes)
     agreement.agree(group, agreement.describe(
         q, k, v, exchange="allgather", softmax_scale=scale, softcap=softcap, heads_k_stride=heads_k_stride,

@@ -180,6 +180,41 @@ def threads(rank, world_size) -> dict:
     return report
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Arguments that must raise the same clear error on every rank, before any exchange.
+
+
+def _bad_calls(rank, world_size) -> dict:
+    """name -> a call that must raise on every rank (the test holds what each must say)."""
+    g = torch.Generator().manual_seed(11)
+    t = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    q, k = t(1, 4, 2 * world_size, 8), t(1, 4, world_size, 8)
+    tokens = t(8, 2 * world_size, 8), t(8, world_size, 8), t(8, world_size, 8)
+    cu = torch.tensor([0, 4, 8], dtype=torch.int32)
+    llama3 = rfa.llama3_flash_attn_prepare_cu_seqlens(torch.tensor([0, 4 * world_size, 8 * world_size],
+                                                                   dtype=torch.int32), True, rank, world_size)
+    return {
+        "softmax_scale nan": lambda: rfa.ring_flash_attn_func(q, k, k, softmax_scale=float("nan")),
+        "softmax_scale inf": lambda: rfa.zigzag_ring_flash_attn_func(q, k, k, softmax_scale=float("inf"), causal=True),
+        "softmax_scale 0, causal": lambda: rfa.ring_attention(q, k, k, softmax_scale=0.0, causal=True),
+        "softmax_scale negative, allgather": lambda: rfa.ring_attention(q, k, k, softmax_scale=-0.5,
+                                                                        exchange="allgather"),
+        "softmax_scale 0, varlen": lambda: rfa.ring_flash_attn_varlen_func(*tokens, cu, 4, softmax_scale=0),
+        "softmax_scale negative, llama3": lambda: rfa.llama3_flash_attn_varlen_func(
+            *tokens, *llama3[:4], 1, llama3[4], softmax_scale=-1.0, causal=True),
+        "softmax_scale 0, ulysses": lambda: rfa.ulysses_attention(q, k, k, softmax_scale=0.0),
+        "softmax_scale a string": lambda: rfa.ring_flash_attn_func(q, k, k, softmax_scale="0.5"),
+        "softmax_scale a bool": lambda: rfa.ring_flash_attn_func(q, k, k, softmax_scale=True),
+    }
+
+
+def bad_calls(rank, world_size) -> tuple:
+    """What each bad call raised on this rank, then the error of a clean call on the same group."""
+    report = {name: _raised(call) for name, call in _bad_calls(rank, world_size).items()}
+    return report, call_errors(rank, world_size, seed=12)
+
+
 def api_hostile_world(rank, world_size):
     """Every check of this module in one world (one start of the ranks)."""
-    return {"odd_layouts": odd_layout_errors(rank, world_size), "threads": threads(rank, world_size)}
+    return {"odd_layouts": odd_layout_errors(rank, world_size), "threads": threads(rank, world_size),
+            "bad_calls": bad_calls(rank, world_size)}

@@ -1,5 +1,6 @@
 """The library API under hostile use (issue 25), on 3 CPU ranks in one world: inputs in layouts the fused kernels
-do not read as they are, against the float64 oracle; two threads on one process group."""
+do not read as they are, against the float64 oracle; two threads on one process group; arguments that must raise
+the same clear error on every rank before any exchange."""
 
 import re
 
@@ -55,3 +56,34 @@ def test_threads_on_their_own_groups_and_a_backward_on_a_thread_are_exact(world)
         threads = report["threads"]
         assert max(threads["own groups"]) <= GRADIENT[torch.float64], threads["own groups"]
         assert threads["backward on a thread"] <= GRADIENT[torch.float64], threads["backward on a thread"]
+
+
+SCALE = r"^softmax_scale: expected a finite number > 0, or None for 1 / sqrt\(head_dim\), got "
+# name -> (exception type, pattern of its message): the same on every rank.
+BAD_CALLS = {
+    "softmax_scale nan": ("ValueError", SCALE + "nan$"),
+    "softmax_scale inf": ("ValueError", SCALE + "inf$"),
+    "softmax_scale 0, causal": ("ValueError", SCALE + "0.0$"),
+    "softmax_scale negative, allgather": ("ValueError", SCALE + "-0.5$"),
+    "softmax_scale 0, varlen": ("ValueError", SCALE + "0.0$"),
+    "softmax_scale negative, llama3": ("ValueError", SCALE + "-1.0$"),
+    "softmax_scale 0, ulysses": ("ValueError", SCALE + "0.0$"),
+    "softmax_scale a string": ("TypeError", SCALE + "'0.5' \\(str\\)$"),
+    "softmax_scale a bool": ("TypeError", SCALE + "True \\(bool\\)$"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_CALLS)
+def test_bad_call_raises_the_same_clear_error_on_every_rank(world, name):
+    want_kind, pattern = BAD_CALLS[name]
+    outcomes = [report["bad_calls"][0][name] for report in world]
+    for rank, (kind, message) in enumerate(outcomes):
+        assert kind == want_kind and re.search(pattern, message), f"rank {rank}: {kind}: {message}"
+    assert len(set(outcomes)) == 1, outcomes
+
+
+def test_bad_calls_cover_the_table_and_the_group_serves_on(world):
+    for report in world:
+        names, clean = report["bad_calls"]
+        assert set(names) == set(BAD_CALLS)
+        assert clean <= GRADIENT[torch.float64], clean
