@@ -8,11 +8,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import agreement
 from .comm.collectives import all_gather_sequence
 from .functional import ring_attention
 from .ring.layouts import get_layout
 from .ulysses import usp_attention, usp_process_groups
-from .validation import group_rank_and_size
+from .validation import check_dim, group_rank_and_size
 
 
 def shard_sequence(x: torch.Tensor, variant: str, rank: int, world_size: int, dim: int = 1) -> torch.Tensor:
@@ -28,12 +29,15 @@ def unshard_sequence(shards, variant: str, dim: int = 1) -> torch.Tensor:
     return get_layout(variant).unshard(list(shards), dim)
 
 
+@agreement.shares_errors
 def gather_sequence(x_local: torch.Tensor, variant: str, group: Optional[dist.ProcessGroup] = None,
                     dim: int = 1) -> torch.Tensor:
     """All-gather every rank's slice and undo the layout: the full sequence on every rank.
 
     Differentiable (the gradient flows back to each rank's slice).
     """
+    get_layout(variant)
+    dim = check_dim(dim, x_local, "x_local", min_dims=2)
     gathered = all_gather_sequence(x_local.movedim(dim, 1), group)
     shards = gathered.chunk(dist.get_world_size(group), dim=1)
     return unshard_sequence(shards, variant, 1).movedim(1, dim)

@@ -131,6 +131,31 @@ def check_heads_k_stride(heads_k_stride, heads_k: int) -> int:
     return heads_k_stride
 
 
+def _is_int(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int)
+
+
+def check_rank(rank, world_size) -> None:
+    """A rank and a world size given by hand (sharding helpers): ints with 0 <= rank < world_size."""
+    if not _is_int(world_size) or world_size < 1:
+        raise ValueError(f"world_size: expected an int >= 1 (the number of ranks the sequence is split over), "
+                         f"got {world_size!r}")
+    if not _is_int(rank) or not 0 <= rank < world_size:
+        raise ValueError(f"rank: expected an int with 0 <= rank < world_size ({world_size}), got {rank!r}; over a "
+                         "subgroup pass the rank within it (torch.distributed.get_rank(group)), not the global rank")
+
+
+def check_dim(dim, x, name: str = "x", min_dims: int = 1) -> int:
+    """``dim`` as a non-negative index into ``x``'s dims (negative dims count from the end)."""
+    if not isinstance(x, torch.Tensor) or x.dim() < min_dims:
+        got = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name}: expected a tensor with at least {min_dims} dimension(s), got {got}")
+    if not _is_int(dim) or not -x.dim() <= dim < x.dim():
+        raise ValueError(f"dim: expected an int indexing the {x.dim()} dimensions of {name} (the sequence "
+                         f"dimension), got {dim!r}")
+    return dim % x.dim()
+
+
 def group_rank_and_size(group) -> tuple:
     """This rank's index in ``group`` and the group's size; a clear error if this rank is not a member."""
     import torch.distributed as dist

@@ -189,6 +189,7 @@ def _bad_calls(rank, world_size) -> dict:
     g = torch.Generator().manual_seed(11)
     t = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
     q, k = t(1, 4, 2 * world_size, 8), t(1, 4, world_size, 8)
+    full = t(1, 4 * world_size, 2, 8)
     tokens = t(8, 2 * world_size, 8), t(8, world_size, 8), t(8, world_size, 8)
     cu = torch.tensor([0, 4, 8], dtype=torch.int32)
     llama3 = rfa.llama3_flash_attn_prepare_cu_seqlens(torch.tensor([0, 4 * world_size, 8 * world_size],
@@ -205,12 +206,27 @@ def _bad_calls(rank, world_size) -> dict:
         "softmax_scale 0, ulysses": lambda: rfa.ulysses_attention(q, k, k, softmax_scale=0.0),
         "softmax_scale a string": lambda: rfa.ring_flash_attn_func(q, k, k, softmax_scale="0.5"),
         "softmax_scale a bool": lambda: rfa.ring_flash_attn_func(q, k, k, softmax_scale=True),
+        "shard_sequence rank = world_size": lambda: rfa.shard_sequence(full, "zigzag", world_size, world_size),
+        "shard_sequence negative rank": lambda: rfa.shard_sequence(full, "ring", -1, world_size),
+        "shard_sequence world_size 0": lambda: rfa.shard_sequence(full, "ring", 0, 0),
+        "shard_sequence rank a float": lambda: rfa.shard_sequence(full, "ring", 1.0, world_size),
+        "shard_sequence dim out of range": lambda: rfa.shard_sequence(full, "ring", rank, world_size, dim=4),
+        "unshard_sequence no shards": lambda: rfa.unshard_sequence([], "ring"),
+        "unshard_sequence shapes differ": lambda: rfa.unshard_sequence([full, full[:, :2]], "ring"),
+        "gather_sequence dim out of range": lambda: rfa.gather_sequence(q, "zigzag", dim=-5),
+        "gather_sequence 1-d slice": lambda: rfa.gather_sequence(q[0, 0, 0], "ring", dim=0),
+        "gather_sequence bad variant": lambda: rfa.gather_sequence(q, "zig-zag"),
+        "RingAttention.shard dim out of range": lambda: rfa.RingAttention().shard(full, dim=9),
+        "RingAttention.gather dim out of range": lambda: rfa.RingAttention().gather(q, dim=9),
     }
 
 
 def bad_calls(rank, world_size) -> tuple:
     """What each bad call raised on this rank, then the error of a clean call on the same group."""
     report = {name: _raised(call) for name, call in _bad_calls(rank, world_size).items()}
+    x = torch.randn(1, 4, 2, 8)
+    report["gather_sequence dim out of range on rank 0 alone"] = _raised(
+        lambda: rfa.gather_sequence(x, "ring", dim=7 if rank == 0 else 1))
     return report, call_errors(rank, world_size, seed=12)
 
 

@@ -70,6 +70,26 @@ BAD_CALLS = {
     "softmax_scale 0, ulysses": ("ValueError", SCALE + "0.0$"),
     "softmax_scale a string": ("TypeError", SCALE + "'0.5' \\(str\\)$"),
     "softmax_scale a bool": ("TypeError", SCALE + "True \\(bool\\)$"),
+    "shard_sequence rank = world_size": (
+        "ValueError", r"^rank: expected an int with 0 <= rank < world_size \(3\), got 3; over a subgroup pass the "
+                      r"rank within it \(torch.distributed.get_rank\(group\)\), not the global rank$"),
+    "shard_sequence negative rank": ("ValueError", r"^rank: expected an int with 0 <= rank < world_size \(3\), got -1"),
+    "shard_sequence world_size 0": ("ValueError", r"^world_size: expected an int >= 1 .*, got 0$"),
+    "shard_sequence rank a float": ("ValueError", r"^rank: expected an int .*, got 1.0;"),
+    "shard_sequence dim out of range": (
+        "ValueError", r"^dim: expected an int indexing the 4 dimensions of x \(the sequence dimension\), got 4$"),
+    "unshard_sequence no shards": ("ValueError", r"^shards: expected every rank's slice \(tensors, in rank order\), "
+                                                 r"got \[\]$"),
+    "unshard_sequence shapes differ": ("ValueError", r"^shards: expected slices of one shape, got \[\(1, 12, 2, 8\), "
+                                                     r"\(1, 2, 2, 8\)\]$"),
+    "gather_sequence dim out of range": ("ValueError", r"^dim: expected an int indexing the 4 dimensions of x_local"),
+    "gather_sequence 1-d slice": ("ValueError", r"^x_local: expected a tensor with at least 2 dimension\(s\), "
+                                                r"got shape \(8,\)$"),
+    "gather_sequence bad variant": ("ValueError", r"^variant: expected one of \['ring', 'stripe', 'zigzag'\], "
+                                                  r"got 'zig-zag'$"),
+    "RingAttention.shard dim out of range": ("ValueError", r"^dim: expected an int indexing the 4 dimensions of x"),
+    "RingAttention.gather dim out of range": ("ValueError",
+                                              r"^dim: expected an int indexing the 4 dimensions of x_local"),
 }
 
 
@@ -82,8 +102,17 @@ def test_bad_call_raises_the_same_clear_error_on_every_rank(world, name):
     assert len(set(outcomes)) == 1, outcomes
 
 
+def test_a_bad_argument_on_one_rank_raises_on_every_rank(world):
+    """gather_sequence communicates: rank 0's bad dim is its ValueError, and the others hear of it."""
+    outcomes = [report["bad_calls"][0]["gather_sequence dim out of range on rank 0 alone"] for report in world]
+    assert outcomes[0][0] == "ValueError" and outcomes[0][1].startswith("dim: expected an int indexing"), outcomes
+    for kind, message in outcomes[1:]:
+        assert kind == "PeerRankError" and message.startswith("rank 0 rejected its arguments: ValueError: dim: "
+                                                               "expected an int indexing"), (kind, message)
+
+
 def test_bad_calls_cover_the_table_and_the_group_serves_on(world):
     for report in world:
         names, clean = report["bad_calls"]
-        assert set(names) == set(BAD_CALLS)
+        assert set(names) == set(BAD_CALLS) | {"gather_sequence dim out of range on rank 0 alone"}
         assert clean <= GRADIENT[torch.float64], clean
