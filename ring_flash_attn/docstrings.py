@@ -87,7 +87,8 @@ Returns:
     out: {shape}, q's dtype: this rank's output, in the same layout
         as q. Differentiable: the backward runs the same ring (gradients for this rank's q, k and v).
     With return_attn_probs=True: (out, softmax_lse, None); softmax_lse {lse},
-        float32, natural log."""
+        float32, natural log. Differentiable: a loss that uses softmax_lse gets its gradient (that backward
+        runs the ring on twice the heads: twice the compute and transfers)."""
 
 
 def compat_docstring(name: str, variant: str, suffix: str) -> str:

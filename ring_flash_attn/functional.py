@@ -75,7 +75,8 @@ def ring_attention(q, k, v, *, variant: str = "ring", causal: bool = False, soft
 
     Returns:
         (out, lse): out shaped like q in q's dtype; lse float32 (batch, heads, seqlen_local), or
-        (heads, total_tokens_local) with cu_seqlens.
+        (heads, total_tokens_local) with cu_seqlens. Both are differentiable (a gradient on lse makes the
+        backward run on twice the heads: :func:`~ring_flash_attn.ring.engine.lse_gradient_inputs`).
 
     Raises:
         ValueError, TypeError naming the argument, NotImplementedError for what the backend cannot serve:

@@ -66,7 +66,7 @@ class RingAttention(nn.Module):
             float32 or float64. With ``cu_seqlens`` (this rank's int32 cumulative lengths of packed
             sequences) q/k/v are (total_tokens_local, heads, head_dim) and no attention crosses sequences.
         Returns this rank's output, shaped like q; with ``return_lse=True`` also the float32 log-sum-exp,
-        (batch, heads, seqlen_local) or (heads, total_tokens_local) with cu_seqlens.
+        (batch, heads, seqlen_local) or (heads, total_tokens_local) with cu_seqlens (differentiable).
         Raises ValueError/TypeError naming the argument on every rank before any communication, and
         NotImplementedError for what the chosen backend cannot serve.
 

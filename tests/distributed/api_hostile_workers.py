@@ -181,6 +181,100 @@ def threads(rank, world_size) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The LSE's gradient (item 5).
+
+
+def lse_oracle(q, k, v, dout, lse_weight, seqlens=None, **kw):
+    """out, lse and the gradients of ``sum(out * dout) + sum(lse * lse_weight)`` (either term may be None) by
+    float64 autograd through the reference math on the whole sequence (each packed sequence on its own)."""
+    reference = get_backend("reference")
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    bounds = _cumsum(seqlens or (q.shape[1],))
+    parts = [reference.forward(q[:, a:b], k[:, a:b], v[:, a:b], **kw) for a, b in zip(bounds, bounds[1:]) if b > a]
+    out, lse = torch.cat([o for o, _ in parts], 1), torch.cat([l_ for _, l_ in parts], 2)
+    loss = sum((t * w).sum() for t, w in ((out, dout), (lse, lse_weight)) if w is not None)
+    return (out, lse, *torch.autograd.grad(loss, (q, k, v), allow_unused=True, materialize_grads=True))
+
+
+def lse_gradient_errors(rank, world_size) -> dict:
+    """``sum(out * dout) + sum(lse * w)`` and ``sum(lse * w)`` alone through every exchange, against float64
+    autograd of full attention: {case: {out, lse, dq, dk, dv: relative error}}."""
+    results = {}
+    case = dict(batch=2, seqlen=4 * world_size, heads=2 * world_size, heads_k=world_size, head_dim=8, seed=81)
+    q, k, v, dout = make_inputs(case)
+    weight = torch.randn(2, 2 * world_size, 4 * world_size, generator=torch.Generator().manual_seed(82),
+                         dtype=torch.float64)
+    slopes = torch.rand(2 * world_size, generator=torch.Generator().manual_seed(83)) * 0.5 + 0.1
+    local = lambda x, dim=1: rfa.shard_sequence(x, "zigzag", rank, world_size, dim)  # noqa: E731
+
+    def run(name, attend, use_out=True, dtype=torch.float64, alibi=None):
+        ref = lse_oracle(q, k, v, dout if use_out else None, weight, causal=True, window=(-1, -1), scale=8 ** -0.5,
+                         **({} if alibi is None else dict(alibi_slopes=alibi.double(), alibi_delta=0, alibi_stride=1)))
+        ql, kl, vl = (local(t).to(dtype).requires_grad_() for t in (q, k, v))
+        out, lse = attend(ql, kl, vl)
+        loss = (lse * local(weight, 2).to(lse.dtype)).sum()
+        if use_out:
+            loss = loss + (out * local(dout).to(dtype)).sum()
+        loss.backward()
+        want = (local(ref[0]), local(ref[1], 2), local(ref[2]), local(ref[3]), local(ref[4]))
+        results[name] = _errors((out, lse, ql.grad, kl.grad, vl.grad), want)
+
+    zigzag = dict(variant="zigzag", causal=True)
+    run("ring", lambda *t: rfa.ring_attention(*t, **zigzag))
+    run("ring, the LSE alone", lambda *t: rfa.ring_attention(*t, **zigzag), use_out=False)
+    run("ring, bfloat16", lambda *t: rfa.ring_attention(*t, **zigzag), dtype=torch.bfloat16)
+    run("ring, ALiBi", lambda *t: rfa.ring_attention(*t, **zigzag, alibi_slopes=slopes), alibi=slopes)
+    run("allgather", lambda *t: rfa.ring_attention(*t, **zigzag, exchange="allgather", heads_k_stride=1))
+    run("zigzag_ring_flash_attn_func", lambda *t: rfa.zigzag_ring_flash_attn_func(
+        *t, causal=True, return_attn_probs=True)[:2])
+    run("ulysses", lambda *t: rfa.ulysses_attention(*t, **zigzag))
+    run("ulysses, the LSE alone", lambda *t: rfa.ulysses_attention(*t, **zigzag), use_out=False)
+
+    # Packed sequences: zigzag varlen over the ring, and llama3's contiguous pieces.
+    seqlens = (2 * world_size, 6 * world_size)
+    q, k, v, dout = make_inputs(dict(case, batch=1, seqlen=sum(seqlens), seed=84))
+    weight = torch.randn(1, case["heads"], sum(seqlens), generator=torch.Generator().manual_seed(85),
+                         dtype=torch.float64)
+    ref = lse_oracle(q, k, v, dout, weight, seqlens, causal=True, window=(-1, -1), scale=8 ** -0.5)
+
+    def run_packed(name, local, attend):
+        ql, kl, vl = (local(t).requires_grad_() for t in (q, k, v))
+        out, lse = attend(ql, kl, vl)
+        ((out * local(dout)).sum() + (lse * local(weight, 2)).sum()).backward()
+        want = (local(ref[0]), local(ref[1], 2), local(ref[2]), local(ref[3]), local(ref[4]))
+        results[name] = _errors((out, lse, ql.grad, kl.grad, vl.grad), want)
+
+    layout = PackedLayout(get_layout("zigzag"), tuple(n // world_size for n in seqlens))
+    cu = torch.tensor(_cumsum(layout.seqlens_local), dtype=torch.int32)
+    run_packed("zigzag varlen", lambda x, dim=1: layout.shard(x, rank, world_size, dim)[0],
+               lambda *t: rfa.zigzag_ring_flash_attn_varlen_func(*t, cu, max(layout.seqlens_local), causal=True,
+                                                                 return_attn_probs=True)[:2])
+    piece = sum(seqlens) // world_size
+    args = rfa.llama3_flash_attn_prepare_cu_seqlens(torch.tensor(_cumsum(seqlens), dtype=torch.int32), True, rank,
+                                                    world_size)
+    run_packed("llama3 varlen", lambda x, dim=1: x.narrow(dim, rank * piece, piece)[0],
+               lambda *t: rfa.llama3_flash_attn_varlen_func(*t, *args[:4], 1, args[4], causal=True,
+                                                            return_attn_probs=True)[:2])
+    return results
+
+
+def lse_gradient_on_one_rank(rank, world_size) -> tuple:
+    """Rank 0 alone puts the LSE in its loss (RING_FLASH_ATTN_AGREE=always: a lone change is named before any
+    exchange): what each rank raised in the backward, then a clean call's error."""
+    import os
+
+    os.environ["RING_FLASH_ATTN_AGREE"] = "always"
+    try:
+        q, k, v = (rfa.shard_sequence(t, "zigzag", rank, world_size).requires_grad_() for t in make_inputs(
+            dict(batch=1, seqlen=4 * world_size, heads=4, heads_k=2, head_dim=8, seed=86))[:3])
+        out, lse = rfa.ring_attention(q, k, v, variant="zigzag", causal=True)
+        raised = _raised(lambda: (out.sum() + (lse.sum() if rank == 0 else 0)).backward())
+    finally:
+        del os.environ["RING_FLASH_ATTN_AGREE"]
+    return raised, call_errors(rank, world_size, seed=87)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Arguments that must raise the same clear error on every rank, before any exchange.
 
 
@@ -233,4 +327,5 @@ def bad_calls(rank, world_size) -> tuple:
 def api_hostile_world(rank, world_size):
     """Every check of this module in one world (one start of the ranks)."""
     return {"odd_layouts": odd_layout_errors(rank, world_size), "threads": threads(rank, world_size),
-            "bad_calls": bad_calls(rank, world_size)}
+            "bad_calls": bad_calls(rank, world_size), "lse_gradient": lse_gradient_errors(rank, world_size),
+            "lse_gradient_on_one_rank": lse_gradient_on_one_rank(rank, world_size)}

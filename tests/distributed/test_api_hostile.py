@@ -1,6 +1,6 @@
 """The library API under hostile use (issue 25), on 3 CPU ranks in one world: inputs in layouts the fused kernels
-do not read as they are, against the float64 oracle; two threads on one process group; arguments that must raise
-the same clear error on every rank before any exchange."""
+do not read as they are, against the float64 oracle; two threads on one process group; the LSE's gradient against
+float64 autograd; arguments that must raise the same clear error on every rank before any exchange."""
 
 import re
 
@@ -115,4 +115,35 @@ def test_bad_calls_cover_the_table_and_the_group_serves_on(world):
     for report in world:
         names, clean = report["bad_calls"]
         assert set(names) == set(BAD_CALLS) | {"gather_sequence dim out of range on rank 0 alone"}
+        assert clean <= GRADIENT[torch.float64], clean
+
+
+LSE_GRADIENT_CASES = ("ring", "ring, the LSE alone", "ring, bfloat16", "ring, ALiBi", "allgather",
+                      "zigzag_ring_flash_attn_func", "ulysses", "ulysses, the LSE alone", "zigzag varlen",
+                      "llama3 varlen")
+
+
+@pytest.mark.parametrize("case", LSE_GRADIENT_CASES)
+def test_lse_gradient_matches_float64_autograd(world, case):
+    """Issue 25: the LSE carried no gradient, so a loss with it (``out + lse``) silently lost that term. Now the
+    gradients of sum(out * dout) + sum(lse * w) (or of the LSE's term alone) match float64 autograd through
+    full attention."""
+    dtype = torch.bfloat16 if "bfloat16" in case else torch.float64
+    for rank, report in enumerate(world):
+        errors = report["lse_gradient"][case]
+        for name, error in errors.items():
+            bound = FORWARD[dtype] if name in ("out", "lse") else GRADIENT[dtype]
+            if case.endswith("the LSE alone") and name == "dv":
+                assert error == 0.0, (rank, case, error)  # the LSE does not depend on v
+                continue
+            assert error <= bound, f"rank {rank}, {case}, {name}: relative error {error:.3g}"
+
+
+def test_lse_gradient_on_one_rank_alone_raises_on_every_rank(world):
+    """Whether the LSE has a gradient decides the backward's transfers, so the ranks agree on it first."""
+    for rank, report in enumerate(world):
+        (kind, message), clean = report["lse_gradient_on_one_rank"]
+        assert kind == "RanksDisagreeError", (rank, kind, message)
+        assert message == ("LSE gradient: expected the same value on every rank of the group, got rank 0: True, "
+                           "rank 1: False, rank 2: False"), message
         assert clean <= GRADIENT[torch.float64], clean
