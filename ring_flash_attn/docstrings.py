@@ -54,8 +54,9 @@ COMMON = """\
     softmax_scale: float > 0 and finite, or None. The scaling of QK^T before the softmax; None:
         1 / sqrt(headdim). 0, negative, NaN and inf raise ValueError.
     causal: bool. Causal mask by true token positions in the whole sequence, across ranks.
-    window_size: (left, right). Sliding-window attention by true positions: the query at position i sees
-        the keys at positions [i - left, i + right]; -1 means unbounded (as in flash-attn).
+    window_size: (left, right), ints >= -1. Sliding-window attention by true positions: the query at
+        position i sees the keys at positions [i - left, i + right]; -1 means unbounded (as in flash-attn).
+        Floats, strings and inf raise ValueError.
     alibi_slopes: (nheads,) or (batch_size, nheads), float32, or None. Adds -slope * |i - j| (true token
         distance) to the scores; served by the "reference" backend (automatic choice falls back to it).
     deterministic: bool. Accepted for compatibility: the ring's own reductions (LSE merges, gradient sums,

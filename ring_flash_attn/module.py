@@ -13,7 +13,8 @@ from .comm.collectives import all_gather_sequence
 from .functional import ring_attention
 from .ring.layouts import get_layout
 from .ulysses import usp_attention, usp_process_groups
-from .validation import check_dim, group_rank_and_size
+from .kernels.mask import check_window
+from .validation import check_dim, check_softmax_scale, group_rank_and_size
 
 
 def shard_sequence(x: torch.Tensor, variant: str, rank: int, world_size: int, dim: int = 1) -> torch.Tensor:
@@ -88,8 +89,10 @@ class RingAttention(nn.Module):
         # ulysses_size > 1: a ulysses x ring mesh over the group (USP); the layout stays the variant's over the
         # whole group, so shard/gather below serve it unchanged. Creating the mesh's groups is collective.
         self.usp = usp_process_groups(ulysses_size, group) if ulysses_size != 1 else None
+        if softmax_scale is not None:  # None: 1 / sqrt(head_dim), known at the first call
+            check_softmax_scale(softmax_scale, head_dim=1)
         self.variant, self.causal, self.softmax_scale = variant, causal, softmax_scale
-        self.window_size, self.softcap, self.group, self.backend = tuple(window_size), softcap, group, backend
+        self.window_size, self.softcap, self.group, self.backend = check_window(window_size), softcap, group, backend
         self.exchange, self.heads_k_stride = exchange, heads_k_stride
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None,

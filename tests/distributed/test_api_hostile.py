@@ -58,6 +58,7 @@ def test_threads_on_their_own_groups_and_a_backward_on_a_thread_are_exact(world)
         assert threads["backward on a thread"] <= GRADIENT[torch.float64], threads["backward on a thread"]
 
 
+WINDOW = r"^window_size: expected a pair \(left, right\) of ints >= -1 \(-1 = unbounded\), "
 SCALE = r"^softmax_scale: expected a finite number > 0, or None for 1 / sqrt\(head_dim\), got "
 # name -> (exception type, pattern of its message): the same on every rank.
 BAD_CALLS = {
@@ -70,6 +71,13 @@ BAD_CALLS = {
     "softmax_scale 0, ulysses": ("ValueError", SCALE + "0.0$"),
     "softmax_scale a string": ("TypeError", SCALE + "'0.5' \\(str\\)$"),
     "softmax_scale a bool": ("TypeError", SCALE + "True \\(bool\\)$"),
+    "window_size inf": ("ValueError", WINDOW + r"got inf \(float\)$"),
+    "window_size a string": ("ValueError", WINDOW + r"got '12' \(str\)$"),
+    "window_size a float": ("ValueError", WINDOW + r"got \(2.5, -1\): 2.5 is a float$"),
+    "window_size inf in the pair, llama3": ("ValueError", WINDOW + r"got \(inf, -1\): inf is a float$"),
+    "window_size a float, ulysses": ("ValueError", WINDOW + r"got \(2.0, 3\): 2.0 is a float$"),
+    "RingAttention window_size a string": ("ValueError", WINDOW + r"got '12' \(str\)$"),
+    "RingAttention softmax_scale 0": ("ValueError", SCALE + "0.0$"),
     "shard_sequence rank = world_size": (
         "ValueError", r"^rank: expected an int with 0 <= rank < world_size \(3\), got 3; over a subgroup pass the "
                       r"rank within it \(torch.distributed.get_rank\(group\)\), not the global rank$"),
