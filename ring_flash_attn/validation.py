@@ -110,6 +110,9 @@ def check_cu_seqlens(cu_seqlens, total_tokens: Optional[int], name: str = "cu_se
         raise ValueError(f"{name}: expected a 1-D int32 or int64 tensor, got {got}")
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{name}: expected dtype torch.int32 or torch.int64, got {cu_seqlens.dtype}")
+    if cu_seqlens.device.type == "meta":
+        raise ValueError(f"{name}: expected a tensor holding its values (on the CPU or q's device), got one on the "
+                         "meta device, which holds none: the lengths are read from it")
     values = cu_seqlens.tolist()
     if len(values) < 2 or values[0] != 0:
         raise ValueError(f"{name}: expected to start at 0 and hold at least one sequence, got {values[:8]}")

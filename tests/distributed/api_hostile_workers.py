@@ -308,6 +308,11 @@ def _bad_calls(rank, world_size) -> dict:
         "window_size a float, ulysses": lambda: rfa.ulysses_attention(q, k, k, window_size=(2.0, 3)),
         "RingAttention window_size a string": lambda: rfa.RingAttention(window_size="12"),
         "RingAttention softmax_scale 0": lambda: rfa.RingAttention(softmax_scale=0),
+        "cu_seqlens on meta, varlen": lambda: rfa.ring_flash_attn_varlen_func(*tokens, cu.to("meta"), 4),
+        "cu_seqlens on meta, ring_attention": lambda: rfa.ring_attention(*tokens, cu_seqlens=cu.to("meta")),
+        "cu_seqlens on meta, llama3 prepare": lambda: rfa.llama3_flash_attn_prepare_cu_seqlens(
+            cu.to("meta"), True, rank, world_size),
+        "cu_seqlens on meta, ulysses": lambda: rfa.ulysses_attention(*tokens, cu_seqlens=cu.to("meta")),
         "shard_sequence rank = world_size": lambda: rfa.shard_sequence(full, "zigzag", world_size, world_size),
         "shard_sequence negative rank": lambda: rfa.shard_sequence(full, "ring", -1, world_size),
         "shard_sequence world_size 0": lambda: rfa.shard_sequence(full, "ring", 0, 0),

@@ -59,6 +59,8 @@ def test_threads_on_their_own_groups_and_a_backward_on_a_thread_are_exact(world)
 
 
 WINDOW = r"^window_size: expected a pair \(left, right\) of ints >= -1 \(-1 = unbounded\), "
+META = (r"^cu_seqlens: expected a tensor holding its values \(on the CPU or q's device\), got one on the meta "
+        r"device, which holds none: the lengths are read from it$")
 SCALE = r"^softmax_scale: expected a finite number > 0, or None for 1 / sqrt\(head_dim\), got "
 # name -> (exception type, pattern of its message): the same on every rank.
 BAD_CALLS = {
@@ -78,6 +80,10 @@ BAD_CALLS = {
     "window_size a float, ulysses": ("ValueError", WINDOW + r"got \(2.0, 3\): 2.0 is a float$"),
     "RingAttention window_size a string": ("ValueError", WINDOW + r"got '12' \(str\)$"),
     "RingAttention softmax_scale 0": ("ValueError", SCALE + "0.0$"),
+    "cu_seqlens on meta, varlen": ("ValueError", META),
+    "cu_seqlens on meta, ring_attention": ("ValueError", META),
+    "cu_seqlens on meta, llama3 prepare": ("ValueError", META),
+    "cu_seqlens on meta, ulysses": ("ValueError", META),
     "shard_sequence rank = world_size": (
         "ValueError", r"^rank: expected an int with 0 <= rank < world_size \(3\), got 3; over a subgroup pass the "
                       r"rank within it \(torch.distributed.get_rank\(group\)\), not the global rank$"),
