@@ -29,6 +29,7 @@ from .ring.allgather import allgather_attention, allgather_calls
 from .ring.engine import ContextParallelAttention, RingPlan
 from .ring.layouts import Layout, PackedLayout, get_layout
 from .ring.planner import layout_needs_band_mask
+from .tracing import outside_graphs
 from .validation import (backward_head_chunks, check_alibi_slopes, check_cu_seqlens, check_heads_k_stride,
                          check_max_seqlen, check_packed_alibi_slopes, check_packed_qkv, check_qkv, check_softcap,
                          check_softmax_scale, check_unsupported, group_rank_and_size)
@@ -46,6 +47,7 @@ def serve_as_documents(layout, kernel) -> bool:
 MIN_DOCUMENTS = 4
 
 
+@outside_graphs
 @agreement.shares_errors
 def ring_attention(q, k, v, *, variant: str = "ring", causal: bool = False, softmax_scale: Optional[float] = None,
                    window_size=(-1, -1), softcap: float = 0.0, group: Optional[dist.ProcessGroup] = None,
@@ -152,6 +154,7 @@ def _allgather(q, k, v, layout, *, causal, window, softmax_scale, softcap, group
     return out.view(q.shape), lse.view(heads, batch, seqlen).transpose(0, 1)
 
 
+@outside_graphs
 @agreement.shares_errors
 def _compat_call(q, k, v, variant, dropout_p, softmax_scale, causal, window_size, alibi_slopes, return_attn_probs,
                  group, softcap, backend):
@@ -216,6 +219,7 @@ def _make_varlen_api(variant: str):
     """The varlen triple of one variant: packed sequences ``[total_tokens_local, heads, head_dim]`` with this
     rank's ``cu_seqlens`` (each sequence split over the ranks by the variant's layout)."""
 
+    @outside_graphs
     @agreement.shares_errors
     def call(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
              return_attn_probs, group, softcap, backend):

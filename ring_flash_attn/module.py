@@ -14,6 +14,7 @@ from .functional import ring_attention
 from .ring.layouts import get_layout
 from .ulysses import usp_attention, usp_process_groups
 from .kernels.mask import check_window
+from .tracing import outside_graphs
 from .validation import check_dim, check_softmax_scale, group_rank_and_size
 
 
@@ -30,6 +31,7 @@ def unshard_sequence(shards, variant: str, dim: int = 1) -> torch.Tensor:
     return get_layout(variant).unshard(list(shards), dim)
 
 
+@outside_graphs
 @agreement.shares_errors
 def gather_sequence(x_local: torch.Tensor, variant: str, group: Optional[dist.ProcessGroup] = None,
                     dim: int = 1) -> torch.Tensor:

@@ -51,6 +51,7 @@ from .merge import accumulator_dtype
 from .ring.layouts import DerivedLayout, Layout, PackedLayout, Run, get_layout
 from .ring.engine import RingPlan, doubled_heads, lse_gradient_inputs, ring_backward, ring_forward
 from .ring.planner import layout_needs_band_mask
+from .tracing import outside_graphs
 from .validation import (backward_head_chunks, check_alibi_slopes, check_cu_seqlens, check_packed_alibi_slopes,
                          check_packed_qkv, check_qkv, check_softcap, check_softmax_scale, group_rank_and_size)
 
@@ -547,6 +548,7 @@ def _check_rounds(ulysses_group, ring_group):
     return (ring_group,) if ulysses_group is None else (ulysses_group, ring_group, ulysses_group)
 
 
+@outside_graphs
 @agreement.shares_errors(groups=lambda argument: _check_rounds(argument("ulysses_group"), argument("ring_group")))
 def usp_attention(q, k, v, *, ulysses_group: Optional[dist.ProcessGroup], ring_group: Optional[dist.ProcessGroup],
                   variant: str = "ring", causal: bool = False, softmax_scale: Optional[float] = None,

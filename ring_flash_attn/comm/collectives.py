@@ -9,6 +9,7 @@ import torch.distributed as dist
 
 from .. import agreement
 from . import in_flight
+from ..tracing import outside_graphs
 from ..validation import group_rank_and_size
 
 
@@ -36,6 +37,7 @@ class _AllGatherSequence(torch.autograd.Function):
         return grad[:, start:start + ctx.seqlen_local], None, None, None
 
 
+@outside_graphs
 def all_gather_sequence(local: torch.Tensor, group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
     """Concatenate every rank's ``[batch, seqlen_local, ...]`` along dim 1 (group-rank order); differentiable."""
     rank, world_size = group_rank_and_size(group)

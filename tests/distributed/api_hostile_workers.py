@@ -275,6 +275,37 @@ def lse_gradient_on_one_rank(rank, world_size) -> tuple:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# torch.compile (item 8).
+
+
+def compiled(rank, world_size) -> dict:
+    """fullgraph=True over the attention: what it raised; fullgraph=False: the error against the oracle (forward
+    and backward through the compiled caller, the attention run eagerly between its graphs)."""
+    q, k, v, dout = make_inputs(dict(batch=1, seqlen=4 * world_size, heads=4, heads_k=2, head_dim=8, seed=91))
+    ref = oracle(q, k, v, dout, causal=True, window=(-1, -1), scale=8 ** -0.5)
+    local = lambda x, dim=1: rfa.shard_sequence(x, "zigzag", rank, world_size, dim)  # noqa: E731
+    report = {}
+
+    def around_attention(ql, kl, vl):
+        return rfa.zigzag_ring_flash_attn_func(ql.relu() - (-ql).relu(), kl, vl, causal=True, return_attn_probs=True)[:2]
+
+    whole = torch.compile(around_attention, backend="eager", fullgraph=True)
+    report["fullgraph function"] = _raised(lambda: whole(*(local(t) for t in (q, k, v))))
+    module = torch.compile(rfa.RingAttention(variant="zigzag", causal=True), backend="eager", fullgraph=True)
+    report["fullgraph module"] = _raised(lambda: module(*(local(t) for t in (q, k, v))))
+
+    def attention_between_graphs(ql, kl, vl):
+        return rfa.zigzag_ring_flash_attn_func(ql.relu() - (-ql).relu(), kl, vl, causal=True, return_attn_probs=True)[:2]
+
+    ql, kl, vl = (local(t).requires_grad_() for t in (q, k, v))
+    out, lse = torch.compile(attention_between_graphs, backend="aot_eager")(ql, kl, vl)
+    out.backward(local(dout))
+    want = (local(ref[0]), local(ref[1], 2), local(ref[2]), local(ref[3]), local(ref[4]))
+    report["between graphs"] = max(rel_err(g, w) for g, w in zip((out, lse, ql.grad, kl.grad, vl.grad), want))
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Arguments that must raise the same clear error on every rank, before any exchange.
 
 
@@ -341,4 +372,5 @@ def api_hostile_world(rank, world_size):
     """Every check of this module in one world (one start of the ranks)."""
     return {"odd_layouts": odd_layout_errors(rank, world_size), "threads": threads(rank, world_size),
             "bad_calls": bad_calls(rank, world_size), "lse_gradient": lse_gradient_errors(rank, world_size),
-            "lse_gradient_on_one_rank": lse_gradient_on_one_rank(rank, world_size)}
+            "lse_gradient_on_one_rank": lse_gradient_on_one_rank(rank, world_size),
+            "compiled": compiled(rank, world_size)}

@@ -1,6 +1,7 @@
 """The library API under hostile use (issue 25), on 3 CPU ranks in one world: inputs in layouts the fused kernels
 do not read as they are, against the float64 oracle; two threads on one process group; the LSE's gradient against
-float64 autograd; arguments that must raise the same clear error on every rank before any exchange."""
+float64 autograd; torch.compile around the attention; arguments that must raise the same clear error on every
+rank before any exchange."""
 
 import re
 
@@ -161,3 +162,16 @@ def test_lse_gradient_on_one_rank_alone_raises_on_every_rank(world):
         assert message == ("LSE gradient: expected the same value on every rank of the group, got rank 0: True, "
                            "rank 1: False, rank 2: False"), message
         assert clean <= GRADIENT[torch.float64], clean
+
+
+def test_torch_compile_fullgraph_says_what_cannot_be_captured_and_fullgraph_false_is_exact(world):
+    """Issue 25: fullgraph=True stopped on a data-dependent guard deep in the planner, naming nothing useful, and
+    fullgraph=False traced the planner's host-side decisions. Now the attention runs eagerly between graphs."""
+    from ring_flash_attn.tracing import REASON
+
+    for rank, report in enumerate(world):
+        compiled = report["compiled"]
+        for case in ("fullgraph function", "fullgraph module"):
+            kind, message = compiled[case]
+            assert kind == "Unsupported" and REASON in message, (rank, case, kind, message[:300])
+        assert compiled["between graphs"] <= GRADIENT[torch.float64], compiled["between graphs"]
