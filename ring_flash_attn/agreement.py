@@ -56,6 +56,7 @@ import torch
 import torch.distributed as dist
 
 from .comm import in_flight
+from .validation import is_process_group
 
 MODE_ENV = "RING_FLASH_ATTN_AGREE"
 TIMEOUT_ENV = "RING_FLASH_ATTN_WAIT_TIMEOUT_S"
@@ -182,8 +183,8 @@ def _takes_part(group) -> bool:
     """Whether this rank checks with the others of ``group``: not when the checks are off, when it is not a
     member, or when it is the group's only rank (nobody to disagree with or to tell; its errors raise here,
     and a one-rank run such as the trainer at cp = 1 pays no collective per attention call)."""
-    return (mode() != "never" and dist.is_available() and dist.is_initialized() and dist.get_rank(group) >= 0
-            and dist.get_world_size(group) > 1)
+    return (mode() != "never" and dist.is_available() and dist.is_initialized() and is_process_group(group)
+            and dist.get_rank(group) >= 0 and dist.get_world_size(group) > 1)
 
 
 def describe(q, k, v, **shared) -> tuple:

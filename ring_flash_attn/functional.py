@@ -31,8 +31,8 @@ from .ring.layouts import Layout, PackedLayout, get_layout
 from .ring.planner import layout_needs_band_mask
 from .tracing import outside_graphs
 from .validation import (backward_head_chunks, check_alibi_slopes, check_cu_seqlens, check_heads_k_stride,
-                         check_max_seqlen, check_packed_alibi_slopes, check_packed_qkv, check_qkv, check_softcap,
-                         check_softmax_scale, check_unsupported, group_rank_and_size)
+                         check_flag, check_max_seqlen, check_packed_alibi_slopes, check_packed_qkv, check_qkv,
+                         check_softcap, check_softmax_scale, check_unsupported, group_rank_and_size)
 
 
 def serve_as_documents(layout, kernel) -> bool:
@@ -96,6 +96,7 @@ def ring_attention(q, k, v, *, variant: str = "ring", causal: bool = False, soft
             alibi_slopes=alibi_slopes, comm=comm)
         return out.squeeze(0), lse.squeeze(0)
     check_qkv(q, k, v)
+    causal = check_flag(causal, "causal")
     alibi_slopes = check_alibi_slopes(alibi_slopes, q)
     window = check_window(window_size)
     softcap = check_softcap(softcap)

@@ -29,7 +29,7 @@ from .kernels import Features, select_backend
 from .ring.batching import batch_calls, varlen_calls
 from .ring.planner import PLAN_CACHES, BlockTask, needs_band_mask
 from .tracing import outside_graphs
-from .validation import (check_cu_seqlens, check_heads_k_stride, check_max_seqlen,
+from .validation import (check_cu_seqlens, check_flag, check_heads_k_stride, check_max_seqlen,
                          check_packed_alibi_slopes, check_packed_qkv, check_softcap, check_softmax_scale,
                          check_unsupported, group_rank_and_size)
 
@@ -122,7 +122,7 @@ def llama3_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqle
     check_packed_qkv(q, k, v)
     alibi_slopes = check_packed_alibi_slopes(alibi_slopes, q)
     window, softcap = check_window(window_size), check_softcap(softcap)
-    softmax_scale = check_softmax_scale(softmax_scale, q.shape[-1])
+    softmax_scale, causal = check_softmax_scale(softmax_scale, q.shape[-1]), check_flag(causal, "causal")
     check_heads_k_stride(heads_k_stride, k.shape[1])
     rank, world_size = group_rank_and_size(group)
     q_lengths = check_cu_seqlens(cu_seqlens_q, q.shape[0], "cu_seqlens_q")

@@ -15,7 +15,7 @@ from .ring.layouts import get_layout
 from .ulysses import usp_attention, usp_process_groups
 from .kernels.mask import check_window
 from .tracing import outside_graphs
-from .validation import check_dim, check_softmax_scale, group_rank_and_size
+from .validation import check_dim, check_flag, check_softmax_scale, group_rank_and_size
 
 
 def shard_sequence(x: torch.Tensor, variant: str, rank: int, world_size: int, dim: int = 1) -> torch.Tensor:
@@ -82,6 +82,7 @@ class RingAttention(nn.Module):
                  backend: Optional[str] = None, exchange: str = "ring", heads_k_stride: Optional[int] = None,
                  ulysses_size: int = 1):
         super().__init__()
+        causal = check_flag(causal, "causal")
         get_layout(variant).check(2, 1, causal)  # fail at construction on a variant/causal mismatch
         if exchange not in ("ring", "allgather"):
             raise ValueError(f"exchange: expected 'ring' or 'allgather' (llama3 style), got {exchange!r}")

@@ -53,7 +53,8 @@ from .ring.engine import RingPlan, doubled_heads, lse_gradient_inputs, ring_back
 from .ring.planner import layout_needs_band_mask
 from .tracing import outside_graphs
 from .validation import (backward_head_chunks, check_alibi_slopes, check_cu_seqlens, check_packed_alibi_slopes,
-                         check_packed_qkv, check_qkv, check_softcap, check_softmax_scale, group_rank_and_size)
+                         check_flag, check_packed_qkv, check_qkv, check_softcap, check_softmax_scale,
+                         group_rank_and_size)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -591,7 +592,7 @@ def usp_attention(q, k, v, *, ulysses_group: Optional[dist.ProcessGroup], ring_g
         check_qkv(q, k, v)
         alibi_slopes = check_alibi_slopes(alibi_slopes, q)
     window, softcap = check_window(window_size), check_softcap(softcap)
-    scale = check_softmax_scale(softmax_scale, q.shape[-1])
+    scale, causal = check_softmax_scale(softmax_scale, q.shape[-1]), check_flag(causal, "causal")
     heads, heads_k, seqlen_local = q.shape[2], k.shape[2], q.shape[1]
     if heads % ulysses_size:
         raise ValueError(f"q: the number of query heads must be divisible by the Ulysses degree {ulysses_size} "

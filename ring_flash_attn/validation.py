@@ -26,6 +26,9 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
             raise ValueError(f"{name}: expected 4 dimensions [batch, seqlen, heads, head_dim], got shape {tuple(t.shape)}")
         if t.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"{name}: expected dtype float16, bfloat16, float32 or float64, got {t.dtype}")
+        if t.device.type == "meta":
+            raise ValueError(f"{name}: expected a tensor holding its values, got one on the meta device, which "
+                             "holds none")
     if k.shape != v.shape:
         raise ValueError(f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
     if (q.shape[0], q.shape[1], q.shape[3]) != (k.shape[0], k.shape[1], k.shape[3]):
@@ -69,6 +72,9 @@ def check_alibi_slopes(alibi_slopes, q: torch.Tensor, heads_dim: int = 2):
         raise TypeError(f"alibi_slopes: expected dtype torch.float32, got {alibi_slopes.dtype}")
     if alibi_slopes.device != q.device:
         raise ValueError(f"alibi_slopes: expected q's device {q.device}, got {alibi_slopes.device}")
+    if alibi_slopes.requires_grad and torch.is_grad_enabled():
+        raise NotImplementedError("alibi_slopes: their gradient is not computed (as in flash-attn), and a slope "
+                                  "that requires one would silently get none; pass alibi_slopes.detach()")
     return alibi_slopes
 
 
@@ -92,7 +98,18 @@ def check_softmax_scale(softmax_scale, head_dim: int) -> float:
     return scale
 
 
+def check_flag(value, name: str) -> bool:
+    """A bool argument (``causal``): True/False or 0/1. A string would be read by its truthiness ("False" is
+    true), so it is refused."""
+    if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)) or type(value).__name__ in ("bool", "bool_"):
+        return bool(value)
+    raise TypeError(f"{name}: expected a bool, got {value!r} ({type(value).__name__})")
+
+
 def check_softcap(softcap: float) -> float:
+    if isinstance(softcap, (str, bytes, bool)):
+        raise TypeError(f"softcap: expected a finite number >= 0 (0 = off), got {softcap!r} "
+                        f"({type(softcap).__name__})")
     softcap = float(softcap or 0.0)
     if not math.isfinite(softcap) or softcap < 0:  # inf would cap nothing and give NaN: tanh(s/inf) * inf
         raise ValueError(f"softcap: expected a finite value >= 0 (0 = off), got {softcap}")
@@ -159,10 +176,20 @@ def check_dim(dim, x, name: str = "x", min_dims: int = 1) -> int:
     return dim % x.dim()
 
 
+def is_process_group(group) -> bool:
+    """None (the default group) or a ProcessGroup: what ``group`` arguments take."""
+    import torch.distributed as dist
+
+    return group is None or (dist.is_available() and isinstance(group, dist.ProcessGroup))
+
+
 def group_rank_and_size(group) -> tuple:
     """This rank's index in ``group`` and the group's size; a clear error if this rank is not a member."""
     import torch.distributed as dist
 
+    if not is_process_group(group):
+        raise TypeError(f"group: expected a torch.distributed.ProcessGroup or None (the default group), got "
+                        f"{type(group).__name__}; make one with torch.distributed.new_group(ranks)")
     rank = dist.get_rank(group)
     if rank < 0:
         raise ValueError("group: this rank is not a member of the given process group")

@@ -22,6 +22,8 @@ from typing import Optional
 
 import torch.distributed as dist
 
+from ..validation import is_process_group
+
 
 class GroupBusyError(RuntimeError):
     """A call entered a process group on which another thread's call was in flight."""
@@ -41,8 +43,8 @@ _calls: dict = {}  # process group -> the call in flight on it
 
 def _communicating(group) -> bool:
     """Whether a call on ``group`` (None: the default group) exchanges anything: this rank is in it with others."""
-    return dist.is_available() and dist.is_initialized() and dist.get_rank(group) >= 0 \
-        and dist.get_world_size(group) > 1
+    return dist.is_available() and dist.is_initialized() and is_process_group(group) \
+        and dist.get_rank(group) >= 0 and dist.get_world_size(group) > 1
 
 
 def _key(group):

@@ -344,6 +344,17 @@ def _bad_calls(rank, world_size) -> dict:
         "cu_seqlens on meta, llama3 prepare": lambda: rfa.llama3_flash_attn_prepare_cu_seqlens(
             cu.to("meta"), True, rank, world_size),
         "cu_seqlens on meta, ulysses": lambda: rfa.ulysses_attention(*tokens, cu_seqlens=cu.to("meta")),
+        "q, k, v on meta": lambda: rfa.ring_attention(q.to("meta"), k.to("meta"), k.to("meta")),
+        "causal a string": lambda: rfa.ring_flash_attn_func(q, k, k, causal="False"),
+        "causal None, llama3": lambda: rfa.llama3_flash_attn_varlen_func(*tokens, *llama3[:4], 1, llama3[4],
+                                                                         causal=None),
+        "causal a string, ulysses": lambda: rfa.ulysses_attention(q, k, k, causal="True"),
+        "RingAttention causal a string": lambda: rfa.RingAttention(causal="yes"),
+        "softcap a string": lambda: rfa.ring_attention(q, k, k, softcap="5", backend="reference"),
+        "group a list of ranks": lambda: rfa.ring_flash_attn_func(q, k, k, group=list(range(world_size))),
+        "group a list of ranks, ulysses": lambda: rfa.ulysses_attention(q, k, k, group=list(range(world_size))),
+        "alibi_slopes requiring a gradient": lambda: rfa.ring_attention(
+            q, k, k, alibi_slopes=torch.full((2 * world_size,), 0.25, requires_grad=True)),
         "shard_sequence rank = world_size": lambda: rfa.shard_sequence(full, "zigzag", world_size, world_size),
         "shard_sequence negative rank": lambda: rfa.shard_sequence(full, "ring", -1, world_size),
         "shard_sequence world_size 0": lambda: rfa.shard_sequence(full, "ring", 0, 0),

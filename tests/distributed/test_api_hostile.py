@@ -85,6 +85,17 @@ BAD_CALLS = {
     "cu_seqlens on meta, ring_attention": ("ValueError", META),
     "cu_seqlens on meta, llama3 prepare": ("ValueError", META),
     "cu_seqlens on meta, ulysses": ("ValueError", META),
+    "q, k, v on meta": ("ValueError", r"^q: expected a tensor holding its values, got one on the meta device"),
+    "causal a string": ("TypeError", r"^causal: expected a bool, got 'False' \(str\)$"),
+    "causal None, llama3": ("TypeError", r"^causal: expected a bool, got None \(NoneType\)$"),
+    "causal a string, ulysses": ("TypeError", r"^causal: expected a bool, got 'True' \(str\)$"),
+    "RingAttention causal a string": ("TypeError", r"^causal: expected a bool, got 'yes' \(str\)$"),
+    "softcap a string": ("TypeError", r"^softcap: expected a finite number >= 0 \(0 = off\), got '5' \(str\)$"),
+    "group a list of ranks": ("TypeError", r"^group: expected a torch.distributed.ProcessGroup or None \(the default "
+                                           r"group\), got list; make one with torch.distributed.new_group\(ranks\)$"),
+    "group a list of ranks, ulysses": ("TypeError", r"^group: expected a torch.distributed.ProcessGroup or None"),
+    "alibi_slopes requiring a gradient": ("NotImplementedError", r"^alibi_slopes: their gradient is not computed "
+                                                                 r"\(as in flash-attn\).*pass alibi_slopes.detach\(\)$"),
     "shard_sequence rank = world_size": (
         "ValueError", r"^rank: expected an int with 0 <= rank < world_size \(3\), got 3; over a subgroup pass the "
                       r"rank within it \(torch.distributed.get_rank\(group\)\), not the global rank$"),
