@@ -177,10 +177,13 @@ def check_dim(dim, x, name: str = "x", min_dims: int = 1) -> int:
 
 
 def is_process_group(group) -> bool:
-    """None (the default group) or a ProcessGroup: what ``group`` arguments take."""
+    """None (the default group), a ProcessGroup, or what ``new_group`` hands a rank outside the new group (an int
+    sentinel: such a rank then hears that it is not a member): what ``group`` arguments take."""
     import torch.distributed as dist
 
-    return group is None or (dist.is_available() and isinstance(group, dist.ProcessGroup))
+    return group is None or (dist.is_available() and (isinstance(group, dist.ProcessGroup)
+                                                      or (type(group) is int
+                                                          and group == dist.GroupMember.NON_GROUP_MEMBER)))
 
 
 def group_rank_and_size(group) -> tuple:
