@@ -101,7 +101,8 @@ def check_softmax_scale(softmax_scale, head_dim: int) -> float:
 def check_flag(value, name: str) -> bool:
     """A bool argument (``causal``): True/False or 0/1. A string would be read by its truthiness ("False" is
     true), so it is refused."""
-    if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)) or type(value).__name__ in ("bool", "bool_"):
+    numpy_bool = type(value).__name__ in ("bool", "bool_")
+    if isinstance(value, bool) or numpy_bool or (isinstance(value, int) and value in (0, 1)):
         return bool(value)
     raise TypeError(f"{name}: expected a bool, got {value!r} ({type(value).__name__})")
 

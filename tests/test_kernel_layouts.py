@@ -5,6 +5,7 @@ the backends as it is. The GPU ops (FlashAttention-2, cuDNN, memory-efficient, X
 compiled kernels go through the same normalisation (kernels/base.unit_stride_rows); they are not run here (no
 device; on the CPU FlexAttention runs unfused and reads any layout)."""
 
+import importlib.util
 import os
 
 import pytest
@@ -26,12 +27,8 @@ SEQLEN, HEADS, HEADS_K, HEAD_DIM = 24, 4, 2, 16
 
 def _backends():
     backends = [("reference", torch.float64), ("sdpa", torch.float64), ("sdpa", torch.bfloat16)]
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        try:
-            import triton  # noqa: F401
-            backends.append(("triton", torch.float32))
-        except ImportError:
-            pass
+    if os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None:
+        backends.append(("triton", torch.float32))
     return backends
 
 

@@ -94,8 +94,9 @@ BAD_CALLS = {
     "group a list of ranks": ("TypeError", r"^group: expected a torch.distributed.ProcessGroup or None \(the default "
                                            r"group\), got list; make one with torch.distributed.new_group\(ranks\)$"),
     "group a list of ranks, ulysses": ("TypeError", r"^group: expected a torch.distributed.ProcessGroup or None"),
-    "alibi_slopes requiring a gradient": ("NotImplementedError", r"^alibi_slopes: their gradient is not computed "
-                                                                 r"\(as in flash-attn\).*pass alibi_slopes.detach\(\)$"),
+    "alibi_slopes requiring a gradient": (
+        "NotImplementedError", r"^alibi_slopes: their gradient is not computed \(as in flash-attn\).*pass "
+                               r"alibi_slopes.detach\(\)$"),
     "shard_sequence rank = world_size": (
         "ValueError", r"^rank: expected an int with 0 <= rank < world_size \(3\), got 3; over a subgroup pass the "
                       r"rank within it \(torch.distributed.get_rank\(group\)\), not the global rank$"),
