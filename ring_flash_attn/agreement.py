@@ -55,6 +55,9 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from .comm import in_flight
+from .validation import is_process_group
+
 MODE_ENV = "RING_FLASH_ATTN_AGREE"
 TIMEOUT_ENV = "RING_FLASH_ATTN_WAIT_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 60.0
@@ -132,17 +135,21 @@ def errors_shared(*groups, active: bool = True):
     """
     state = _call_state()
     outermost = state.depth == 0
-    if outermost:
-        state.reached = False
-    state.depth += 1
-    try:
-        yield
-    except Exception as error:
-        if outermost and active and not state.reached:
-            _agree_rounds(groups, None, error, None, "attention")  # raises this rank's error, the others told
-        raise
-    finally:
-        state.depth -= 1
+    # Another thread's call in flight on one of the groups raises here, on this rank alone: telling the others
+    # would need the group, which that call is using (see comm/in_flight.py).
+    with in_flight.one_call_at_a_time(groups, "an attention call") if outermost and active \
+            else contextlib.nullcontext():
+        if outermost:
+            state.reached = False
+        state.depth += 1
+        try:
+            yield
+        except Exception as error:
+            if outermost and active and not state.reached:
+                _agree_rounds(groups, None, error, None, "attention")  # raises this rank's error, the others told
+            raise
+        finally:
+            state.depth -= 1
 
 
 def shares_errors(fn=None, *, groups=None):
@@ -176,8 +183,8 @@ def _takes_part(group) -> bool:
     """Whether this rank checks with the others of ``group``: not when the checks are off, when it is not a
     member, or when it is the group's only rank (nobody to disagree with or to tell; its errors raise here,
     and a one-rank run such as the trainer at cp = 1 pays no collective per attention call)."""
-    return (mode() != "never" and dist.is_available() and dist.is_initialized() and dist.get_rank(group) >= 0
-            and dist.get_world_size(group) > 1)
+    return (mode() != "never" and dist.is_available() and dist.is_initialized() and is_process_group(group)
+            and dist.get_rank(group) >= 0 and dist.get_world_size(group) > 1)
 
 
 def describe(q, k, v, **shared) -> tuple:
@@ -387,8 +394,11 @@ class ComputeFailure:
 def finish(group, failure: Optional[ComputeFailure], device: torch.device, what: str) -> None:
     """After the last exchange of ``what`` (e.g. "ring forward"): if any rank's compute failed, every rank raises.
 
-    The failing rank raises its own error; the others a :class:`PeerRankError` naming it and why.
+    The failing rank raises its own error; the others a :class:`PeerRankError` naming it and why. A call from
+    another thread that entered ``group`` meanwhile (comm/in_flight.py) counts as this rank's failure.
     """
+    if failure is None and (overlapped := in_flight.intruder(group)) is not None:
+        failure = ComputeFailure(overlapped, "the end of the call")
     if not _takes_part(group):
         if failure is not None:
             raise failure.error

@@ -51,10 +51,12 @@ VARLEN = """\
 
 COMMON = """\
     dropout_p: float. Must be 0.0: attention dropout is not implemented (NotImplementedError otherwise).
-    softmax_scale: float. The scaling of QK^T before the softmax; default 1 / sqrt(headdim).
+    softmax_scale: float > 0 and finite, or None. The scaling of QK^T before the softmax; None:
+        1 / sqrt(headdim). 0, negative, NaN and inf raise ValueError.
     causal: bool. Causal mask by true token positions in the whole sequence, across ranks.
-    window_size: (left, right). Sliding-window attention by true positions: the query at position i sees
-        the keys at positions [i - left, i + right]; -1 means unbounded (as in flash-attn).
+    window_size: (left, right), ints >= -1. Sliding-window attention by true positions: the query at
+        position i sees the keys at positions [i - left, i + right]; -1 means unbounded (as in flash-attn).
+        Floats, strings and inf raise ValueError.
     alibi_slopes: (nheads,) or (batch_size, nheads), float32, or None. Adds -slope * |i - j| (true token
         distance) to the scores; served by the "reference" backend (automatic choice falls back to it).
     deterministic: bool. Accepted for compatibility: the ring's own reductions (LSE merges, gradient sums,
@@ -86,7 +88,8 @@ Returns:
     out: {shape}, q's dtype: this rank's output, in the same layout
         as q. Differentiable: the backward runs the same ring (gradients for this rank's q, k and v).
     With return_attn_probs=True: (out, softmax_lse, None); softmax_lse {lse},
-        float32, natural log."""
+        float32, natural log. Differentiable: a loss that uses softmax_lse gets its gradient (that backward
+        runs the ring on twice the heads: twice the compute and transfers)."""
 
 
 def compat_docstring(name: str, variant: str, suffix: str) -> str:

@@ -29,9 +29,10 @@ from .ring.allgather import allgather_attention, allgather_calls
 from .ring.engine import ContextParallelAttention, RingPlan
 from .ring.layouts import Layout, PackedLayout, get_layout
 from .ring.planner import layout_needs_band_mask
+from .tracing import outside_graphs
 from .validation import (backward_head_chunks, check_alibi_slopes, check_cu_seqlens, check_heads_k_stride,
-                         check_max_seqlen, check_packed_alibi_slopes, check_packed_qkv, check_qkv, check_softcap,
-                         check_unsupported, group_rank_and_size)
+                         check_flag, check_max_seqlen, check_packed_alibi_slopes, check_packed_qkv, check_qkv,
+                         check_softcap, check_softmax_scale, check_unsupported, group_rank_and_size)
 
 
 def serve_as_documents(layout, kernel) -> bool:
@@ -46,6 +47,7 @@ def serve_as_documents(layout, kernel) -> bool:
 MIN_DOCUMENTS = 4
 
 
+@outside_graphs
 @agreement.shares_errors
 def ring_attention(q, k, v, *, variant: str = "ring", causal: bool = False, softmax_scale: Optional[float] = None,
                    window_size=(-1, -1), softcap: float = 0.0, group: Optional[dist.ProcessGroup] = None,
@@ -75,7 +77,8 @@ def ring_attention(q, k, v, *, variant: str = "ring", causal: bool = False, soft
 
     Returns:
         (out, lse): out shaped like q in q's dtype; lse float32 (batch, heads, seqlen_local), or
-        (heads, total_tokens_local) with cu_seqlens.
+        (heads, total_tokens_local) with cu_seqlens. Both are differentiable (a gradient on lse makes the
+        backward run on twice the heads: :func:`~ring_flash_attn.ring.engine.lse_gradient_inputs`).
 
     Raises:
         ValueError, TypeError naming the argument, NotImplementedError for what the backend cannot serve:
@@ -93,12 +96,14 @@ def ring_attention(q, k, v, *, variant: str = "ring", causal: bool = False, soft
             alibi_slopes=alibi_slopes, comm=comm)
         return out.squeeze(0), lse.squeeze(0)
     check_qkv(q, k, v)
+    causal = check_flag(causal, "causal")
     alibi_slopes = check_alibi_slopes(alibi_slopes, q)
     window = check_window(window_size)
     softcap = check_softcap(softcap)
+    scale = check_softmax_scale(softmax_scale, q.shape[-1])
     layout = variant if isinstance(variant, Layout) else get_layout(variant)
     if exchange == "allgather":
-        return _allgather(q, k, v, layout, causal=causal, window=window, softmax_scale=softmax_scale, softcap=softcap,
+        return _allgather(q, k, v, layout, causal=causal, window=window, softmax_scale=scale, softcap=softcap,
                           group=group, backend=backend, heads_k_stride=heads_k_stride, alibi_slopes=alibi_slopes)
     agree_here = comm is None  # a stand-in communicator (the loopback) has no ranks to agree with
     if agree_here:
@@ -109,7 +114,6 @@ def ring_attention(q, k, v, *, variant: str = "ring", causal: bool = False, soft
                         band=layout_needs_band_mask(layout, comm.world_size, q.shape[1], band),
                         softcap=softcap > 0, alibi=alibi_slopes is not None)
     kernel = select_backend(features, backend)
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     documents = serve_as_documents(layout, kernel)
     plan = RingPlan(layout=layout, band=band, scale=scale, softcap=softcap, backend=kernel, comm=comm,
                     alibi_slopes=alibi_slopes, documents=documents,
@@ -151,6 +155,7 @@ def _allgather(q, k, v, layout, *, causal, window, softmax_scale, softcap, group
     return out.view(q.shape), lse.view(heads, batch, seqlen).transpose(0, 1)
 
 
+@outside_graphs
 @agreement.shares_errors
 def _compat_call(q, k, v, variant, dropout_p, softmax_scale, causal, window_size, alibi_slopes, return_attn_probs,
                  group, softcap, backend):
@@ -215,6 +220,7 @@ def _make_varlen_api(variant: str):
     """The varlen triple of one variant: packed sequences ``[total_tokens_local, heads, head_dim]`` with this
     rank's ``cu_seqlens`` (each sequence split over the ranks by the variant's layout)."""
 
+    @outside_graphs
     @agreement.shares_errors
     def call(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale, causal, window_size, alibi_slopes,
              return_attn_probs, group, softcap, backend):

@@ -28,9 +28,10 @@ from .ring.allgather import allgather_attention
 from .kernels import Features, select_backend
 from .ring.batching import batch_calls, varlen_calls
 from .ring.planner import PLAN_CACHES, BlockTask, needs_band_mask
-from .validation import (check_cu_seqlens, check_heads_k_stride, check_max_seqlen,
-                         check_packed_alibi_slopes, check_packed_qkv, check_softcap, check_unsupported,
-                         group_rank_and_size)
+from .tracing import outside_graphs
+from .validation import (check_cu_seqlens, check_flag, check_heads_k_stride, check_max_seqlen,
+                         check_packed_alibi_slopes, check_packed_qkv, check_softcap, check_softmax_scale,
+                         check_unsupported, group_rank_and_size)
 
 
 def llama3_flash_attn_prepare_cu_seqlens(cu_seqlens, causal, rank, world_size):
@@ -109,6 +110,7 @@ def _llama3_blocks(cu_q, cu_k, k_start: int, q_start: int, band: Band, keep_posi
     return tasks
 
 
+@outside_graphs
 @agreement.shares_errors
 def llama3_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, heads_k_stride,
                                   local_k_slice, dropout_p=0.0, softmax_scale=None, causal=False,
@@ -120,6 +122,7 @@ def llama3_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqle
     check_packed_qkv(q, k, v)
     alibi_slopes = check_packed_alibi_slopes(alibi_slopes, q)
     window, softcap = check_window(window_size), check_softcap(softcap)
+    softmax_scale, causal = check_softmax_scale(softmax_scale, q.shape[-1]), check_flag(causal, "causal")
     check_heads_k_stride(heads_k_stride, k.shape[1])
     rank, world_size = group_rank_and_size(group)
     q_lengths = check_cu_seqlens(cu_seqlens_q, q.shape[0], "cu_seqlens_q")
@@ -150,6 +153,7 @@ def llama3_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqle
     return (out, lse, None) if return_attn_probs else out
 
 
+@outside_graphs
 @agreement.shares_errors
 def zigzag_llama3_flash_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, heads_k_stride, dropout_p=0.0,
                                          softmax_scale=None, causal=True, window_size=(-1, -1), alibi_slopes=None,

@@ -8,11 +8,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import agreement
 from .comm.collectives import all_gather_sequence
 from .functional import ring_attention
 from .ring.layouts import get_layout
 from .ulysses import usp_attention, usp_process_groups
-from .validation import group_rank_and_size
+from .kernels.mask import check_window
+from .tracing import outside_graphs
+from .validation import check_dim, check_flag, check_softmax_scale, group_rank_and_size
 
 
 def shard_sequence(x: torch.Tensor, variant: str, rank: int, world_size: int, dim: int = 1) -> torch.Tensor:
@@ -28,12 +31,16 @@ def unshard_sequence(shards, variant: str, dim: int = 1) -> torch.Tensor:
     return get_layout(variant).unshard(list(shards), dim)
 
 
+@outside_graphs
+@agreement.shares_errors
 def gather_sequence(x_local: torch.Tensor, variant: str, group: Optional[dist.ProcessGroup] = None,
                     dim: int = 1) -> torch.Tensor:
     """All-gather every rank's slice and undo the layout: the full sequence on every rank.
 
     Differentiable (the gradient flows back to each rank's slice).
     """
+    get_layout(variant)
+    dim = check_dim(dim, x_local, "x_local", min_dims=2)
     gathered = all_gather_sequence(x_local.movedim(dim, 1), group)
     shards = gathered.chunk(dist.get_world_size(group), dim=1)
     return unshard_sequence(shards, variant, 1).movedim(1, dim)
@@ -62,7 +69,7 @@ class RingAttention(nn.Module):
             float32 or float64. With ``cu_seqlens`` (this rank's int32 cumulative lengths of packed
             sequences) q/k/v are (total_tokens_local, heads, head_dim) and no attention crosses sequences.
         Returns this rank's output, shaped like q; with ``return_lse=True`` also the float32 log-sum-exp,
-        (batch, heads, seqlen_local) or (heads, total_tokens_local) with cu_seqlens.
+        (batch, heads, seqlen_local) or (heads, total_tokens_local) with cu_seqlens (differentiable).
         Raises ValueError/TypeError naming the argument on every rank before any communication, and
         NotImplementedError for what the chosen backend cannot serve.
 
@@ -75,6 +82,7 @@ class RingAttention(nn.Module):
                  backend: Optional[str] = None, exchange: str = "ring", heads_k_stride: Optional[int] = None,
                  ulysses_size: int = 1):
         super().__init__()
+        causal = check_flag(causal, "causal")
         get_layout(variant).check(2, 1, causal)  # fail at construction on a variant/causal mismatch
         if exchange not in ("ring", "allgather"):
             raise ValueError(f"exchange: expected 'ring' or 'allgather' (llama3 style), got {exchange!r}")
@@ -84,8 +92,10 @@ class RingAttention(nn.Module):
         # ulysses_size > 1: a ulysses x ring mesh over the group (USP); the layout stays the variant's over the
         # whole group, so shard/gather below serve it unchanged. Creating the mesh's groups is collective.
         self.usp = usp_process_groups(ulysses_size, group) if ulysses_size != 1 else None
+        if softmax_scale is not None:  # None: 1 / sqrt(head_dim), known at the first call
+            check_softmax_scale(softmax_scale, head_dim=1)
         self.variant, self.causal, self.softmax_scale = variant, causal, softmax_scale
-        self.window_size, self.softcap, self.group, self.backend = tuple(window_size), softcap, group, backend
+        self.window_size, self.softcap, self.group, self.backend = check_window(window_size), softcap, group, backend
         self.exchange, self.heads_k_stride = exchange, heads_k_stride
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None,

@@ -42,16 +42,19 @@ import torch
 import torch.distributed as dist
 
 from . import agreement
+from .comm import in_flight
 from .comm.ring import RingComm
 from .functional import ring_attention
 from .kernels import Features, select_backend
 from .kernels.mask import Band, check_window
 from .merge import accumulator_dtype
 from .ring.layouts import DerivedLayout, Layout, PackedLayout, Run, get_layout
-from .ring.engine import RingPlan, ring_backward, ring_forward
+from .ring.engine import RingPlan, doubled_heads, lse_gradient_inputs, ring_backward, ring_forward
 from .ring.planner import layout_needs_band_mask
+from .tracing import outside_graphs
 from .validation import (backward_head_chunks, check_alibi_slopes, check_cu_seqlens, check_packed_alibi_slopes,
-                         check_packed_qkv, check_qkv, check_softcap, group_rank_and_size)
+                         check_flag, check_packed_qkv, check_qkv, check_softcap, check_softmax_scale,
+                         group_rank_and_size)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -301,6 +304,11 @@ class _UlyssesPlan:
     def chunks(self) -> int:
         return len(self.rings)
 
+    @property
+    def check_rounds(self) -> tuple:
+        """The groups an agreement runs on in turn (as :func:`_check_rounds`): the row, the column, the row."""
+        return self.groups + self.groups[:1] if len(self.groups) == 2 else self.groups
+
 
 def _ring_pass(engine, fails: _FailLate, chunk: int, args, placeholder):
     """One chunk's ring forward or backward. It runs even after a failure (``fails.failure``: it then makes its
@@ -347,24 +355,36 @@ def _ulysses_forward(q, k, v, plan: _UlyssesPlan):
     return out, lse, saved
 
 
-def _ulysses_backward(dout, saved, plan: _UlyssesPlan, k_shape):
-    """dq, dk, dv (k/v with their repeated heads), pipelined over the head chunks like the forward."""
+def _ulysses_backward(dout, saved, plan: _UlyssesPlan, k_shape, dlse=None):
+    """dq, dk, dv (k/v with their repeated heads), pipelined over the head chunks like the forward. With ``dlse``
+    (the LSE's gradient, [B, H, S_l]) it travels with dout as a head-dim column and each chunk's ring backward
+    carries it (:func:`~ring_flash_attn.ring.engine.lse_gradient_inputs`)."""
     a2a, chunks = plan.a2a, plan.chunks
     dq, dk = torch.empty_like(dout), torch.empty(k_shape, dtype=dout.dtype, device=dout.device)
     dv = torch.empty_like(dk)
     fails = _FailLate("Ulysses backward")
     returning, started = [], []
+    incoming_tensors = (dout,)
+    if dlse is not None:
+        dlse_column = torch.zeros_like(dout)
+        dlse_column[..., 0] = dlse.transpose(1, 2)
+        incoming_tensors = (dout, dlse_column)
+    heads = [dout.shape[2] // (a2a.size * chunks)] * len(incoming_tensors)
     try:
-        incoming = _start_to_heads((dout,), a2a, 0, chunks, fails)
+        incoming = _start_to_heads(incoming_tensors, a2a, 0, chunks, fails)
         started.append(incoming)
         for chunk, ring in enumerate(plan.rings):
-            (dout_heads,) = _finish_to_heads(incoming, [dout.shape[2] // (a2a.size * chunks)], a2a, chunk, fails)
+            dout_heads, *dlse_heads = _finish_to_heads(incoming, heads, a2a, chunk, fails)
             if chunk + 1 < chunks:
-                incoming = _start_to_heads((dout,), a2a, chunk + 1, chunks, fails)
+                incoming = _start_to_heads(incoming_tensors, a2a, chunk + 1, chunks, fails)
                 started.append(incoming)
-            q_heads, k_heads, v_heads = saved[chunk][:3]
-            grads = _ring_pass(ring_backward, fails, chunk, (dout_heads.contiguous(), *saved[chunk], ring),
-                               lambda: tuple(torch.zeros_like(t) for t in (q_heads, k_heads, v_heads)))
+            inputs, fold = (dout_heads.contiguous(), *saved[chunk]), lambda *grads: grads
+            if dlse is not None:
+                inputs, fold = lse_gradient_inputs(*inputs[:6], dlse_heads[0][..., 0].transpose(1, 2))
+                ring = doubled_heads(ring)
+            q_heads, k_heads, v_heads = inputs[1:4]
+            grads = fold(*_ring_pass(ring_backward, fails, chunk, (*inputs, ring),
+                                     lambda: tuple(torch.zeros_like(t) for t in (q_heads, k_heads, v_heads))))
             returning.append(_start_to_sequence(grads, a2a, chunk, fails))
             started.append(returning[-1])
         for chunk, pending in enumerate(returning):
@@ -384,18 +404,23 @@ class _UlyssesAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, plan):
         out, lse, saved = _ulysses_forward(q, k, v, plan)
         ctx.save_for_backward(*(t for chunk in saved for t in chunk))
-        ctx.plan, ctx.k_shape = plan, k.shape
-        ctx.mark_non_differentiable(lse)
+        ctx.plan, ctx.k_shape, ctx.q_like = plan, k.shape, (q.shape, q.dtype, q.device)
+        ctx.set_materialize_grads(False)  # dlse None: the LSE has no gradient, the backward is the plain one
         return out, lse
 
     @staticmethod
-    def backward(ctx, dout, _dlse):
+    def backward(ctx, dout, dlse):
         if torch.is_grad_enabled():  # create_graph=True: every rank gets here, before any all-to-all
             raise NotImplementedError("create_graph: double backward through Ulysses attention is not supported "
                                       "(its backward is not differentiable); call backward with create_graph=False")
         saved = ctx.saved_tensors
         per_chunk = [saved[5 * n:5 * n + 5] for n in range(ctx.plan.chunks)]
-        dq, dk, dv = _ulysses_backward(dout.contiguous(), per_chunk, ctx.plan, ctx.k_shape)
+        shape, dtype, device = ctx.q_like
+        dout = torch.zeros(shape, dtype=dtype, device=device) if dout is None else dout.contiguous()
+        with in_flight.one_call_at_a_time(ctx.plan.groups, "a Ulysses backward"):
+            agreement.agree_all(ctx.plan.check_rounds, (("LSE gradient", dlse is not None),), device,
+                                kind="ulysses backward")
+            dq, dk, dv = _ulysses_backward(dout, per_chunk, ctx.plan, ctx.k_shape, dlse)
         return dq, dk, dv, None
 
 
@@ -524,6 +549,7 @@ def _check_rounds(ulysses_group, ring_group):
     return (ring_group,) if ulysses_group is None else (ulysses_group, ring_group, ulysses_group)
 
 
+@outside_graphs
 @agreement.shares_errors(groups=lambda argument: _check_rounds(argument("ulysses_group"), argument("ring_group")))
 def usp_attention(q, k, v, *, ulysses_group: Optional[dist.ProcessGroup], ring_group: Optional[dist.ProcessGroup],
                   variant: str = "ring", causal: bool = False, softmax_scale: Optional[float] = None,
@@ -538,7 +564,7 @@ def usp_attention(q, k, v, *, ulysses_group: Optional[dist.ProcessGroup], ring_g
     ``ring_rank * U + ulysses_rank``; see the module docstring). ``ulysses_group`` (U ranks) and
     ``ring_group`` (R ranks) are this rank's row and column of the mesh; None stands for a dimension of one
     rank (so ``ring_group=None`` is Ulysses alone, ``ulysses_group=None`` the ring alone). ``heads`` must be
-    divisible by U. ``lse``: float32 ``[batch, heads, seqlen_local]``.
+    divisible by U. ``lse``: float32 ``[batch, heads, seqlen_local]``, differentiable.
 
     With ``cu_seqlens`` (this rank's cumulative lengths of packed sequences, int32; each sequence laid out
     over the ``U * R`` ranks by ``variant`` on its own), q/k/v are ``[total_tokens_local, heads, head_dim]``
@@ -566,6 +592,7 @@ def usp_attention(q, k, v, *, ulysses_group: Optional[dist.ProcessGroup], ring_g
         check_qkv(q, k, v)
         alibi_slopes = check_alibi_slopes(alibi_slopes, q)
     window, softcap = check_window(window_size), check_softcap(softcap)
+    scale, causal = check_softmax_scale(softmax_scale, q.shape[-1]), check_flag(causal, "causal")
     heads, heads_k, seqlen_local = q.shape[2], k.shape[2], q.shape[1]
     if heads % ulysses_size:
         raise ValueError(f"q: the number of query heads must be divisible by the Ulysses degree {ulysses_size} "
@@ -589,7 +616,6 @@ def usp_attention(q, k, v, *, ulysses_group: Optional[dist.ProcessGroup], ring_g
         k, v = k.repeat_interleave(repeats, dim=2), v.repeat_interleave(repeats, dim=2)
     a2a = _AllToAll(ulysses_group, ulysses_size, _reorder(layout, ulysses_size, ring_size, seqlen_local, ring_rank,
                                                           q.device))
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     comm = _RingInMesh(ring_group) if ring_group is not None else _OneRankRing(in_mesh=True)
     chunk_heads = heads // ulysses_size // head_chunks
     ring_backward_head_chunks = backward_head_chunks(heads_k_per_rank // head_chunks)

@@ -26,6 +26,9 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
             raise ValueError(f"{name}: expected 4 dimensions [batch, seqlen, heads, head_dim], got shape {tuple(t.shape)}")
         if t.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"{name}: expected dtype float16, bfloat16, float32 or float64, got {t.dtype}")
+        if t.device.type == "meta":
+            raise ValueError(f"{name}: expected a tensor holding its values, got one on the meta device, which "
+                             "holds none")
     if k.shape != v.shape:
         raise ValueError(f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
     if (q.shape[0], q.shape[1], q.shape[3]) != (k.shape[0], k.shape[1], k.shape[3]):
@@ -69,10 +72,45 @@ def check_alibi_slopes(alibi_slopes, q: torch.Tensor, heads_dim: int = 2):
         raise TypeError(f"alibi_slopes: expected dtype torch.float32, got {alibi_slopes.dtype}")
     if alibi_slopes.device != q.device:
         raise ValueError(f"alibi_slopes: expected q's device {q.device}, got {alibi_slopes.device}")
+    if alibi_slopes.requires_grad and torch.is_grad_enabled():
+        raise NotImplementedError("alibi_slopes: their gradient is not computed (as in flash-attn), and a slope "
+                                  "that requires one would silently get none; pass alibi_slopes.detach()")
     return alibi_slopes
 
 
+def check_softmax_scale(softmax_scale, head_dim: int) -> float:
+    """The scale of QK^T: ``1 / sqrt(head_dim)`` for None, else a finite number > 0.
+
+    0 and negative scales are refused: PyTorch's fused CPU op returns NaN for them (0 with a causal mask, any
+    negative scale: measured, torch 2.13) where the answer is uniform (0) or reversed attention, and no model
+    means either; NaN and inf give NaN or a silently finite result."""
+    if softmax_scale is None:
+        return head_dim ** -0.5
+    expected = "softmax_scale: expected a finite number > 0, or None for 1 / sqrt(head_dim)"
+    if isinstance(softmax_scale, (bool, str, bytes)):
+        raise TypeError(f"{expected}, got {softmax_scale!r} ({type(softmax_scale).__name__})")
+    try:
+        scale = float(softmax_scale)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{expected}, got {type(softmax_scale).__name__}") from None
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"{expected}, got {scale}")
+    return scale
+
+
+def check_flag(value, name: str) -> bool:
+    """A bool argument (``causal``): True/False or 0/1. A string would be read by its truthiness ("False" is
+    true), so it is refused."""
+    numpy_bool = type(value).__name__ in ("bool", "bool_")
+    if isinstance(value, bool) or numpy_bool or (isinstance(value, int) and value in (0, 1)):
+        return bool(value)
+    raise TypeError(f"{name}: expected a bool, got {value!r} ({type(value).__name__})")
+
+
 def check_softcap(softcap: float) -> float:
+    if isinstance(softcap, (str, bytes, bool)):
+        raise TypeError(f"softcap: expected a finite number >= 0 (0 = off), got {softcap!r} "
+                        f"({type(softcap).__name__})")
     softcap = float(softcap or 0.0)
     if not math.isfinite(softcap) or softcap < 0:  # inf would cap nothing and give NaN: tanh(s/inf) * inf
         raise ValueError(f"softcap: expected a finite value >= 0 (0 = off), got {softcap}")
@@ -90,6 +128,9 @@ def check_cu_seqlens(cu_seqlens, total_tokens: Optional[int], name: str = "cu_se
         raise ValueError(f"{name}: expected a 1-D int32 or int64 tensor, got {got}")
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{name}: expected dtype torch.int32 or torch.int64, got {cu_seqlens.dtype}")
+    if cu_seqlens.device.type == "meta":
+        raise ValueError(f"{name}: expected a tensor holding its values (on the CPU or q's device), got one on the "
+                         "meta device, which holds none: the lengths are read from it")
     values = cu_seqlens.tolist()
     if len(values) < 2 or values[0] != 0:
         raise ValueError(f"{name}: expected to start at 0 and hold at least one sequence, got {values[:8]}")
@@ -111,10 +152,48 @@ def check_heads_k_stride(heads_k_stride, heads_k: int) -> int:
     return heads_k_stride
 
 
+def _is_int(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int)
+
+
+def check_rank(rank, world_size) -> None:
+    """A rank and a world size given by hand (sharding helpers): ints with 0 <= rank < world_size."""
+    if not _is_int(world_size) or world_size < 1:
+        raise ValueError(f"world_size: expected an int >= 1 (the number of ranks the sequence is split over), "
+                         f"got {world_size!r}")
+    if not _is_int(rank) or not 0 <= rank < world_size:
+        raise ValueError(f"rank: expected an int with 0 <= rank < world_size ({world_size}), got {rank!r}; over a "
+                         "subgroup pass the rank within it (torch.distributed.get_rank(group)), not the global rank")
+
+
+def check_dim(dim, x, name: str = "x", min_dims: int = 1) -> int:
+    """``dim`` as a non-negative index into ``x``'s dims (negative dims count from the end)."""
+    if not isinstance(x, torch.Tensor) or x.dim() < min_dims:
+        got = f"shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{name}: expected a tensor with at least {min_dims} dimension(s), got {got}")
+    if not _is_int(dim) or not -x.dim() <= dim < x.dim():
+        raise ValueError(f"dim: expected an int indexing the {x.dim()} dimensions of {name} (the sequence "
+                         f"dimension), got {dim!r}")
+    return dim % x.dim()
+
+
+def is_process_group(group) -> bool:
+    """None (the default group), a ProcessGroup, or what ``new_group`` hands a rank outside the new group (an int
+    sentinel: such a rank then hears that it is not a member): what ``group`` arguments take."""
+    import torch.distributed as dist
+
+    return group is None or (dist.is_available() and (isinstance(group, dist.ProcessGroup)
+                                                      or (type(group) is int
+                                                          and group == dist.GroupMember.NON_GROUP_MEMBER)))
+
+
 def group_rank_and_size(group) -> tuple:
     """This rank's index in ``group`` and the group's size; a clear error if this rank is not a member."""
     import torch.distributed as dist
 
+    if not is_process_group(group):
+        raise TypeError(f"group: expected a torch.distributed.ProcessGroup or None (the default group), got "
+                        f"{type(group).__name__}; make one with torch.distributed.new_group(ranks)")
     rank = dist.get_rank(group)
     if rank < 0:
         raise ValueError("group: this rank is not a member of the given process group")

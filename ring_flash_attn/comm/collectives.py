@@ -9,6 +9,8 @@ import torch
 import torch.distributed as dist
 
 from .. import agreement
+from . import in_flight
+from ..tracing import outside_graphs
 from ..validation import group_rank_and_size
 
 
@@ -46,17 +48,21 @@ class _AllGatherSequence(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
+        with in_flight.one_call_at_a_time((ctx.group,), "gather_sequence's backward"):
+            dist.all_reduce(grad, group=ctx.group)
         start = ctx.rank * ctx.seqlen_local
         return grad[:, start:start + ctx.seqlen_local], None, None, None
 
 
+@outside_graphs
 def all_gather_sequence(local: torch.Tensor, group: Optional[dist.ProcessGroup] = None) -> torch.Tensor:
     """Concatenate every rank's ``[batch, seqlen_local, ...]`` along dim 1 (group-rank order); differentiable."""
     rank, world_size = group_rank_and_size(group)
-    # Slices of different shapes would abort the process inside gloo; a rank without a graph would skip the
-    # backward's all-reduce the others wait in.
-    agreement.agree(group, (("shape", tuple(local.shape)), ("dtype", local.dtype), ("device type", local.device.type),
-                            ("requires_grad", torch.is_grad_enabled() and local.requires_grad)),
-                    local.device, kind="gather sequence")
-    return _AllGatherSequence.apply(local, group, rank, world_size)
+    with in_flight.one_call_at_a_time((group,), "gather_sequence"):
+        # Slices of different shapes would abort the process inside gloo; a rank without a graph would skip the
+        # backward's all-reduce the others wait in.
+        agreement.agree(group, (("shape", tuple(local.shape)), ("dtype", local.dtype),
+                                ("device type", local.device.type),
+                                ("requires_grad", torch.is_grad_enabled() and local.requires_grad)),
+                        local.device, kind="gather sequence")
+        return _AllGatherSequence.apply(local, group, rank, world_size)

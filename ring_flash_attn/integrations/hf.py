@@ -26,7 +26,8 @@ each sequence over the ranks on its own, and attention never crosses a sequence
 boundary), right padding (exact on the real tokens under causal attention).
 Refused with an error naming the feature: left or interior padding, padding
 together with packing, the data collator's ``cu_seq_lens_*``, custom 4D masks
-and mask overlays, chunked attention, cross-attention, KV caches (generation),
+and mask overlays, chunked attention, cross-attention, KV caches and generation
+(``model.generate``: generate with ``model.set_attn_implementation("sdpa")``),
 attention dropout, attention sinks and position biases.
 
 Importing this module registers the name ``"ring_attention"`` with transformers, so a model may be loaded with
@@ -86,6 +87,14 @@ class _RingSettings:
 
 
 _SETTINGS: Dict[str, _RingSettings] = {}
+
+# Said wherever generation shows itself: a cached call, or a forward that fills a KV cache with position ids that
+# are not the layout's (model.generate's first step).
+GENERATION_UNSUPPORTED = (
+    "generation (model.generate, or any forward that fills a KV cache for later calls) is not supported under "
+    "ring attention, which runs one whole sequence split over the ranks of a group (training, scoring). Generate "
+    "with a regular implementation on the full sequence: model.set_attn_implementation(\"sdpa\") (or \"eager\"), "
+    f"and model.set_attn_implementation(\"{IMPLEMENTATION_NAME}\") to return to ring attention")
 
 
 @dataclass
@@ -258,9 +267,8 @@ def _make_mask(name: str):
         if isinstance(q_offset, torch.Tensor):
             q_offset = int(q_offset)
         if q_offset or kv_offset or kv_length != q_length:
-            raise NotImplementedError(
-                f"KV cache: ring attention runs on whole sequences (training, scoring); got a cached call with "
-                f"{kv_length} keys for {q_length} queries at offset {q_offset}. Pass use_cache=False")
+            raise NotImplementedError(f"KV cache: got a cached call with {kv_length} keys for {q_length} queries at "
+                                      f"offset {q_offset}; {GENERATION_UNSUPPORTED}")
         if use_vmap:
             raise NotImplementedError("mask: the model adds its own mask overlay (or_mask_function/"
                                       "and_mask_function, e.g. bidirectional image tokens); ring attention "
@@ -325,7 +333,7 @@ def _make_attention_forward(name: str):
         common = dict(causal=causal, softmax_scale=scaling, window_size=window, softcap=softcap or 0.0,
                       group=settings.group, backend=settings.backend)
         cu_seqlens = _agree_on_inputs(settings, kwargs.get("position_ids"), attention_mask, q.shape[0], q.shape[1],
-                                      causal)
+                                      causal, filling_cache=bool(kwargs.get("use_cache")))
         if cu_seqlens is None:
             out, _ = _context_parallel_attention(settings, q, k, v, common)
             return out, None
@@ -373,7 +381,7 @@ def _refuse_unsupported(module, query, key, attention_mask, dropout, kwargs) -> 
 
 
 def _agree_on_inputs(settings: _RingSettings, position_ids, padding_mask, batch: int, seqlen_local: int,
-                     causal: bool) -> Optional[torch.Tensor]:
+                     causal: bool, filling_cache: bool = False) -> Optional[torch.Tensor]:
     """Check position ids and padding against the layout, with the same verdict on every rank; return this
     rank's ``cu_seqlens`` (int32, over the batch's rows one after the other) when the rows hold packed
     sequences, None when each row is one sequence.
@@ -401,7 +409,8 @@ def _agree_on_inputs(settings: _RingSettings, position_ids, padding_mask, batch:
     # -first padding token].
     no_pad = 2 * world_size * seqlen_local
     facts = torch.full((1 + 2 * batch,), -no_pad, dtype=torch.int64, device=device)
-    facts[0] = int(not bool((positions == expected).all()))
+    # (a local length the layout cannot hold, e.g. odd under zigzag, gives other positions than the row's)
+    facts[0] = int(expected.numel() != seqlen_local or not bool((positions == expected).all()))
     if padding_mask is not None:
         real = padding_mask.to(device=device, dtype=torch.bool)
         global_pos = expected.expand_as(real)
@@ -420,14 +429,16 @@ def _agree_on_inputs(settings: _RingSettings, position_ids, padding_mask, batch:
         if not causal:
             raise NotImplementedError("attention_mask: padding with non-causal attention is not supported by "
                                       "ring attention (real tokens would see the padding)")
-    cu_seqlens = _packed_cu_seqlens(settings.group, positions, layout, rank, world_size) if packed else None
+    cu_seqlens = _packed_cu_seqlens(settings.group, positions, layout, rank, world_size, filling_cache) \
+        if packed else None
     if cu_seqlens is None:
         layout.check(seqlen_local, world_size, causal)
     settings.checked = (position_ids, padding_mask, cu_seqlens)
     return cu_seqlens
 
 
-def _packed_cu_seqlens(group, positions: torch.Tensor, layout, rank: int, world_size: int) -> torch.Tensor:
+def _packed_cu_seqlens(group, positions: torch.Tensor, layout, rank: int, world_size: int,
+                       filling_cache: bool = False) -> torch.Tensor:
     """This rank's cu_seqlens for packed rows laid out by :func:`shard_batch`.
 
     Every rank holds the same share of each sequence, and the first rank's share of a sequence starts at
@@ -443,12 +454,18 @@ def _packed_cu_seqlens(group, positions: torch.Tensor, layout, rank: int, world_
         bounds = torch.nonzero(row == 0).flatten().tolist() + [row.numel()]
         lengths.extend(b - a for a, b in zip(bounds, bounds[1:]))
     expected = torch.cat([layout.positions(rank, world_size, length, device=positions.device) for length in lengths])
-    mismatch = torch.tensor([int(not bool((positions.flatten() == expected).all()))], device=positions.device)
+    mismatch = torch.tensor([int(expected.numel() != positions.numel()
+                                 or not bool((positions.flatten() == expected).all()))], device=positions.device)
     dist.all_reduce(mismatch, op=dist.ReduceOp.MAX, group=group)
     if bool(mismatch):
-        raise ValueError(f"position_ids: they differ from the positions the {layout.name!r} layout gives each "
-                         f"rank, for one sequence per row or for packed sequences (restarting at 0); pass "
-                         f"position_ids from shard_batch with the same variant")
+        differ = (f"position_ids: they differ from the positions the {layout.name!r} layout gives each rank, for "
+                  f"one sequence per row or for packed sequences (restarting at 0)")
+        if filling_cache:  # use_cache: every rank alike
+            raise NotImplementedError(f"{differ}, and the forward fills a KV cache: {GENERATION_UNSUPPORTED}. For "
+                                      "training or scoring pass position_ids from shard_batch and use_cache=False")
+        raise ValueError(f"{differ}; pass position_ids from shard_batch with the same variant (model.generate() "
+                         "ends here too: generation is not supported under ring attention, use "
+                         "model.set_attn_implementation(\"sdpa\") for it)")
     return torch.tensor([0] + lengths, device=positions.device).cumsum(0).to(torch.int32)
 
 

@@ -126,6 +126,17 @@ def alibi_bias(slopes: torch.Tensor, delta: int, stride: int, seqlen_q: int, seq
     return -slopes.to(dtype).view(-1, slopes.shape[-1], 1, 1) * distance
 
 
+def unit_stride_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself when its last dim (head_dim; an LSE's sequence) has unit stride, else a contiguous copy.
+
+    The fused kernels read each row at unit stride and take every other dim through its stride (sliced,
+    transposed, expanded and offset tensors are fine there): given ``x[..., ::2]`` PyTorch's CPU flash op
+    returns wrong values without an error, so every backend passes its tensors through this first. The
+    common layouts (contiguous, a slice of a packed qkv) are not copied.
+    """
+    return x if x.shape[-1] <= 1 or x.stride(-1) == 1 else x.contiguous()
+
+
 def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     """[B, S, Hk, D] -> [B, S, Hk * groups, D], each K/V head repeated for its query heads."""
     return x if groups == 1 else x.repeat_interleave(groups, dim=2)

@@ -47,7 +47,7 @@ import math
 import torch
 from torch.nn.attention import flex_attention as _flex_module
 
-from .base import Features, KernelBackend, band_of, lse_dtype
+from .base import Features, KernelBackend, band_of, lse_dtype, unit_stride_rows
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Stands in for an unbounded side of the band: |d| never comes near it (d is bounded by the token count).
@@ -172,7 +172,9 @@ class FlexBackend(KernelBackend):
             block_mask = _block_mask(sq, sk, band.offset, -_UNBOUNDED if band.lo is None else band.lo,
                                      _UNBOUNDED if band.hi is None else band.hi, q.device)
         score_mod = _softcap_score_mod(float(softcap), q.device) if softcap else None
-        out, lse = _flex_with_lse(_bhsd(q), _bhsd(k), _bhsd(v), block_mask, score_mod, scale)
+        # Its compiled kernels are unmeasured with a strided head_dim: rows go in at unit stride, as everywhere.
+        q, k, v = (_bhsd(unit_stride_rows(t)) for t in (q, k, v))
+        out, lse = _flex_with_lse(q, k, v, block_mask, score_mod, scale)
         return _bhsd(out), lse
 
     def forward_documents(self, q, k, v, call, *, scale, softcap=0.0):

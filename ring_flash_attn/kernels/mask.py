@@ -16,6 +16,7 @@ share so that a mask is described once.
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass
 from typing import Optional
 
@@ -105,11 +106,23 @@ class Band:
 
 
 def check_window(window_size) -> tuple[int, int]:
-    """Validate a flash-attn style ``window_size`` and return it as a tuple of ints."""
-    try:
-        left, right = (int(w) for w in window_size)
-    except (TypeError, ValueError):
-        raise ValueError(f"window_size: expected a pair (left, right) of ints >= -1, got {window_size!r}") from None
+    """Validate a flash-attn style ``window_size``, a pair (left, right) of ints >= -1 (-1 = unbounded), and
+    return it as a tuple of Python ints. Floats are refused rather than truncated, and a string rather than
+    read character by character ("12" is not (1, 2))."""
+    expected = "window_size: expected a pair (left, right) of ints >= -1 (-1 = unbounded)"
+    if isinstance(window_size, (str, bytes)) or not hasattr(window_size, "__iter__"):
+        raise ValueError(f"{expected}, got {window_size!r} ({type(window_size).__name__})")
+    pair = tuple(window_size)
+    if len(pair) != 2:
+        raise ValueError(f"{expected}, got {window_size!r}")
+    for side in pair:
+        try:
+            if isinstance(side, bool):
+                raise TypeError
+            operator.index(side)
+        except TypeError:
+            raise ValueError(f"{expected}, got {window_size!r}: {side!r} is a {type(side).__name__}") from None
+    left, right = (operator.index(side) for side in pair)
     if left < -1 or right < -1:
         raise ValueError(f"window_size: expected values >= -1 (-1 = unbounded), got {window_size!r}")
     return left, right

@@ -11,6 +11,12 @@
   bf16/fp16 without a band; nothing else (the ``sycl`` backend covers the rest).
 
 The ops take ``[B, H, S, D]``; we pass transposed views of the flash layout.
+
+Layouts: every op here reads head_dim rows at unit stride and the other dims through their strides. Given a
+strided head_dim the CPU ops return wrong values without an error (``q[..., ::2]``: measured, torch 2.13), and
+FlashAttention-2 and the memory-efficient op refuse it, so q/k/v (and dout/out in the backward) go through
+:func:`~.base.unit_stride_rows` (no copy for the usual layouts). FlashAttention-2's and cuDNN's backward
+read the LSE as a contiguous ``[B, H, S]`` (the CPU op takes its strides): it is made contiguous there.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import os
 
 import torch
 
-from .base import Features, KernelBackend, band_of, repeat_kv, sum_kv_groups
+from .base import Features, KernelBackend, band_of, repeat_kv, sum_kv_groups, unit_stride_rows
 
 aten = torch.ops.aten
 
@@ -84,6 +90,7 @@ class SdpaBackend(KernelBackend):
     def forward_varlen(self, q, k, v, call, *, scale, softcap=0.0):
         if softcap:
             raise NotImplementedError("softcap: the sdpa backend cannot apply logit soft-capping")
+        q, k, v = (unit_stride_rows(t) for t in (q, k, v))
         cu_q, cu_k = call.offsets(q.device)
         out, lse = aten._flash_attention_forward(q, k, v, cu_q, cu_k, call.max_q, call.max_k, 0.0, call.causal,
                                                  False, scale=scale)[:2]
@@ -95,6 +102,7 @@ class SdpaBackend(KernelBackend):
     def backward_varlen(self, dout, q, k, v, out, lse, call, *, scale, softcap=0.0):
         if softcap:
             raise NotImplementedError("softcap: the sdpa backend cannot apply logit soft-capping")
+        dout, q, k, v, out = (unit_stride_rows(t) for t in (dout, q, k, v, out))
         cu_q, cu_k = call.offsets(q.device)
         seed = torch.zeros((), dtype=torch.int64, device=q.device)
         return aten._flash_attention_backward(dout, q, k, v, out, lse.float().contiguous(), cu_q, cu_k, call.max_q,
@@ -136,6 +144,7 @@ class SdpaBackend(KernelBackend):
     def forward(self, q, k, v, *, scale, causal=False, window=(-1, -1), q_offset=0, k_offset=0, softcap=0.0):
         if softcap:
             raise NotImplementedError("softcap: the sdpa backend cannot apply logit soft-capping")
+        q, k, v = (unit_stride_rows(t) for t in (q, k, v))
         band = band_of(causal, window, q_offset, k_offset)
         sq, sk = q.shape[1], k.shape[1]
         if band.causal_shift(sq, sk) == 1 and sq > 1:
@@ -181,6 +190,7 @@ class SdpaBackend(KernelBackend):
                  softcap=0.0):
         if softcap:
             raise NotImplementedError("softcap: the sdpa backend cannot apply logit soft-capping")
+        dout, q, k, v, out = (unit_stride_rows(t) for t in (dout, q, k, v, out))
         band = band_of(causal, window, q_offset, k_offset)
         sq, sk = q.shape[1], k.shape[1]
         if band.causal_shift(sq, sk) == 1 and sq > 1:
@@ -200,6 +210,7 @@ class SdpaBackend(KernelBackend):
                 attn_mask=mask, scale=scale)
             return _bhsd(dq), _bhsd(dk), _bhsd(dv)
 
+        lse = lse.contiguous()
         groups = q.shape[2] // k.shape[2]
         qh, douth, outh = _bhsd(q), _bhsd(dout), _bhsd(out)
         seed = torch.zeros((), dtype=torch.int64, device=q.device)

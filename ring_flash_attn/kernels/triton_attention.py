@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from . import triton_merge
-from .base import Features, KernelBackend, band_of, lse_dtype
+from .base import Features, KernelBackend, band_of, lse_dtype, unit_stride_rows
 
 LOG2E = 1.4426950408889634
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -329,10 +329,6 @@ def _check_last_stride(**tensors):
             raise ValueError(f"{name}: the Triton kernels need unit stride in head_dim, got strides {tuple(t.stride())}")
 
 
-def _contig_last(x):
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 # Forward tiles for half precision, head_dim <= 128, tuned on the device at first use per
 # (seqlen_q, seqlen_k, head_dim, dtypes). Out/Lse are restored after each trial: with ACCUMULATE
 # they are read and updated in place.
@@ -386,7 +382,7 @@ class TritonBackend(KernelBackend):
             parts = [self.forward(q[p], k[p], v[p], scale=scale, causal=causal, window=window, q_offset=q_offset,
                                   k_offset=k_offset) for p in triton_merge.batch_parts(q.shape[0], q.shape[2])]
             return torch.cat([o for o, _ in parts]), torch.cat([lse for _, lse in parts])
-        q, k, v = _contig_last(q), _contig_last(k), _contig_last(v)
+        q, k, v = unit_stride_rows(q), unit_stride_rows(k), unit_stride_rows(v)
         b, sq, h, _ = q.shape
         out = torch.empty_like(q)
         lse = torch.empty(b, h, sq, dtype=lse_dtype(q.dtype), device=q.device)
@@ -406,7 +402,7 @@ class TritonBackend(KernelBackend):
                 self.forward_accumulate(q[p], k[p], v[p], out_acc[p], lse_acc[p], scale=scale, causal=causal,
                                         window=window, q_offset=q_offset, k_offset=k_offset)
             return
-        q, k, v = _contig_last(q), _contig_last(k), _contig_last(v)
+        q, k, v = unit_stride_rows(q), unit_stride_rows(k), unit_stride_rows(v)
         if q.shape[1]:
             _launch_forward(q, k, v, out_acc, lse_acc, scale, _band_args(causal, window, q_offset, k_offset), True)
 
@@ -419,8 +415,8 @@ class TritonBackend(KernelBackend):
                                    window=window, q_offset=q_offset, k_offset=k_offset)
                      for p in triton_merge.batch_parts(q.shape[0], q.shape[2])]
             return tuple(torch.cat(grads) for grads in zip(*parts))
-        q, k, v, dout, out = (_contig_last(x) for x in (q, k, v, dout, out))
-        lse = _contig_last(lse.float())
+        q, k, v, dout, out = (unit_stride_rows(x) for x in (q, k, v, dout, out))
+        lse = unit_stride_rows(lse.float())
         b, sq, h, d = q.shape
         sk, hk = k.shape[1], k.shape[2]
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)

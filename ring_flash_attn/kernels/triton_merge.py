@@ -15,6 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .base import unit_stride_rows
+
+
 @triton.jit
 def _merge_kernel(out_acc, lse_acc, out_blk, lse_blk,
                   seqlen, heads, head_dim,
@@ -75,10 +78,6 @@ def batch_parts(batch: int, heads: int) -> list:
     return [slice(start, min(start + per, batch)) for start in range(0, batch, per)]
 
 
-def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 def triton_merge_into(out_acc: torch.Tensor, lse_acc: torch.Tensor, out_block: torch.Tensor,
                       lse_block: torch.Tensor) -> None:
     """In-place ``(out_acc, lse_acc) <- merge((out_acc, lse_acc), (out_block, lse_block))`` in one kernel.
@@ -89,7 +88,7 @@ def triton_merge_into(out_acc: torch.Tensor, lse_acc: torch.Tensor, out_block: t
     if out_acc.stride(-1) != 1 or lse_acc.stride(-1) != 1:
         raise ValueError("out_acc/lse_acc: the Triton merge needs unit stride in the last dimension, got "
                          f"strides {tuple(out_acc.stride())} and {tuple(lse_acc.stride())}")
-    out_block, lse_block = _unit_last_stride(out_block), _unit_last_stride(lse_block)
+    out_block, lse_block = unit_stride_rows(out_block), unit_stride_rows(lse_block)
     b, s, h, d = out_acc.shape
     if s == 0:
         return

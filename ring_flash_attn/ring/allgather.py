@@ -32,6 +32,7 @@ from ..agreement import ComputeFailure
 from ..comm.collectives import start_all_gather, wait_works
 from ..kernels.base import KernelBackend
 from ..merge import accumulator_dtype, new_accumulators
+from ..validation import check_softmax_scale
 from .batching import Call, keys_moved, share_rows, step_calls
 from .engine import ContextParallelAttention, add_key_gradients, call_gradients, fold_call, kernel_kwargs
 from .planner import PLAN_CACHES
@@ -47,6 +48,10 @@ class AllGatherPlan:
     world_size: int
     heads_k_stride: int
     alibi_slopes: Optional[torch.Tensor] = None
+
+    @property
+    def groups(self) -> tuple:
+        return (self.group,)
 
     def kernel_kwargs(self, task, q_heads: slice) -> dict:
         slopes = None if self.alibi_slopes is None else self.alibi_slopes[..., q_heads]
@@ -175,7 +180,7 @@ def allgather_attention(q, k, v, calls, *, kernel, softmax_scale, softcap, group
     every rank decides alike, so that all choose the same one) and planned ``calls`` for.
     ``shared``: what else the ranks must agree on (layout, causal, window, ...), as :func:`agreement.describe`
     keywords."""
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    scale = check_softmax_scale(softmax_scale, q.shape[-1])
     plan = AllGatherPlan(tuple(calls), scale, softcap, kernel, group, world_size, heads_k_stride, alibi_slopes)
     agreement.agree(group, agreement.describe(
         q, k, v, exchange="allgather", softmax_scale=scale, softcap=softcap, heads_k_stride=heads_k_stride,

@@ -25,12 +25,16 @@ after the last exchange ``comm.finish`` tells every rank who failed, and all rai
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 
+from .. import agreement
 from ..agreement import ComputeFailure
+from ..comm import in_flight
+from ..comm.ring import RingComm
 from ..kernels.base import KernelBackend
 from ..kernels.mask import Band
 from ..merge import accumulator_dtype, merge_into, new_accumulators
@@ -59,6 +63,11 @@ class RingPlan:
     # Heads are independent, so results are the same; a fused backward's own workspace (a float32 dQ, dK/dV
     # per query head for GQA) scales with the heads of a call, so its peak falls, for more launches.
     backward_head_chunks: int = 1
+
+    @property
+    def groups(self) -> tuple:
+        """The process groups the plan's exchanges use (none for a stand-in communicator such as the loopback)."""
+        return (self.comm.group,) if isinstance(self.comm, RingComm) else ()
 
     def calls(self, src: int, seqlen_local: int):
         """The kernel calls on the K/V of rank ``src``: one document-masked call, or the planner's with the
@@ -259,11 +268,49 @@ def ring_backward(dout, q, k, v, out, lse, plan: RingPlan, failure: Optional[Com
     return dq_acc.to(q.dtype), dkv[0][0].to(k.dtype), dkv[0][1].to(v.dtype)
 
 
+def lse_gradient_inputs(dout, q, k, v, out, lse, dlse):
+    """The backward's inputs with the heads doubled so that one backward also carries the LSE's gradient; returns
+    them and ``fold(dq, dk, dv)``, which gives the gradients of the original heads.
+
+    ``d lse_i / d s_ij = p_ij``, so ``dlse`` adds ``p_ij * dlse_i`` to the score gradient: in the flash
+    backward's ``ds = p * (dp - D)``, ``D = rowsum(dout * out)`` becomes ``D - dlse``. The kernels form D from
+    dout and out themselves, so the LSE's part runs as a copy of the heads with v = 0 (so dp = 0 and nothing
+    reaches dV), dout = e_0 and out = -dlse * e_0 (so D = -dlse): the copy's dq and dk are exactly the LSE's.
+    GQA holds: query head H + h uses K/V head Hk + h // groups, the copy of its own. Costs a second backward's
+    compute and transfers, only when the LSE has a gradient. Per-head arguments (ALiBi slopes) must be doubled
+    alike (:func:`doubled_heads`)."""
+    heads, heads_k = q.shape[2], k.shape[2]
+    unit = torch.zeros_like(dout)
+    unit[..., 0] = 1
+    row_term = torch.zeros_like(out)
+    row_term[..., 0] = -dlse.transpose(1, 2)
+    inputs = (torch.cat([dout, unit], 2), torch.cat([q, q], 2), torch.cat([k, k], 2),
+              torch.cat([v, torch.zeros_like(v)], 2), torch.cat([out, row_term], 2), torch.cat([lse, lse], 1))
+
+    def fold(dq, dk, dv):
+        return dq[:, :, :heads] + dq[:, :, heads:], dk[:, :, :heads_k] + dk[:, :, heads_k:], dv[:, :, :heads_k]
+    return inputs, fold
+
+
+def doubled_heads(plan):
+    """``plan`` (a dataclass with ``alibi_slopes``) for the doubled heads of :func:`lse_gradient_inputs`."""
+    slopes = plan.alibi_slopes
+    return plan if slopes is None else dataclasses.replace(plan, alibi_slopes=torch.cat([slopes, slopes], -1))
+
+
+def agree_on_lse_gradient(groups, dlse, device) -> None:
+    """Whether the LSE has a gradient decides the backward's transfers (doubled heads), so every rank of each
+    group must say the same (an agreement round: with RING_FLASH_ATTN_AGREE=once only when it changes)."""
+    for group in groups:
+        agreement.agree(group, (("LSE gradient", dlse is not None),), device, kind="attention backward")
+
+
 class ContextParallelAttention(torch.autograd.Function):
     """Autograd for any exchange plan (ring or all-gather): the plan's own backward, not per-block autograd.
 
-    A plan has ``forward(q, k, v) -> (out, lse)`` and
-    ``backward(dout, q, k, v, out, lse) -> (dq, dk, dv)``.
+    A plan has ``forward(q, k, v) -> (out, lse)``, ``backward(dout, q, k, v, out, lse) -> (dq, dk, dv)``,
+    ``groups`` (the process groups its exchanges use: one call at a time on them, comm/in_flight.py) and
+    ``alibi_slopes``. The LSE is differentiable (:func:`lse_gradient_inputs`).
     """
 
     @staticmethod
@@ -271,14 +318,21 @@ class ContextParallelAttention(torch.autograd.Function):
         out, lse = plan.forward(q, k, v)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan = plan
-        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # dlse None: the LSE has no gradient, the backward is the plain one
         return out, lse
 
     @staticmethod
-    def backward(ctx, dout, _dlse):
+    def backward(ctx, dout, dlse):
         if torch.is_grad_enabled():  # create_graph=True: every rank gets here, before any exchange
             raise NotImplementedError("create_graph: double backward through ring attention is not supported "
                                       "(its backward is not differentiable); call backward with create_graph=False")
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = ctx.plan.backward(dout.contiguous(), q, k, v, out, lse)
+        dout = torch.zeros_like(out) if dout is None else dout.contiguous()
+        with in_flight.one_call_at_a_time(ctx.plan.groups, "an attention backward"):
+            agree_on_lse_gradient(ctx.plan.groups, dlse, q.device)
+            if dlse is None:
+                dq, dk, dv = ctx.plan.backward(dout, q, k, v, out, lse)
+            else:
+                inputs, fold = lse_gradient_inputs(dout, q, k, v, out, lse, dlse)
+                dq, dk, dv = fold(*doubled_heads(ctx.plan).backward(*inputs))
         return dq, dk, dv, None

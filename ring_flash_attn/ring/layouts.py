@@ -22,6 +22,8 @@ from typing import Dict, List, NamedTuple, Tuple
 
 import torch
 
+from ..validation import check_dim, check_rank
+
 
 class Run(NamedTuple):
     """``length`` local tokens from ``local_start``, at positions ``global_start + stride * i``.
@@ -94,12 +96,19 @@ class Layout:
 
     def shard(self, x: torch.Tensor, rank: int, world_size: int, dim: int = 1) -> torch.Tensor:
         """This rank's slice of a full sequence ``x`` (sequence along ``dim``)."""
+        check_rank(rank, world_size)
+        dim = check_dim(dim, x)
         seqlen_local = self.check_global(x.shape[dim], world_size)
         index = self.positions(rank, world_size, seqlen_local, device=x.device)
         return x.index_select(dim, index)
 
     def unshard(self, shards: List[torch.Tensor], dim: int = 1) -> torch.Tensor:
         """Inverse of :meth:`shard`: the full sequence from every rank's slice, in rank order."""
+        if not shards or not all(isinstance(t, torch.Tensor) for t in shards):
+            raise ValueError(f"shards: expected every rank's slice (tensors, in rank order), got {shards!r}")
+        dim = check_dim(dim, shards[0], "shards[0]")
+        if len({t.shape for t in shards}) > 1:
+            raise ValueError(f"shards: expected slices of one shape, got {[tuple(t.shape) for t in shards]}")
         world_size = len(shards)
         seqlen_local = shards[0].shape[dim]
         positions = torch.cat([self.positions(r, world_size, seqlen_local, device=shards[0].device)

@@ -302,6 +302,12 @@ def bad_input_errors(rank, world_size, seed):
         ring(input_ids=ids[:, -1:], position_ids=pos[:, -1:] + 1, past_key_values=cache)
 
     outcomes["kv_cache_generation"] = outcome_of(generate_one_token)
+    # model.generate's first step fills a KV cache with position ids of its own (not the layout's); without a
+    # cache it recomputes the sequence, one token longer, with them
+    outcomes["model_generate"] = outcome_of(lambda: ring.generate(ids, max_new_tokens=2, do_sample=False,
+                                                                  use_cache=True))
+    outcomes["model_generate_without_cache"] = outcome_of(lambda: ring.generate(ids, max_new_tokens=2,
+                                                                                do_sample=False, use_cache=False))
 
     def with_attention_dropout():
         for layer in ring.model.layers:

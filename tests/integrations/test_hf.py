@@ -111,7 +111,16 @@ BAD_INPUTS = {
     "head_dim_8_served": ("none", ""),
     "head_dim_16_refused": ("NotImplementedError", "head_dim must be 8, got 16"),
     "non_causal_zigzag": ("ValueError", "causal=True"),
-    "kv_cache_generation": ("NotImplementedError", "KV cache"),
+    "kv_cache_generation": ("NotImplementedError", "KV cache: got a cached call with 17 keys for 1 queries at "
+                                                   "offset 16; generation (model.generate"),
+    "model_generate": ("NotImplementedError", "and the forward fills a KV cache: generation (model.generate, or any "
+                                              "forward that fills a KV cache for later calls) is not supported under "
+                                              "ring attention, which runs one whole sequence split over the ranks of "
+                                              "a group (training, scoring). Generate with a regular implementation on "
+                                              "the full sequence: model.set_attn_implementation(\"sdpa\")"),
+    "model_generate_without_cache": ("ValueError", "(model.generate() ends here too: generation is not supported "
+                                                   "under ring attention, use model.set_attn_implementation(\"sdpa\") "
+                                                   "for it)"),
     "attention_dropout": ("NotImplementedError", "dropout"),
     "silently_eager_model": ("RuntimeError", "no ring attention ran since shard_batch cut this batch"),
     "gather_after_ring_forward": ("none", ""),
