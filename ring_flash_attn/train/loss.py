@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import MethodType
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -27,8 +27,8 @@ from torch import nn
 from .data import IGNORE_INDEX
 
 # Bytes per token and vocabulary entry that one chunk holds at once, beside two in the compute dtype (the
-# logits as the projection gives them, and their gradient): the logits in float32 and, with soft-capping,
-# the float32 probabilities beside them (without it they overwrite the logits).
+# logits as the projection gives them, and their gradient): the logits in float32 and the float32 softmax
+# beside them (eagerly; compiled, the two fuse into fewer).
 FLOAT32_BYTES_PER_LOGIT = 4 + 4
 LOSS_METHOD = "token_loss_sum"  # the model method the trainer calls; FSDP treats it as a forward (fsdp.py)
 
@@ -92,12 +92,30 @@ def _add_product(total: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     total.add_(a @ b)
 
 
+def softmax_cross_entropy(logits: torch.Tensor, target: torch.Tensor, transform: LogitTransform, want_grad: bool):
+    """One chunk's (sum of token losses, gradient with respect to ``logits`` or None) from its raw logits in the
+    compute dtype: the transform, a softmax in float32 (float64 for float64 logits), cross-entropy, and
+    softmax - one-hot on the rows that are targets, back in the compute dtype. Elementwise and row reductions
+    only: ``train.compile`` compiles it into a few fused kernels (apply_chunked_loss)."""
+    softmax_dtype = torch.promote_types(logits.dtype, torch.float32)
+    valid = target != IGNORE_INDEX
+    index = target.clamp(min=0).unsqueeze(1)
+    z = transform.apply(logits.to(softmax_dtype))
+    lse = torch.logsumexp(z, dim=-1)
+    loss = torch.where(valid, lse - z.gather(1, index).squeeze(1), 0.0).sum()
+    if not want_grad:
+        return loss, None
+    grad = (z - lse.unsqueeze(1)).exp()
+    grad = grad.scatter_add(1, index, -valid.unsqueeze(1).to(grad.dtype)) * valid.unsqueeze(1)
+    return loss, transform.chain(grad, z).to(logits.dtype)
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """Sum over tokens of cross-entropy(transform(hidden @ weight.T), labels), chunk by chunk. The gradients are
     made in the forward, while each chunk's logits exist, and only scaled in the backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk, transform, compute_dtype):
+    def forward(ctx, hidden, weight, labels, chunk, transform, compute_dtype, elementwise):
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         matrix = weight.to(compute_dtype)
         softmax_dtype = torch.promote_types(compute_dtype, torch.float32)  # float32, or float64 for float64 models
@@ -108,21 +126,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk):
             stop = min(start + chunk, hidden.shape[0])
             piece = hidden[start:stop].to(compute_dtype)
-            target = labels[start:stop]
-            valid = target != IGNORE_INDEX
-            index = target.clamp(min=0).unsqueeze(1)
-            logits = transform.apply((piece @ matrix.t()).to(softmax_dtype))
-            lse = torch.logsumexp(logits, dim=-1)
-            loss += torch.where(valid, lse - logits.gather(1, index).squeeze(1), 0.0).sum()
-            if not (want_hidden or want_weight):
-                continue
-            # d loss / d logits = softmax - one-hot, zero on rows that are no target. Soft-capping's chain rule
-            # reads the capped logits again, so only without it may the softmax overwrite them.
-            shifted = logits.sub_(lse.unsqueeze(1)) if transform.softcap is None else logits - lse.unsqueeze(1)
-            grad = shifted.exp_()
-            grad.scatter_add_(1, index, -valid.unsqueeze(1).to(grad.dtype))
-            grad.mul_(valid.unsqueeze(1))
-            grad = transform.chain(grad, logits).to(compute_dtype)
+            chunk_loss, grad = elementwise(piece @ matrix.t(), labels[start:stop], transform,
+                                           want_hidden or want_weight)
+            loss += chunk_loss
             if want_hidden:
                 torch.mm(grad, matrix, out=grad_hidden[start:stop])
             if want_weight:
@@ -139,19 +145,21 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             grad_hidden = grad_hidden.mul_(grad_loss.to(grad_hidden.dtype)).to(hidden_dtype)
         if grad_weight is not None:
             grad_weight = grad_weight.mul_(grad_loss).to(weight_dtype)
-        return grad_hidden, grad_weight, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None
 
 
 def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                              budget_bytes: int, transform: LogitTransform = LogitTransform(),
-                             compute_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+                             compute_dtype: Optional[torch.dtype] = None,
+                             elementwise: Callable = softmax_cross_entropy) -> torch.Tensor:
     """Sum over tokens of ``cross_entropy(transform(hidden @ weight.T), labels)`` in float32 (float64 for a
-    float64 model), labels equal to
-    -100 left out, without materialising more than ``budget_bytes`` of logits at once.
+    float64 model), labels equal to -100 left out, without materialising more than ``budget_bytes`` of logits
+    at once.
 
     ``hidden``: [tokens, hidden_size]; ``weight``: [vocab, hidden_size]; ``labels``: [tokens]. The product
     runs in ``compute_dtype`` (default: the autocast dtype when autocast is on, else ``hidden``'s dtype), the
     softmax in float32, as ``cross_entropy(lm_head(hidden).float(), labels, reduction="sum")`` does.
+    ``elementwise``: :func:`softmax_cross_entropy` or a compiled version of it.
     """
     if compute_dtype is None:
         device_type = hidden.device.type
@@ -159,7 +167,7 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels:
                          else hidden.dtype)
     chunk = chunk_tokens(weight.shape[0], compute_dtype, budget_bytes)
     with torch.autocast(hidden.device.type, enabled=False):
-        return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, chunk, transform, compute_dtype)
+        return _ChunkedLinearCrossEntropy.apply(hidden, weight, labels, chunk, transform, compute_dtype, elementwise)
 
 
 def _token_loss_sum(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
@@ -167,12 +175,17 @@ def _token_loss_sum(model: nn.Module, input_ids: torch.Tensor, labels: torch.Ten
     """The model's next-token cross-entropy summed over ``labels`` (already shifted), in float32."""
     hidden = model.get_decoder()(input_ids=input_ids, position_ids=position_ids, use_cache=False).last_hidden_state
     return linear_cross_entropy_sum(hidden.flatten(0, 1), model.get_output_embeddings().weight, labels.flatten(),
-                                    budget_bytes=model._loss_budget_bytes, transform=LogitTransform.of(model.config))
+                                    budget_bytes=model._loss_budget_bytes, transform=LogitTransform.of(model.config),
+                                    elementwise=model._loss_elementwise)
 
 
-def apply_chunked_loss(model: nn.Module, budget_mib: float) -> nn.Module:
+def apply_chunked_loss(model: nn.Module, budget_mib: float, compile_backend: Optional[str] = None) -> nn.Module:
     """Give ``model`` the method ``token_loss_sum(input_ids, labels, position_ids)``: the chunked loss of its
-    decoder's last hidden states through its output embedding, with chunks of at most ``budget_mib``."""
+    decoder's last hidden states through its output embedding, with chunks of at most ``budget_mib``; with
+    ``compile_backend``, each chunk's softmax and cross-entropy compiled (the projections are matrix products
+    either way)."""
     model._loss_budget_bytes = int(budget_mib * 2 ** 20)
+    model._loss_elementwise = (torch.compile(softmax_cross_entropy, backend=compile_backend, dynamic=False)
+                               if compile_backend else softmax_cross_entropy)
     setattr(model, LOSS_METHOD, MethodType(_token_loss_sum, model))
     return model

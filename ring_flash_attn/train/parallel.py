@@ -29,6 +29,7 @@ def parallelize(model: nn.Module, config: RunConfig, mesh: Mesh, device: torch.d
     apply_compile(model, config)
     if config.train.offload_activations:
         apply_activation_offload(model, device, is_checkpointed)
-    apply_chunked_loss(model, config.train.loss_chunk_mib)
+    apply_chunked_loss(model, config.train.loss_chunk_mib,
+                       config.train.compile_backend if config.train.compile else None)
     apply_fsdp(model, config, mesh.shard_mesh)
     return model
