@@ -18,8 +18,6 @@ from typing import Any, Dict, List, Optional, Union, get_args, get_origin, get_t
 
 import yaml
 
-from ..ring.layouts import get_layout
-
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names the key, what was expected and what was given."""
@@ -290,6 +288,8 @@ def validate(config: RunConfig) -> None:
     if model.num_attention_heads % model.num_key_value_heads:
         raise ConfigError(f"config key model.num_key_value_heads: must divide model.num_attention_heads "
                           f"({model.num_attention_heads}), got {model.num_key_value_heads}")
+    from ..ring.layouts import get_layout  # imports torch: not at import time (the command line's --help)
+
     try:
         get_layout(config.parallel.variant)
     except ValueError as exc:
@@ -328,6 +328,8 @@ def validate_for_world(config: RunConfig, world_size: int) -> int:
             raise ConfigError(f"config key data.seq_len: with data.document_mask each sequence is cut into cp={cp} "
                               f"contiguous pieces, so it must be a multiple of {cp}, got {config.data.seq_len}")
         return world_size // cp
+    from ..ring.layouts import get_layout
+
     try:
         get_layout(config.parallel.variant).check_global(config.data.seq_len, cp)
     except ValueError as exc:

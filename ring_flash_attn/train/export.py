@@ -18,10 +18,6 @@ import sys
 import warnings
 from pathlib import Path
 
-import torch
-import torch.distributed.checkpoint as dcp
-
-from . import checkpoint
 from .config import ConfigError, config_from_dict
 
 DESCRIPTION = """\
@@ -34,6 +30,8 @@ AutoModelForCausalLM.from_pretrained. One process; no GPU needed.
 
 def _checkpoint_dir(path: Path) -> Path:
     """A checkpoint directory, or the newest complete one under a checkpoints directory."""
+    from . import checkpoint
+
     if (path / checkpoint.MANIFEST).is_file():
         return path
     found = checkpoint.list_checkpoints(path)
@@ -46,8 +44,11 @@ def _checkpoint_dir(path: Path) -> Path:
 def export(checkpoint_path: Path, out: Path) -> Path:
     """Write the model of ``checkpoint_path`` to ``out`` (which must not exist or be empty); returns the
     checkpoint directory used."""
+    import torch
+    import torch.distributed.checkpoint as dcp
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from . import checkpoint
     from .tokens import load_tokenizer
 
     source = _checkpoint_dir(checkpoint_path)
