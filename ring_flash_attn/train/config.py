@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union, get_args, get_origin, get_type_hints
@@ -74,6 +75,9 @@ class TrainConfig:
     activation_checkpointing_n: int = 2   # every_n: checkpoint layers 0, n, 2n, ...
     compile: bool = False                 # torch.compile each decoder layer
     compile_backend: str = "inductor"     # torch.compile's backend (aot_eager: no code generation, for tests)
+    nonfinite: str = "error"              # a step whose loss or gradient norm is NaN/inf: "error" stops every rank
+                                          # before the optimizer step; "skip" drops that step (weights and optimizer
+                                          # state unchanged) and counts it in the log
 
 
 @dataclass
@@ -139,9 +143,25 @@ CHOICES = {
     "data.format": ("text", "jsonl", "parquet", "hf_dataset"),
     "train.precision": ("fp32", "bf16"),
     "train.activation_checkpointing": ("none", "full", "every_n"),
+    "train.nonfinite": ("error", "skip"),
     "parallel.device": ("auto", "cpu", "cuda", "xpu"),
     "log.progress": ("auto", "bar", "lines", "off"),
 }
+
+
+def _number(value: Any) -> Optional[float]:
+    """``value`` as a float when it is a number or a string float() reads (YAML 1.1 reads "3e-4" and "4e6",
+    which have no dot, as strings), else None; booleans are not numbers here."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
 
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
@@ -164,20 +184,30 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     elif annotation is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
+        number = _number(value)  # 4e6, 4.0e+6, 1e3: integers written in exponent form
+        if number is not None:
+            if math.isfinite(number) and number.is_integer():
+                return int(number)
+            raise ConfigError(f"config key {key}: expected an integer, got {value!r} (not a whole number)")
     elif annotation is float:
-        # YAML 1.1 reads "3e-4" (no dot) as a string; accept any number spelling float() understands.
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
+        number = _number(value)
+        if number is not None:
+            if not math.isfinite(number):
+                raise ConfigError(f"config key {key}: expected a finite number, got {value!r}")
+            return number
     elif annotation is str:
         if isinstance(value, str):
             return value
     type_name = getattr(annotation, "__name__", str(annotation))
     raise ConfigError(f"config key {key}: expected {type_name}, got {value!r} ({type(value).__name__})")
+
+
+def _check_choice(key: str, value: Any) -> None:
+    if value in CHOICES[key] and isinstance(value, str):
+        return
+    hint = (" (YAML reads an unquoted yes/no/on/off/true/false as a boolean: write one of the choices)"
+            if isinstance(value, bool) else "")
+    raise ConfigError(f"config key {key}: expected one of {list(CHOICES[key])}, got {value!r}{hint}")
 
 
 def _unknown_key(key: str, known: List[str]) -> ConfigError:
@@ -201,11 +231,11 @@ def _build(cls, raw: Dict[str, Any], prefix: str):
         key = prefix + name
         if dataclasses.is_dataclass(hints[name]):
             kwargs[name] = _build(hints[name], raw[name] or {}, key + ".")
+        elif key in CHOICES:
+            _check_choice(key, raw[name])
+            kwargs[name] = raw[name]
         else:
-            value = _coerce(raw[name], hints[name], key)
-            if key in CHOICES and value not in CHOICES[key]:
-                raise ConfigError(f"config key {key}: expected one of {list(CHOICES[key])}, got {value!r}")
-            kwargs[name] = value
+            kwargs[name] = _coerce(raw[name], hints[name], key)
     return cls(**kwargs)
 
 
@@ -266,16 +296,31 @@ def validate(config: RunConfig) -> None:
                 "parallel.timeout_s": config.parallel.timeout_s, "check.steps": config.check.steps,
                 "log.every": config.log.every, "checkpoint.keep": config.checkpoint.keep,
                 "model.hidden_size": config.model.hidden_size,
+                "model.intermediate_size": config.model.intermediate_size,
                 "model.num_hidden_layers": config.model.num_hidden_layers,
+                "model.num_attention_heads": config.model.num_attention_heads,
+                "model.num_key_value_heads": config.model.num_key_value_heads,
                 "train.activation_checkpointing_n": config.train.activation_checkpointing_n,
                 "parallel.fsdp_replicate": config.parallel.fsdp_replicate, "parallel.ulysses": config.parallel.ulysses}
+    optional_positive = {"model.rope_theta": config.model.rope_theta, "log.peak_tflops": config.log.peak_tflops}
+    positive.update({key: value for key, value in optional_positive.items() if value is not None})
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"config key {key}: expected a positive value, got {value}")
-    if config.checkpoint.every < 0:
-        raise ConfigError(f"config key checkpoint.every: expected >= 0 (0 = only at exit), got {config.checkpoint.every}")
+    non_negative = {"checkpoint.every": "0 = only at exit", "train.warmup_steps": "0 = no warm-up",
+                    "train.weight_decay": "0 = none", "train.grad_clip": "0 = no clipping",
+                    "check.rtol": "relative loss difference"}
+    for key, meaning in non_negative.items():
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if value is not None and value < 0:
+            raise ConfigError(f"config key {key}: expected >= 0 ({meaning}), got {value}")
     if config.train.lr <= 0:
         raise ConfigError(f"config key train.lr: expected a positive learning rate, got {config.train.lr}")
+    for key in ("train.beta1", "train.beta2"):
+        value = getattr(config.train, key.split(".")[1])
+        if not 0 <= value < 1:
+            raise ConfigError(f"config key {key}: expected a value in [0, 1) (AdamW's moment decay), got {value}")
     if not 0 <= config.train.min_lr_ratio <= 1:
         raise ConfigError(f"config key train.min_lr_ratio: expected a value in [0, 1], got {config.train.min_lr_ratio}")
     if config.data.source == "files" and not config.data.path:

@@ -31,11 +31,38 @@ def test_defaults_and_overrides(tmp_path):
     (("model.num_key_value_heads", "3"), "model.num_key_value_heads: must divide"),
     (("parallel.ulysses", "3"), "parallel.ulysses: must divide parallel.cp"),
     (("parallel.ulysses", "0"), "parallel.ulysses: expected a positive value, got 0"),
+    (("model.num_attention_heads", "0"), "model.num_attention_heads: expected a positive value, got 0"),
+    (("model.num_key_value_heads", "0"), "model.num_key_value_heads: expected a positive value, got 0"),
+    (("model.intermediate_size", "-64"), "model.intermediate_size: expected a positive value, got -64"),
+    (("parallel.timeout_s", "nan"), "parallel.timeout_s: expected a finite number, got 'nan'"),
+    (("parallel.timeout_s", ".inf"), "parallel.timeout_s: expected a finite number, got inf"),
+    (("train.lr", "nan"), "train.lr: expected a finite number, got 'nan'"),
+    (("train.beta2", "1.0"), "train.beta2: expected a value in [0, 1) (AdamW's moment decay), got 1.0"),
+    (("train.warmup_steps", "-1"), "train.warmup_steps: expected >= 0 (0 = no warm-up), got -1"),
+    (("train.grad_clip", "-1.0"), "train.grad_clip: expected >= 0 (0 = no clipping), got -1.0"),
+    (("model.rope_theta", "0"), "model.rope_theta: expected a positive value, got 0.0"),
+    (("train.activation_checkpointing", "yes"),
+     "train.activation_checkpointing: expected one of ['none', 'full', 'every_n'], got True (YAML reads an "
+     "unquoted yes/no/on/off/true/false as a boolean: write one of the choices)"),
+    (("train.nonfinite", "ignore"), "train.nonfinite: expected one of ['error', 'skip'], got 'ignore'"),
+    (("data.max_bytes", "2.5"), "data.max_bytes: expected an integer, got 2.5 (not a whole number)"),
+    (("train.steps", "1e400"), "train.steps: expected an integer, got '1e400' (not a whole number)"),
 ])
 def test_bad_values_name_the_key(tmp_path, override, message):
     with pytest.raises(ConfigError) as info:
         load_config(str(write_config(tmp_path)), [override])
     assert message in str(info.value)
+
+
+def test_integers_in_exponent_form(tmp_path):
+    """docs/training.md writes max_bytes as 4e6, which YAML 1.1 reads as a string: whole numbers are accepted in
+    any spelling a number has."""
+    path = write_config(tmp_path, data={"max_bytes": "4e6", "seq_len": 64})
+    config = load_config(str(path), [("train.steps", "1e2"), ("checkpoint.every", "5.0")])
+    assert (config.data.max_bytes, config.train.steps, config.checkpoint.every) == (4_000_000, 100, 5)
+    assert all(type(v) is int for v in (config.data.max_bytes, config.train.steps, config.checkpoint.every))
+    (tmp_path / "doc.yaml").write_text("data:\n  max_bytes: 4e6\n")
+    assert load_config(str(tmp_path / "doc.yaml")).data.max_bytes == 4_000_000
 
 
 def test_unknown_key_in_yaml(tmp_path):
