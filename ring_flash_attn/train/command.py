@@ -109,7 +109,7 @@ def main_train(args: argparse.Namespace) -> int:
     """Run ``ring-attn train`` from parsed ``args``; returns the process exit code."""
     from .checkpoint import CheckpointError
     from .preemption import TrainingInterrupted
-    from .trainer import CheckFailed, StepFailed, run_from_config
+    from .trainer import CheckFailed, NonFiniteLoss, StepFailed, run_from_config
 
     try:
         overrides = parse_overrides(list(args.overrides))
@@ -125,7 +125,7 @@ def main_train(args: argparse.Namespace) -> int:
     except TrainingInterrupted as exc:
         write_lines(f"{rank_prefix()}{exc}")
         return exc.exit_code
-    except (CheckpointError, CheckFailed) as exc:
+    except (CheckpointError, CheckFailed, NonFiniteLoss) as exc:
         error_line(str(exc))
         return EXIT_FAILED
     except StepFailed as exc:

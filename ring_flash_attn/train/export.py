@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+import os
+import shutil
 import warnings
 from pathlib import Path
 
+from ..cli_common import error_line
 from .config import ConfigError, config_from_dict
 
 DESCRIPTION = """\
@@ -37,13 +39,20 @@ def _checkpoint_dir(path: Path) -> Path:
     found = checkpoint.list_checkpoints(path)
     complete = [p for _, p in found if (p / checkpoint.MANIFEST).is_file()]
     if not complete:
-        raise ConfigError(f"--checkpoint {str(path)!r}: neither a complete checkpoint nor a directory holding one")
+        run_dir_hint = ""
+        if checkpoint.list_checkpoints(path / "checkpoints"):  # a run's log.dir given for its checkpoints
+            run_dir_hint = f" (it looks like a run directory: did you mean --checkpoint {path / 'checkpoints'}?)"
+        raise ConfigError(f"--checkpoint {str(path)!r}: neither a complete checkpoint nor a directory holding "
+                          f"one{run_dir_hint}")
     return complete[-1]
 
 
 def export(checkpoint_path: Path, out: Path) -> Path:
     """Write the model of ``checkpoint_path`` to ``out`` (which must not exist or be empty); returns the
-    checkpoint directory used."""
+    checkpoint directory used.
+
+    Everything is written into a temporary directory beside ``out``, renamed to ``out`` at the end: an export
+    that fails midway (a full disk, an interrupt) leaves no half-written ``out`` to block the retry."""
     import torch
     import torch.distributed.checkpoint as dcp
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -73,10 +82,18 @@ def export(checkpoint_path: Path, out: Path) -> Path:
         dcp.load(state, checkpoint_id=str(source), no_dist=True)
     model.load_state_dict(state["model"])
     model.config.use_cache = True
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    if config.data.tokenizer:
-        load_tokenizer(config.data.tokenizer).save_pretrained(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = out.with_name(f".{out.name}.partial-{os.getpid()}")  # mkdir, not mkdtemp: the umask's permissions
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    try:
+        model.save_pretrained(scratch)
+        if config.data.tokenizer:
+            load_tokenizer(config.data.tokenizer).save_pretrained(scratch)
+        os.replace(scratch, out)  # an empty `out` is replaced; anything else was refused above
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
     return source
 
 
@@ -94,8 +111,12 @@ def main_export(args: argparse.Namespace) -> int:
     try:
         source = export(Path(args.checkpoint), Path(args.out))
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        error_line(str(exc))
         return 2
+    except OSError as exc:  # e.g. a full disk while writing: nothing of it is left at --out
+        error_line(f"--out {args.out!r}: the export failed ({type(exc).__name__}: {exc}); nothing was written "
+                   f"there, so the same command can be run again")
+        return 1
     print(f"exported {source} to {args.out}", flush=True)
     if not (Path(args.out) / "tokenizer_config.json").is_file():
         print("no tokenizer: the run trained on bytes (token ids 0-255, 256 = end of document)", flush=True)

@@ -42,6 +42,8 @@ DEFAULT_CACHE_DIR = Path("~/.cache/ring_flash_attn/tokens")
 # How long the other ranks wait for rank 0 to tokenize a corpus.
 BUILD_TIMEOUT = timedelta(hours=24)
 DOCUMENTS_PER_BATCH = 256
+# Files one of which a saved transformers tokenizer holds (fast, SentencePiece, BPE vocabularies).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
 # The array typecode of a native int32 (what torch.from_file reads back as torch.int32); no numpy needed.
 INT32 = next(code for code in "il" if array.array(code).itemsize == 4)
 
@@ -53,11 +55,15 @@ def load_tokenizer(directory: str):
 
     if not Path(directory).is_dir():
         raise ConfigError(f"data.tokenizer {directory!r}: no such directory")
+    if not any((Path(directory) / name).is_file() for name in TOKENIZER_FILES):
+        raise ConfigError(f"data.tokenizer {directory!r}: not a tokenizer directory (it holds none of "
+                          f"{', '.join(TOKENIZER_FILES)}); give the directory a tokenizer was saved to with "
+                          f"save_pretrained, often the model's own")
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # transformers' message, whole, on one line
         raise ConfigError(f"data.tokenizer {directory!r}: cannot load a tokenizer from it: "
-                          f"{str(exc).splitlines()[0]}") from None
+                          f"{' '.join(str(exc).split())}") from None
     if tokenizer.eos_token_id is None:
         raise ConfigError(f"data.tokenizer {directory!r}: has no end-of-sequence token (eos_token), which "
                           f"separates the packed documents")
@@ -163,6 +169,20 @@ def prepare(config: DataConfig, rank: int) -> None:
     dist.destroy_process_group(waiting)
     if verdict[0] is not None:
         raise ConfigError(verdict[0])
+
+
+def check_vocabulary(config: DataConfig, meta: dict, vocab_size: int) -> None:
+    """The cache's token ids (its largest id and EOS, recorded when it was built) index the model's ``vocab_size``
+    embedding rows; ConfigError naming the cache otherwise (before a step fails with an index error)."""
+    tokens_path, _ = cache_paths(config)
+    largest = max(int(meta.get("max_token", -1)), int(meta["eos"]))
+    if largest >= vocab_size:
+        built_with = meta.get("tokenizer")
+        other = f" (it was built with tokenizer {built_with!r})" if built_with != str(config.tokenizer) else ""
+        raise ConfigError(f"data.tokenizer: the token cache {tokens_path} holds token ids up to {largest}, beyond "
+                          f"the {vocab_size} rows of the model's embedding{other}: a cache of another tokenizer or a "
+                          f"model of a smaller vocabulary; delete the cache files to rebuild them with "
+                          f"data.tokenizer {config.tokenizer!r}, or use the model's own tokenizer")
 
 
 def load(config: DataConfig) -> Tuple[torch.Tensor, dict, str]:

@@ -17,14 +17,14 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from ..comm import choose_backend, default_device_type, detect_launch, init_distributed
-from . import checkpoint, tokens
+from . import checkpoint, resume, rundir, tokens
 from ..integrations.hf import (register_ring_attention, shard_batch, substitute_hf_flash_attn,
                                update_ring_flash_attn_params)
 from .config import DEFAULT_CHECK_RTOL, ConfigError, RunConfig, validate_for_world
@@ -33,8 +33,8 @@ from .faults import FaultInjector
 from .flops import flops_per_token, peak_tflops
 from .metrics import METRICS_FILE, PLOT_FILE, MetricsLog, Progress, StepTimer, peak_memory_bytes, plot_loss
 from .mesh import Mesh, build_mesh
-from .model import (build_empty_model, build_model, check_model, materialize_from_rank0, model_config,
-                    token_loss_sum)
+from .model import (build_empty_model, build_model, check_model, materialize_for_checkpoint, materialize_from_rank0,
+                    model_config, token_loss_sum)
 from .parallel import parallelize
 from .preemption import StopRequest, TrainingInterrupted
 from ..ulysses import usp_process_groups
@@ -51,6 +51,22 @@ class CheckFailed(RuntimeError):
     """--check found context-parallel losses that differ from full attention beyond the tolerance."""
 
 
+class NonFiniteLoss(RuntimeError):
+    """A step's loss or gradient norm is NaN or infinite (train.nonfinite: error): raised on every rank before
+    the optimizer step, so the weights, the optimizer state and every checkpoint stay as they were."""
+
+
+# Why an optimizer step was not taken (StepResult.skipped).
+SKIPPED_NONFINITE = "non-finite loss or gradient norm"
+SKIPPED_NO_TARGETS = "no target tokens"
+
+
+class StepResult(NamedTuple):
+    loss: float                    # the global mean loss (NaN for a step without targets)
+    grad_norm: float
+    skipped: Optional[str] = None  # why the optimizer step was not taken (weights and optimizer state unchanged)
+
+
 @dataclass
 class Run:
     config: RunConfig
@@ -61,6 +77,12 @@ class Run:
     dataset: PackedDataset
     plan: BatchPlan
     attn_implementation: str
+    lock: Optional[rundir.RunDirectoryLock] = None  # rank 0's lock on log.dir, held until the run ends
+    resume_from: Optional[Path] = None  # the checkpoint whose model config builds the model (resume.py)
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
 
     @property
     def tokens_per_step(self) -> int:
@@ -75,7 +97,10 @@ def setup(config: RunConfig) -> Run:
     """Check everything that can be checked alone, then join the process group and build the mesh."""
     launch = detect_launch()
     dp_size = validate_for_world(config, launch.world_size)
-    check_model(config, FULL_ATTENTION)
+    resume_from = resume.resume_point(config)
+    if resume_from is not None:
+        resume.check_same_model(config, resume_from)
+    check_model(config, FULL_ATTENTION, resume_from)
     device_type = default_device_type() if config.parallel.device == "auto" else config.parallel.device
     _, device = init_distributed(device_type, config.parallel.dist_backend, config.parallel.timeout_s)
     # Read on every rank (each its own file system), then every rank raises whichever rank's error: a rank
@@ -86,6 +111,7 @@ def setup(config: RunConfig) -> Run:
     if dataset is None:  # tokenized once, by rank 0, into the shared token cache (tokens.py)
         tokens.prepare(config.data, launch.rank)
         stream, meta, fingerprint = tokens.load(config.data)
+        tokens.check_vocabulary(config.data, meta, model_config(config, resume_from).vocab_size)
         dataset = PackedDataset(stream, config.data.seq_len, config.data.seed, fingerprint, eos=meta["eos"])
     _check_same_data(dataset)
     if config.parallel.ulysses > 1:  # the ulysses x ring mesh over the cp ranks, with the run's collective timeout
@@ -95,10 +121,15 @@ def setup(config: RunConfig) -> Run:
     if config.data.document_mask:
         # Documents of any length, crossing the ranks' pieces: the all-gather (llama3) exchange over contiguous
         # pieces serves them; the zigzag/stripe layouts would need every document's length divisible by 2 x cp.
-        kv_heads = model_config(config).num_key_value_heads
+        kv_heads = model_config(config, resume_from).num_key_value_heads
         substitute_hf_flash_attn(mesh.cp_group, heads_k_stride=kv_heads)
     plan = BatchPlan(dp_size, config.train.micro_batch_size, config.train.grad_accum)
-    return Run(config, launch.rank, launch.world_size, device, mesh, dataset, plan, attn_implementation)
+    # Last, so that nothing after it can fail and leave it held: rank 0 locks log.dir (another run on it fails
+    # here, naming the holder) and checks checkpoint.dir; its verdict reaches every rank.
+    lock = _shared_errors(lambda: rundir.claim(Path(config.log.dir), config.checkpoint_dir())
+                          if launch.rank == 0 else None)
+    return Run(config, launch.rank, launch.world_size, device, mesh, dataset, plan, attn_implementation, lock,
+               resume_from)
 
 
 def _shared_errors(read):
@@ -156,14 +187,18 @@ def _reference_autocast(config: RunConfig, device: torch.device, sharded: bool):
 
 def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: List[Batch],
                    targets_per_step: int, lr: float, config: RunConfig, device: torch.device,
-                   distributed: bool, cp_group=None) -> Tuple[float, float]:
-    """One optimizer step over ``micro_batches`` (this rank's tokens); returns (global mean loss, grad norm).
+                   distributed: bool, cp_group=None) -> StepResult:
+    """One optimizer step over ``micro_batches`` (this rank's tokens): (global mean loss, grad norm, skipped).
 
     ``targets_per_step`` counts the targets of the whole step on every rank, so each rank's loss is its share of
     the global mean and FSDP's SUM reduce-scatter of gradients (``distributed``: the model is sharded) yields
-    the global mean's gradient (see fsdp.py).
+    the global mean's gradient (see fsdp.py). The step is not taken (``skipped`` says why; weights and
+    optimizer state unchanged) when it has no targets, which every rank knows from the data, or when the loss
+    or the gradient norm is not finite, which every rank sees alike (both are reduced over every rank).
     """
     optimizer.zero_grad(set_to_none=True)
+    if targets_per_step == 0:  # document masking over nothing but end-of-document tokens: nothing to learn
+        return StepResult(float("nan"), 0.0, SKIPPED_NO_TARGETS)
     loss_sum = torch.zeros((), device=device, dtype=torch.float32)
     for batch in micro_batches:
         if batch.cu_seqlens is not None:  # document masking: the all-gather exchange needs the row's documents
@@ -179,10 +214,15 @@ def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_bat
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     if hasattr(grad_norm, "full_tensor"):  # a DTensor when the parameters are sharded
         grad_norm = grad_norm.full_tensor()
+    # The step's one transfer to the host, both numbers at once, before the optimizer could apply a NaN.
+    loss_total, norm = torch.stack([loss_sum, grad_norm.to(loss_sum)]).tolist()
+    loss = loss_total / targets_per_step
+    if not (math.isfinite(loss) and math.isfinite(norm)):
+        return StepResult(loss, norm, SKIPPED_NONFINITE)
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.step()
-    return loss_sum.item() / targets_per_step, grad_norm.item()
+    return StepResult(loss, norm)
 
 
 def local_micro_batches(run: Run, step: int) -> List[Batch]:
@@ -222,10 +262,15 @@ def full_model(config: RunConfig, attn_implementation: str) -> nn.Module:
 
 
 def build_sharded_model(run: Run) -> nn.Module:
-    """The run's model, parallelised (parallel.py) and sharded over every rank, with rank 0's initial weights."""
+    """The run's model, parallelised (parallel.py) and sharded over every rank, with rank 0's initial weights
+    (resuming: with room for the checkpoint's, which train() loads)."""
     config = run.config
-    model = build_empty_model(config, run.attn_implementation)
+    model = build_empty_model(config, run.attn_implementation, run.resume_from)
     parallelize(model, config, run.mesh)
+    if run.resume_from is not None:
+        materialize_for_checkpoint(model, config, run.attn_implementation, run.resume_from, run.device)
+        model.train()
+        return model
     full, problem = None, None
     if run.rank == 0:
         try:
@@ -252,15 +297,30 @@ def _collective(run: Run, step: int, fn, *args):
                          f"{run.config.parallel.timeout_s:g} s)") from exc
 
 
-def _step(run: Run, model, optimizer, step: int) -> Tuple[float, float]:
-    """Optimizer step ``step`` (0-based)."""
+def _step(run: Run, model, optimizer, step: int) -> StepResult:
+    """Optimizer step ``step`` (0-based); NonFiniteLoss on every rank if its loss is not finite and
+    train.nonfinite is "error"."""
     targets = step_targets(run.dataset, run.plan, step, run.config.data.document_mask)
-    return _collective(run, step, optimizer_step, model, optimizer, local_micro_batches(run, step), targets,
-                       learning_rate(run.config, step), run.config, run.device, True, run.mesh.cp_group)
+    result = _collective(run, step, optimizer_step, model, optimizer, local_micro_batches(run, step), targets,
+                         learning_rate(run.config, step), run.config, run.device, True, run.mesh.cp_group)
+    if result.skipped == SKIPPED_NONFINITE and run.config.train.nonfinite == "error":
+        raise NonFiniteLoss(
+            f"step {step + 1}: the loss is {result.loss:g} and the gradient norm {result.grad_norm:g} (not finite): "
+            f"stopped before the optimizer step, so the weights and checkpoints are as after step {step}; lower "
+            f"train.lr, look at the data of this step, or set train.nonfinite: skip to drop such steps")
+    return result
 
 
 def train(run: Run) -> List[dict]:
-    """Train for ``train.steps`` steps (continuing from a checkpoint if asked); returns rank 0's step records."""
+    """Train for ``train.steps`` steps (continuing from a checkpoint if asked); returns rank 0's step records.
+    The run's lock on log.dir is released at the end, however it ends."""
+    try:
+        return _train(run)
+    finally:
+        run.release()
+
+
+def _train(run: Run) -> List[dict]:
     config = run.config
     root = config.checkpoint_dir()
     model = build_sharded_model(run)
@@ -279,6 +339,8 @@ def train(run: Run) -> List[dict]:
         run.say(f"resumed from {found} (step {start_step})" + (
             f", written at dp={state.dp_size} x cp={state.cp_size}, resharded to dp={run.mesh.dp_size} x "
             f"cp={run.mesh.cp_size}" if resharded else ""))
+        for note in resume.changes(found, state, config, run.plan.samples_per_step, run.mesh.dp_size, learning_rate):
+            run.say(note)
     elif config.checkpoint.resume:
         run.say(f"--resume: no checkpoint in {root} yet, starting from step 0")
     if start_step >= config.train.steps:
@@ -288,14 +350,14 @@ def train(run: Run) -> List[dict]:
 
     run.say(_describe(run, model))
     log_dir = Path(config.log.dir)
-    metrics = MetricsLog(log_dir / METRICS_FILE, start_step) if run.rank == 0 else None
+    metrics = _shared_errors(lambda: _open_metrics(log_dir / METRICS_FILE, start_step) if run.rank == 0 else None)
     progress = Progress(config.log.progress if run.rank == 0 else "off", config.train.steps, start_step,
                         config.log.every)
     faults = FaultInjector(run.rank)
     timer = StepTimer(run.device)
     model_flops = flops_per_token(model, config.data.seq_len)
     peak = peak_tflops(run.device, config.train.precision, config.log.peak_tflops)
-    records, last_saved = [], start_step if found is not None else None
+    records, last_saved, skipped = [], start_step if found is not None else None, 0
     final_step, stopped_by = config.train.steps, None
     started = time.perf_counter()
     try:
@@ -303,15 +365,22 @@ def train(run: Run) -> List[dict]:
             for step in range(start_step, config.train.steps):
                 faults.at_step(step + 1)
                 timer.start()
-                loss, grad_norm = _step(run, model, optimizer, step)
+                result = _step(run, model, optimizer, step)
                 seconds = timer.stop()
+                skipped += result.skipped is not None
+                if result.skipped is not None:
+                    run.say(f"step {step + 1}: skipped ({result.skipped}; loss {result.loss:g}): weights and "
+                            f"optimizer state unchanged; {skipped} step(s) skipped so far")
                 tflops_per_device = model_flops * run.tokens_per_step / seconds / run.world_size / 1e12
-                record = {"step": step + 1, "loss": loss, "grad_norm": grad_norm, "lr": learning_rate(config, step),
+                record = {"step": step + 1, "loss": _finite_or_none(result.loss),
+                          "grad_norm": _finite_or_none(result.grad_norm), "lr": learning_rate(config, step),
                           "tokens": run.tokens_per_step, "tokens_per_s": run.tokens_per_step / seconds,
                           "tokens_per_s_per_device": run.tokens_per_step / seconds / run.world_size,
                           "tflops_per_device": tflops_per_device,
                           "mfu": tflops_per_device / peak if peak else None,
                           "step_time_s": seconds, "peak_memory_bytes": peak_memory_bytes(run.device)}
+                if result.skipped is not None:
+                    record.update(skipped=result.skipped, skipped_steps=skipped)
                 records.append(record)
                 if metrics is not None:
                     metrics.write(record)
@@ -336,13 +405,26 @@ def train(run: Run) -> List[dict]:
         raise TrainingInterrupted(f"stopped by {signal.Signals(stopped_by).name} after step {final_step} of "
                                   f"{config.train.steps}; checkpoint {checkpoint.checkpoint_name(final_step)} "
                                   f"saved in {root}: continue with --resume", stopped_by)
-    run.say(f"done: steps {start_step + 1}-{config.train.steps} in {time.perf_counter() - started:.1f} s; "
-            f"log {log_dir / METRICS_FILE}; checkpoints in {root}")
+    run.say(f"done: steps {start_step + 1}-{config.train.steps} in {time.perf_counter() - started:.1f} s"
+            + (f" ({skipped} skipped: see 'skipped' in the log)" if skipped else "")
+            + f"; log {log_dir / METRICS_FILE}; checkpoints in {root}")
     if run.rank == 0 and config.log.plot and records:
         png = plot_loss(log_dir / METRICS_FILE, log_dir / PLOT_FILE)
         if png is not None:
             print(f"loss plot: {png}", flush=True)
     return records
+
+
+def _open_metrics(path: Path, start_step: int) -> MetricsLog:
+    try:
+        return MetricsLog(path, start_step)
+    except OSError as exc:
+        raise ConfigError(f"log.dir: cannot write {path}: {type(exc).__name__}: {exc.strerror or exc}") from None
+
+
+def _finite_or_none(value: float) -> Optional[float]:
+    """JSON has no NaN or infinity (json.dumps would write a token other readers reject): null instead."""
+    return value if math.isfinite(value) else None
 
 
 def _train_state(run: Run, steps_done: int) -> checkpoint.TrainState:
@@ -373,9 +455,9 @@ def reference_steps(config: RunConfig, dataset: PackedDataset, plan: BatchPlan, 
     document_mask = config.data.document_mask
     for step in range(steps):
         batches = [dataset.batch(plan.global_indices(step, micro), document_mask) for micro in range(plan.grad_accum)]
-        loss, _ = optimizer_step(model, optimizer, batches, step_targets(dataset, plan, step, document_mask),
-                                 learning_rate(config, step), config, device, distributed=False)
-        yield loss, model
+        result = optimizer_step(model, optimizer, batches, step_targets(dataset, plan, step, document_mask),
+                                learning_rate(config, step), config, device, distributed=False)
+        yield result.loss, model
 
 
 def check(run: Run) -> List[Tuple[float, float]]:
@@ -384,12 +466,21 @@ def check(run: Run) -> List[Tuple[float, float]]:
 
     Returns the (context-parallel, full-attention) loss pairs (on every rank).
     """
+    try:
+        return _check(run)
+    finally:
+        run.release()
+
+
+def _check(run: Run) -> List[Tuple[float, float]]:
     config = run.config
+    if run.resume_from is not None:
+        raise ConfigError("--check compares training from the initial weights: drop --resume (checkpoint.resume)")
     steps = config.check.steps
     rtol = config.check.rtol if config.check.rtol is not None else DEFAULT_CHECK_RTOL[config.train.precision]
     model = build_sharded_model(run)
     optimizer = make_optimizer(model, config)
-    parallel_losses = [_step(run, model, optimizer, step)[0] for step in range(steps)]
+    parallel_losses = [_step(run, model, optimizer, step).loss for step in range(steps)]
 
     verdict: list = [None, None]
     if run.rank == 0:
@@ -397,10 +488,10 @@ def check(run: Run) -> List[Tuple[float, float]]:
               f"parallel.timeout_s = {config.parallel.timeout_s:g} s)", flush=True)
         full_losses = [loss for loss, _ in reference_steps(config, run.dataset, run.plan, steps, run.device)]
         pairs = list(zip(parallel_losses, full_losses))
-        worst = max(abs(p - f) / abs(f) for p, f in pairs)
+        worst = max(_relative_difference(p, f) for p, f in pairs)
         for step, (p, f) in enumerate(pairs, 1):
-            print(f"  step {step}: context-parallel {p:.6f}  full attention {f:.6f}  rel diff {abs(p - f) / abs(f):.2e}",
-                  flush=True)
+            print(f"  step {step}: context-parallel {p:.6f}  full attention {f:.6f}  rel diff "
+                  f"{_relative_difference(p, f):.2e}", flush=True)
         passed = worst <= rtol
         print(f"--check {'passed' if passed else 'FAILED'}: worst relative loss difference {worst:.2e} "
               f"(tolerance {rtol:g}, {config.train.precision})", flush=True)
@@ -410,6 +501,13 @@ def check(run: Run) -> List[Tuple[float, float]]:
     if verdict[1] is not None:
         raise CheckFailed(verdict[1])
     return verdict[0]
+
+
+def _relative_difference(parallel: float, full: float) -> float:
+    """|parallel - full| / |full|; 0 for a step both skipped for want of targets (both NaN)."""
+    if math.isnan(parallel) and math.isnan(full):
+        return 0.0
+    return abs(parallel - full) / abs(full)
 
 
 def shutdown() -> None:
