@@ -1,6 +1,6 @@
 """``ring-attn train``: the command line of the trainer.
 
-``ring-attn train --config configs/cpu_demo.yaml --train.steps 20 --parallel.cp 4 --resume``
+``ring-attn train --config cpu_demo.yaml --train.steps 20 --parallel.cp 4 --resume``
 
 Any config key can be overridden as ``--<section>.<key> <value>`` (or
 ``--<section>.<key>=<value>``); the value is read as YAML. A few common ones
@@ -31,7 +31,7 @@ data-parallel replicas, and the model is sharded over every rank (FSDP2).
 Launch one process per device with torchrun, mpiexec or srun, e.g. on 4 CPU
 processes (about a minute):
 
-  torchrun --standalone --nproc_per_node 4 -m ring_flash_attn train --config configs/cpu_demo.yaml
+  torchrun --standalone --nproc_per_node 4 -m ring_flash_attn train --config cpu_demo.yaml
 
 Bad input stops every rank with a one-line error and a non-zero exit. SIGTERM
 or Ctrl-C saves a checkpoint and exits with 128 + the signal number; continue
@@ -79,7 +79,8 @@ class TrainArgumentParser(argparse.ArgumentParser):
 
 def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="YAML",
-                        help="run config file (examples in configs/); keys it leaves out take their defaults")
+                        help="run config file, or the name of an example config shipped with the package (e.g. "
+                             "cpu_demo.yaml); keys it leaves out take their defaults")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the newest complete checkpoint in checkpoint.dir (start from step 0 "
                              "if there is none)")

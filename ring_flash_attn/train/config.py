@@ -270,13 +270,40 @@ def parse_overrides(argv: List[str]) -> List[tuple]:
     return pairs
 
 
+def shipped_configs() -> Optional[Path]:
+    """The directory of the example configs that ship with the package: ring_flash_attn/configs where the
+    package is installed (setup.py puts configs/ there), configs/ of a source checkout; None if neither."""
+    package = Path(__file__).resolve().parents[1]
+    installed, checkout = package / "configs", package.parent / "configs"
+    if installed.is_dir():
+        return installed
+    if checkout.is_dir() and (package.parent / "setup.py").is_file():
+        return checkout
+    return None
+
+
+def find_config(name: str) -> Path:
+    """``--config``: a YAML file, or the name of a shipped example config (``cpu_demo.yaml`` or ``cpu_demo``)."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path
+    shipped = shipped_configs()
+    if shipped is not None and path.parent == Path("."):
+        for candidate in (shipped / path.name, shipped / f"{path.name}.yaml"):
+            if candidate.is_file():
+                return candidate
+    names = sorted(p.name for p in shipped.glob("*.yaml")) if shipped is not None else []
+    close = difflib.get_close_matches(path.name, names + [n[:-len(".yaml")] for n in names], n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ConfigError(f"--config: no such file {name!r}{hint}; a file, or one of the configs that ship with "
+                      f"ring_flash_attn: {', '.join(names) or 'none found'}")
+
+
 def load_config(path: Optional[str], overrides: List[tuple] = ()) -> RunConfig:
     """The config from the YAML file at ``path`` (None: defaults) with ``(dotted_key, text)`` overrides applied."""
     raw: Dict[str, Any] = {}
     if path is not None:
-        config_path = Path(path)
-        if not config_path.is_file():
-            raise ConfigError(f"--config: no such file {str(config_path)!r}")
+        config_path = find_config(path)
         try:
             raw = yaml.safe_load(config_path.read_text()) or {}
         except yaml.YAMLError as exc:

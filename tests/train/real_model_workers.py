@@ -150,6 +150,17 @@ def step_without_targets(rank: int, config_path: Path, base: Path, document_over
     return {"skipped": skipped, "after": after, "unchanged": same_state(before, now) if rank == 0 else None}
 
 
+def shipped_pretrained_documents_config(rank: int, base: Path) -> dict:
+    """configs/cpu_pretrained_documents.yaml as shipped, by its bare name, with only the local model and tokenizer
+    directories given (a 2-layer Llama of 256 positions and a byte-level BPE tokenizer saved by the test), two
+    steps, and the corpus of tokenized_runs (its token cache, already built)."""
+    overrides = [("model.pretrained", str(base / "tiny_llama_256")), ("data.tokenizer", str(base / "tokenizer")),
+                 ("data.cache_dir", str(base / "token_cache")), ("data.max_bytes", "60000"),
+                 ("log.dir", str(base / "shipped_example")), ("train.steps", "2")]
+    records = trainer.train(trainer.setup(load_config("cpu_pretrained_documents.yaml", overrides)))
+    return {"losses": [r["loss"] for r in records]}
+
+
 def all_scenarios(rank: int, world_size: int, config_path: Path, base: Path, pretrained_overrides: list,
                   tokenizer_overrides: list, document_overrides: list) -> dict:
     with warnings.catch_warnings(record=True) as caught:  # what the document-mask path prints on every rank
@@ -163,5 +174,6 @@ def all_scenarios(rank: int, world_size: int, config_path: Path, base: Path, pre
         "pretrained_weights": initial_weights(config_path, base / "pretrained_weights", *pretrained_overrides),
         "pretrained": losses_and_gradients(config_path, base / "pretrained", *pretrained_overrides),
         "tokenized": tokenized_runs(rank, config_path, base, tokenizer_overrides),
+        "shipped_example": shipped_pretrained_documents_config(rank, base),  # after: it reuses that token cache
         "export": trained_for_export(rank, config_path, base, tokenizer_overrides),
     }

@@ -1,6 +1,8 @@
 """Config loading, overrides and checks: every mistake is an error that names the key."""
 
 import argparse
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -76,6 +78,26 @@ def test_missing_config_file(tmp_path):
         load_config(str(tmp_path / "absent.yaml"))
 
 
+def test_shipped_configs_by_bare_name(tmp_path, monkeypatch):
+    """`--config cpu_demo.yaml` (or `cpu_demo`) from any directory: the example configs ship with the package."""
+    monkeypatch.chdir(tmp_path)
+    assert load_config("cpu_demo.yaml") == load_config("cpu_demo") == load_config(str(REPO_ROOT / "configs" /
+                                                                                       "cpu_demo.yaml"))
+    with pytest.raises(ConfigError, match=r"--config: no such file 'cpu_dmeo' \(did you mean 'cpu_demo'\?\); a "
+                                          r"file, or one of the configs that ship with ring_flash_attn: .*cpu_demo"):
+        load_config("cpu_dmeo")
+
+
+def test_the_package_ships_every_example_config(tmp_path):
+    """What a wheel holds (setup.py's build of the package): configs/*.yaml as ring_flash_attn/configs. CI's README
+    run (.ci/run, a non-editable install) starts the demo by the bare name as well."""
+    pytest.importorskip("setuptools", reason="building the package's files needs setuptools")
+    subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(tmp_path)], cwd=REPO_ROOT,
+                   check=True, capture_output=True)
+    shipped = sorted(p.name for p in (tmp_path / "ring_flash_attn" / "configs").glob("*.yaml"))
+    assert shipped and shipped == sorted(p.name for p in (REPO_ROOT / "configs").glob("*.yaml"))
+
+
 def test_world_checks(tmp_path):
     config = load_config(str(write_config(tmp_path)))
     assert validate_for_world(config, 4) == 2  # dp = world / cp
@@ -116,7 +138,7 @@ def test_help_is_plain_text_for_users(capsys):
     with pytest.raises(SystemExit):
         parent.parse_args(["train", "--help"])
     text = capsys.readouterr().out
-    assert "torchrun --standalone --nproc_per_node 4 -m ring_flash_attn train --config configs/cpu_demo.yaml" in text
+    assert "torchrun --standalone --nproc_per_node 4 -m ring_flash_attn train --config cpu_demo.yaml" in text
     for internal in ("``", ":func:", ":mod:", "the command line of the trainer"):
         assert internal not in text
 

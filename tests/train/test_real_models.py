@@ -29,6 +29,7 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 2.0, "low_freq_factor": 1.0, "hi
 def world(tmp_path_factory):
     base = tmp_path_factory.mktemp("real_models")
     tiny = save_tiny_llama(base / "tiny_llama")
+    save_tiny_llama(base / "tiny_llama_256", max_position_embeddings=256)  # for configs/cpu_pretrained_documents
     config = write_config(base, data={"seq_len": 128, "max_bytes": 200_000})
     pretrained = [("model.pretrained", str(tiny)), ("model.rope_scaling", json.dumps(LLAMA3_ROPE))]
     tokenizer = save_tiny_tokenizer(base / "tokenizer")
@@ -216,3 +217,10 @@ def test_export_of_a_run_directory_suggests_its_checkpoints(world, capsys):
     assert main(["export", "--checkpoint", str(base / "export_run"), "--out", str(base / "never")]) == 2
     assert f"(it looks like a run directory: did you mean --checkpoint {base / 'export_run' / 'checkpoints'}?)" \
         in capsys.readouterr().err
+
+
+def test_the_shipped_pretrained_document_mask_example_trains(world):
+    _, _, _, _, results, every_rank, _ = world
+    losses = results["shipped_example"]["losses"]
+    assert len(losses) == 2 and all(0 < loss < 10 for loss in losses), losses
+    assert every_rank[1]["shipped_example"]["losses"] == losses
