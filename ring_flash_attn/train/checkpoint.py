@@ -108,8 +108,8 @@ def _manifest_files(manifest) -> Optional[dict]:
     return files
 
 
-def verify(path: Path, check_crc: bool) -> Optional[str]:
-    """Why ``path`` is not a loadable checkpoint, or None when it is."""
+def verify(path: Path, check_crc: bool, names: Optional[Tuple[str, ...]] = None) -> Optional[str]:
+    """Why ``path`` is not a loadable checkpoint, or None when it is (``names``: check only these files)."""
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
         return f"checkpoint {path}: no {MANIFEST}, so it was never completed"
@@ -121,15 +121,17 @@ def verify(path: Path, check_crc: bool) -> Optional[str]:
     if files is None:
         return (f"checkpoint {path}: {MANIFEST} is not a manifest of ring-attn train (expected {{\"files\": "
                 f"{{name: {{\"size\": int, \"crc32\": int}}}}}} listing {TRAIN_STATE}){DAMAGED}")
-    for name, expected in files.items():
-        file = path / name
+    for name in files if names is None else names:
+        if name not in files:
+            return f"checkpoint {path}: {MANIFEST} does not list {name}{DAMAGED}"
+        expected, file = files[name], path / name
         if not file.is_file():
-            return f"checkpoint {path}: file {name} is missing"
+            return f"checkpoint {path}: file {name} is missing{DAMAGED}"
         size = file.stat().st_size
         if size != expected["size"]:
-            return f"checkpoint {path}: file {name} has {size} bytes, the manifest says {expected['size']}"
+            return f"checkpoint {path}: file {name} has {size} bytes, the manifest says {expected['size']}{DAMAGED}"
         if check_crc and file_crc32(file) != expected["crc32"]:
-            return f"checkpoint {path}: file {name} does not match its CRC32 in the manifest (corrupt)"
+            return f"checkpoint {path}: file {name} does not match its CRC32 in the manifest (corrupt){DAMAGED}"
     return None
 
 
@@ -161,8 +163,21 @@ def save(root: Path, state: TrainState, model: nn.Module, optimizer: torch.optim
     Any failure (an unwritable directory, a full disk, DCP's ``CheckpointException``, which is a
     ``BaseException``) on any rank becomes the same CheckpointError on every rank, naming each failing rank's
     cause; the ``.partial`` directory is left for the next save to remove and every complete checkpoint is
-    left as it was.
+    left as it was. A peer that dies or stops answering during the save is a CheckpointError too (gloo would say
+    only "Connection reset by peer").
     """
+    try:
+        return _save(root, state, model, optimizer, device, keep, run_config)
+    except CheckpointError:
+        raise
+    except RuntimeError as exc:  # a collective of the save failed: some rank died or stopped answering
+        raise CheckpointError(f"checkpoint {root / checkpoint_name(state.step)} not saved: rank {dist.get_rank()} "
+                              f"lost a peer during the save ({' '.join(str(exc).split())[:300]}); the checkpoints "
+                              f"already saved are intact: continue from the last with --resume") from exc
+
+
+def _save(root: Path, state: TrainState, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
+          keep: int, run_config: dict) -> Path:
     rank = dist.get_rank()
     final = root / checkpoint_name(state.step)
     partial = final.with_name(final.name + PARTIAL_SUFFIX)

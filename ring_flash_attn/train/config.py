@@ -134,6 +134,9 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+# The shortest collective timeout a run can start with: connecting the ranks takes longer than less.
+MIN_TIMEOUT_S = 1.0
+
 # Context parallelism and full attention on one rank sum in different orders; over a few optimizer steps
 # float32 losses agree to a few ulps of the accumulated error, bfloat16 ones to its 8-bit mantissa.
 DEFAULT_CHECK_RTOL = {"fp32": 1e-4, "bf16": 2e-2}
@@ -308,6 +311,9 @@ def load_config(path: Optional[str], overrides: List[tuple] = ()) -> RunConfig:
             raw = yaml.safe_load(config_path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"--config {config_path}: not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"--config {config_path}: expected a mapping of sections (model:, data:, train:, ...) "
+                              f"at the top, got a {type(raw).__name__}")
     for key, text in overrides:
         apply_override(raw, key, text)
     config = _build(RunConfig, raw, "")
@@ -344,6 +350,9 @@ def validate(config: RunConfig) -> None:
             raise ConfigError(f"config key {key}: expected >= 0 ({meaning}), got {value}")
     if config.train.lr <= 0:
         raise ConfigError(f"config key train.lr: expected a positive learning rate, got {config.train.lr}")
+    if config.parallel.timeout_s < MIN_TIMEOUT_S:
+        raise ConfigError(f"config key parallel.timeout_s: expected at least {MIN_TIMEOUT_S:g} s (joining the process "
+                          f"group alone takes longer than less), got {config.parallel.timeout_s:g}")
     for key in ("train.beta1", "train.beta2"):
         value = getattr(config.train, key.split(".")[1])
         if not 0 <= value < 1:

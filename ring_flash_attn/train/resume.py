@@ -30,6 +30,10 @@ def resume_point(config: RunConfig) -> Optional[Path]:
     found = checkpoint.latest(config.checkpoint_dir())
     if found is None or not (found / checkpoint.MODEL_CONFIG).is_file():
         return None
+    # The model is built from these two before the whole checkpoint is verified (at load): check them now.
+    problem = checkpoint.verify(found, check_crc=True, names=(checkpoint.MODEL_CONFIG, checkpoint.RUN_CONFIG))
+    if problem is not None:
+        raise checkpoint.CheckpointError(problem)
     return found
 
 

@@ -56,6 +56,9 @@ class NonFiniteLoss(RuntimeError):
     the optimizer step, so the weights, the optimizer state and every checkpoint stay as they were."""
 
 
+# train.nonfinite skip: this many skipped steps in a row stop the run (a model whose every gradient is NaN never
+# recovers; skipping on would train nothing and report success).
+MAX_NONFINITE_IN_A_ROW = 10
 # Why an optimizer step was not taken (StepResult.skipped).
 SKIPPED_NONFINITE = "non-finite loss or gradient norm"
 SKIPPED_NO_TARGETS = "no target tokens"
@@ -339,14 +342,15 @@ def _train(run: Run) -> List[dict]:
         run.say(f"resumed from {found} (step {start_step})" + (
             f", written at dp={state.dp_size} x cp={state.cp_size}, resharded to dp={run.mesh.dp_size} x "
             f"cp={run.mesh.cp_size}" if resharded else ""))
-        for note in resume.changes(found, state, config, run.plan.samples_per_step, run.mesh.dp_size, learning_rate):
-            run.say(note)
     elif config.checkpoint.resume:
         run.say(f"--resume: no checkpoint in {root} yet, starting from step 0")
     if start_step >= config.train.steps:
         run.say(f"nothing to train: the run is complete ({found.name} in {root} is at step {start_step}, "
                 f"train.steps = {config.train.steps}); raise --train.steps to train further")
         return []
+    if found is not None:
+        for note in resume.changes(found, state, config, run.plan.samples_per_step, run.mesh.dp_size, learning_rate):
+            run.say(note)
 
     run.say(_describe(run, model))
     log_dir = Path(config.log.dir)
@@ -357,7 +361,7 @@ def _train(run: Run) -> List[dict]:
     timer = StepTimer(run.device)
     model_flops = flops_per_token(model, config.data.seq_len)
     peak = peak_tflops(run.device, config.train.precision, config.log.peak_tflops)
-    records, last_saved, skipped = [], start_step if found is not None else None, 0
+    records, last_saved, skipped, in_a_row = [], start_step if found is not None else None, 0, 0
     final_step, stopped_by = config.train.steps, None
     started = time.perf_counter()
     try:
@@ -368,6 +372,12 @@ def _train(run: Run) -> List[dict]:
                 result = _step(run, model, optimizer, step)
                 seconds = timer.stop()
                 skipped += result.skipped is not None
+                in_a_row = in_a_row + 1 if result.skipped == SKIPPED_NONFINITE else 0
+                if in_a_row == MAX_NONFINITE_IN_A_ROW:
+                    raise NonFiniteLoss(f"steps {step + 2 - in_a_row}-{step + 1}: {in_a_row} steps in a row had a "
+                                        f"non-finite loss or gradient norm and were skipped (train.nonfinite: skip): "
+                                        f"the model does not recover; resume from an earlier checkpoint with a lower "
+                                        f"train.lr")
                 if result.skipped is not None:
                     run.say(f"step {step + 1}: skipped ({result.skipped}; loss {result.loss:g}): weights and "
                             f"optimizer state unchanged; {skipped} step(s) skipped so far")

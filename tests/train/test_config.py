@@ -38,6 +38,8 @@ def test_defaults_and_overrides(tmp_path):
     (("model.intermediate_size", "-64"), "model.intermediate_size: expected a positive value, got -64"),
     (("parallel.timeout_s", "nan"), "parallel.timeout_s: expected a finite number, got 'nan'"),
     (("parallel.timeout_s", ".inf"), "parallel.timeout_s: expected a finite number, got inf"),
+    (("parallel.timeout_s", "1e-6"), "parallel.timeout_s: expected at least 1 s (joining the process group alone takes "
+                                     "longer than less), got 1e-06"),
     (("train.lr", "nan"), "train.lr: expected a finite number, got 'nan'"),
     (("train.beta2", "1.0"), "train.beta2: expected a value in [0, 1) (AdamW's moment decay), got 1.0"),
     (("train.warmup_steps", "-1"), "train.warmup_steps: expected >= 0 (0 = no warm-up), got -1"),
@@ -71,6 +73,13 @@ def test_unknown_key_in_yaml(tmp_path):
     path = write_config(tmp_path, checkpoint={"evrey": 5})
     with pytest.raises(ConfigError, match=r"'checkpoint.evrey' is not known \(did you mean 'every'\?\)"):
         load_config(str(path))
+
+
+def test_a_config_file_that_is_not_a_mapping(tmp_path):
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match=r"list.yaml: expected a mapping of sections \(model:, data:, train:, "
+                                          r"\.\.\.\) at the top, got a list"):
+        load_config(str(tmp_path / "list.yaml"), [("log.dir", "x")])
 
 
 def test_missing_config_file(tmp_path):

@@ -117,3 +117,40 @@ def test_run_directory_lock_is_exclusive_and_released(tmp_path):
         rundir.lock_log_dir(tmp_path / "run")
     first.release()
     rundir.lock_log_dir(tmp_path / "run").release()  # free again once released (or once its process died)
+
+
+def test_two_runs_on_one_checkpoint_dir_are_refused(tmp_path):
+    """Different log.dirs, one checkpoint.dir: the second run would overwrite and prune (checkpoint.keep) the
+    first's checkpoints."""
+    first = rundir.claim(tmp_path / "log_a", tmp_path / "shared")
+    with pytest.raises(ConfigError, match=rf"checkpoint.dir '{tmp_path / 'shared'}' is in use by another run"):
+        rundir.claim(tmp_path / "log_b", tmp_path / "shared")
+    rundir.claim(tmp_path / "log_b", tmp_path / "elsewhere").release()  # log_b itself was left unlocked
+    first.release()
+    inside = rundir.claim(tmp_path / "log_c", tmp_path / "log_c" / "checkpoints")  # covered by log_c's lock
+    assert sorted(p.name for p in (tmp_path / "log_c" / "checkpoints").iterdir()) == []
+    inside.release()
+
+
+def test_resume_checks_the_files_it_builds_the_model_from_before_building_it(tmp_path):
+    """The model of a resumed run is built from the checkpoint's config.json before the whole checkpoint is
+    verified at load: an altered config.json (same size) is caught first, not built into a model of another
+    shape."""
+    from ring_flash_attn.train import resume
+    from ring_flash_attn.train.config import RunConfig
+    from ring_flash_attn.train.files import file_crc32
+
+    config = RunConfig()
+    config.checkpoint.dir, config.checkpoint.resume = str(tmp_path), True
+    path = _checkpoint(tmp_path)
+    (path / checkpoint.MODEL_CONFIG).write_text('{"model_type": "llama", "hidden_size": 32}')
+    (path / checkpoint.RUN_CONFIG).write_text(json.dumps(config.to_dict()))
+    manifest = json.loads((path / checkpoint.MANIFEST).read_text())
+    for name in (checkpoint.MODEL_CONFIG, checkpoint.RUN_CONFIG):
+        manifest["files"][name] = {"size": (path / name).stat().st_size, "crc32": file_crc32(path / name)}
+    (path / checkpoint.MANIFEST).write_text(json.dumps(manifest))
+    assert resume.resume_point(config) == path
+    (path / checkpoint.MODEL_CONFIG).write_text('{"model_type": "llama", "hidden_size": 36}')
+    with pytest.raises(checkpoint.CheckpointError, match="file config.json does not match its CRC32 in the "
+                                                         "manifest"):
+        resume.resume_point(config)

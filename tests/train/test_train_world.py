@@ -174,3 +174,21 @@ def test_a_manifest_of_the_wrong_shape_is_one_error_on_every_rank(world):
     assert len(messages) == 1, messages
     assert f"checkpoint {base / 'bad_manifest' / 'checkpoints' / 'step_00000006'}: manifest.json is not a manifest " \
            f"of ring-attn train" in messages.pop()
+
+
+def test_a_peer_lost_during_a_save_is_a_checkpoint_error_naming_the_save(world):
+    """A rank that dies mid-save left the others with gloo's bare "Connection reset by peer"."""
+    base, results = world
+    for rank, result in enumerate(results):
+        message = result["nonfinite"]["skip_steps"]["peer_lost"]
+        assert message.startswith(f"checkpoint {base / 'nan_skip' / 'checkpoints' / 'step_00000005'} not saved: rank "
+                                  f"{rank} lost a peer during the save ("), message
+        assert message.endswith("the checkpoints already saved are intact: continue from the last with --resume")
+
+
+def test_skipping_stops_when_the_model_does_not_recover(world):
+    """train.nonfinite skip over NaN after NaN would train nothing and report success: ten in a row stop the run."""
+    _, results = world
+    for result in results:
+        assert result["nonfinite"]["never_recovers"].startswith(
+            "steps 2-11: 10 steps in a row had a non-finite loss or gradient norm and were skipped"), result

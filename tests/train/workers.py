@@ -190,9 +190,14 @@ def nonfinite_losses(rank: int, config_path: Path, base: Path) -> dict:
             next(model.parameters()).to_local().view(-1)[0] = float("nan")
     refused = _error_of(lambda: checkpoint.save(root, trainer._train_state(run, 4), model, optimizer, run.device, 1,
                                                 run.config.to_dict()), checkpoint.CheckpointError)
+    gloo_reset = RuntimeError("[gloo/transport/tcp/pair.cc:537] Read error: Connection reset by peer")
+    with mock.patch.object(checkpoint, "_raise_if_any_rank_failed", side_effect=gloo_reset):  # a peer died
+        peer_lost = _error_of(lambda: checkpoint.save(root, trainer._train_state(run, 5), model, optimizer,
+                                                      run.device, 1, run.config.to_dict()), checkpoint.CheckpointError)
     run.release()
     skip_steps = {"first": first, "poisoned": poisoned, "after": after, "unchanged": unchanged,
-                  "refused": refused, "left": [p.name for _, p in checkpoint.list_checkpoints(root)]}
+                  "refused": refused, "peer_lost": peer_lost,
+                  "left": [p.name for _, p in checkpoint.list_checkpoints(root)]}
 
     # The same in a whole run: the skipped step is logged as such and the run finishes.
     with mock.patch.object(trainer, "build_sharded_model", lambda r: _poisoned(real_build(r), {2})):
@@ -200,7 +205,10 @@ def nonfinite_losses(rank: int, config_path: Path, base: Path) -> dict:
         with contextlib.redirect_stdout(printed):
             records = trainer.train(trainer.setup(_config(config_path, base / "nan_skip_run", (
                 "train.nonfinite", "skip"), ("train.steps", "3"), ("checkpoint.every", "0"))))
-    return {"error_run": error_run, "skip_steps": skip_steps,
+    with mock.patch.object(trainer, "build_sharded_model", lambda r: _poisoned(real_build(r), set(range(2, 20)))):
+        never_recovers = _error_of(lambda: trainer.train(trainer.setup(_config(config_path, base / "nan_skip_all", (
+            "train.nonfinite", "skip"), ("train.steps", "12"), ("checkpoint.every", "0")))), trainer.NonFiniteLoss)
+    return {"error_run": error_run, "skip_steps": skip_steps, "never_recovers": never_recovers,
             "skip_run": {"records": records, "printed": printed.getvalue(),
                          "logged": read_metrics(base / "nan_skip_run" / "metrics.jsonl")}}
 
