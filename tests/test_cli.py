@@ -101,9 +101,10 @@ def test_check_rejects_unsplittable_length():
 
 def test_help_imports_neither_torch_nor_a_subcommand():
     """`ring-attn --help` builds every sub-command's parser and imports no torch (it took seconds before)."""
+    heavy = ("torch", "transformers", "ring_flash_attn.functional", "ring_flash_attn.bench",
+             "ring_flash_attn.train.trainer")
     code = ("import sys\nfrom ring_flash_attn.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n"
-            "    pass\nheavy = sorted(m for m in sys.modules if m in ('torch', 'transformers', 'ring_flash_attn.functional',"
-            " 'ring_flash_attn.bench', 'ring_flash_attn.train.trainer'))\nprint('HEAVY', heavy)")
+            f"    pass\nprint('HEAVY', sorted(m for m in sys.modules if m in {heavy!r}))")
     result = _run([sys.executable, "-c", code], timeout=60)
     assert result.returncode == 0, result.stderr
     assert "usage: ring-attn" in result.stdout and "HEAVY []" in result.stdout, result.stdout

@@ -1,10 +1,11 @@
 """The training loop: FSDP-sharded over data x context ranks, checkpointed, resumable, and its ``--check`` twin.
 
 Order of work in a run, chosen so that nothing can hang on bad input: read
-and check the config, the model (a pretrained directory's headers) and the data
-on every rank (no communication), then join the process group, build the mesh,
-let rank 0 tokenize a corpus that has no token cache yet (its verdict reaches
-every rank), build and shard the model, restore a checkpoint, train.
+and check the config, the model (a pretrained directory's headers, or the config
+of the checkpoint a resumed run continues) and the data on every rank (no
+communication), then join the process group, build the mesh, let rank 0 tokenize
+a corpus that has no token cache yet and then lock the run's directories (each
+verdict reaches every rank), build and shard the model, restore a checkpoint, train.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ class Run:
     dataset: PackedDataset
     plan: BatchPlan
     attn_implementation: str
-    lock: Optional[rundir.RunDirectoryLock] = None  # rank 0's lock on log.dir, held until the run ends
+    lock: Optional[rundir.RunDirectoryLock] = None  # rank 0's locks on log.dir (and checkpoint.dir), for the run
     resume_from: Optional[Path] = None  # the checkpoint whose model config builds the model (resume.py)
 
     def release(self) -> None:
@@ -127,8 +128,8 @@ def setup(config: RunConfig) -> Run:
         kv_heads = model_config(config, resume_from).num_key_value_heads
         substitute_hf_flash_attn(mesh.cp_group, heads_k_stride=kv_heads)
     plan = BatchPlan(dp_size, config.train.micro_batch_size, config.train.grad_accum)
-    # Last, so that nothing after it can fail and leave it held: rank 0 locks log.dir (another run on it fails
-    # here, naming the holder) and checks checkpoint.dir; its verdict reaches every rank.
+    # Last, so that nothing after it can fail and leave it held: rank 0 locks log.dir and checkpoint.dir (another
+    # run on either fails here, naming the holder); its verdict reaches every rank.
     lock = _shared_errors(lambda: rundir.claim(Path(config.log.dir), config.checkpoint_dir())
                           if launch.rank == 0 else None)
     return Run(config, launch.rank, launch.world_size, device, mesh, dataset, plan, attn_implementation, lock,
@@ -316,7 +317,7 @@ def _step(run: Run, model, optimizer, step: int) -> StepResult:
 
 def train(run: Run) -> List[dict]:
     """Train for ``train.steps`` steps (continuing from a checkpoint if asked); returns rank 0's step records.
-    The run's lock on log.dir is released at the end, however it ends."""
+    The run's directory locks are released at the end, however it ends."""
     try:
         return _train(run)
     finally:

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from ring_flash_attn.integrations.hf import gather_logits, shard_batch
-from ring_flash_attn.train import checkpoint, tokens, trainer
+from ring_flash_attn.train import checkpoint, trainer
 from ring_flash_attn.train.config import ConfigError, load_config
 from ring_flash_attn.train.metrics import read_metrics
 
