@@ -112,7 +112,8 @@ def verify(path: Path, check_crc: bool, names: Optional[Tuple[str, ...]] = None)
     """Why ``path`` is not a loadable checkpoint, or None when it is (``names``: check only these files)."""
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
-        return f"checkpoint {path}: no {MANIFEST}, so it was never completed"
+        return (f"checkpoint {path}: no {MANIFEST}, so it was never completed (an interrupted copy?); move it out of "
+                f"the checkpoint directory to resume from the one before")
     try:
         manifest = json.loads(manifest_path.read_text())
     except (ValueError, OSError) as exc:

@@ -66,7 +66,8 @@ def check_same_model(config: RunConfig, path: Path) -> None:
 def changes(path: Path, state: checkpoint.TrainState, config: RunConfig, samples_per_step: int, dp_size: int,
             learning_rate: Callable[[RunConfig, int], float]) -> List[str]:
     """One line for each thing the resumed run computes differently from the run that wrote ``path``: the
-    learning-rate schedule (train.steps, lr, warmup_steps, min_lr_ratio) and the global batch."""
+    learning-rate schedule (train.steps, lr, warmup_steps, min_lr_ratio), the order of the data (data.seed),
+    document masking, and the global batch. (Other data, or another seq_len, is refused at load.)"""
     saved = saved_run_config(path)["train"]
     notes = []
     changed = [k for k in SCHEDULE_KEYS if k in saved and saved[k] != getattr(config.train, k)]
@@ -77,6 +78,15 @@ def changes(path: Path, state: checkpoint.TrainState, config: RunConfig, samples
         notes.append(f"resume: {', '.join(f'train.{k} {saved[k]} -> {getattr(config.train, k)}' for k in changed)}: "
                      f"the learning-rate schedule changes from step {step + 1} on (lr {learning_rate(config, step):.3g}"
                      f" there, {learning_rate(before, step):.3g} in the run that wrote the checkpoint)")
+    saved_data = saved_run_config(path).get("data", {})
+    if "seed" in saved_data and saved_data["seed"] != config.data.seed:
+        notes.append(f"resume: data.seed {saved_data['seed']} -> {config.data.seed}: the sequences come in another "
+                     f"order from here on, so within this epoch some the run has seen come again and some it has "
+                     f"not seen are left out")
+    if "document_mask" in saved_data and saved_data["document_mask"] != config.data.document_mask:
+        notes.append(f"resume: data.document_mask {saved_data['document_mask']} -> {config.data.document_mask}: "
+                     f"documents {'no longer ' if saved_data['document_mask'] else ''}attend only within "
+                     f"themselves from here on (another loss than the checkpoint's run)")
     saved_batch = state.dp_size * saved.get("micro_batch_size", 0) * saved.get("grad_accum", 0)
     if saved_batch and saved_batch != samples_per_step:
         per_micro_step = dp_size * config.train.micro_batch_size

@@ -99,7 +99,7 @@ def trained_for_export(rank: int, config_path: Path, base: Path, overrides: list
 def resumed_without_the_pretrained_directory(rank: int, config_path: Path, base: Path, tiny: Path) -> dict:
     """A pretrained run checkpointed at steps 2 and 4; its model directory then moves away, the step-4
     checkpoint is lost, and --resume continues from step 2 with the checkpoint alone; then it is extended to 6
-    steps with a doubled batch (each a one-line note)."""
+    steps with a doubled batch in another data order (each a one-line note)."""
     model_dir, run_dir = base / "tiny_to_move", base / "moved_model_run"
     if rank == 0:
         shutil.copytree(tiny, model_dir)
@@ -120,7 +120,8 @@ def resumed_without_the_pretrained_directory(rank: int, config_path: Path, base:
     extended = io.StringIO()
     with contextlib.redirect_stdout(extended):
         trainer.train(trainer.setup(load_config(str(config_path), [
-            *overrides, ("checkpoint.resume", "true"), ("train.steps", "6"), ("train.grad_accum", "2")])))
+            *overrides, ("checkpoint.resume", "true"), ("train.steps", "6"), ("train.grad_accum", "2"),
+            ("data.seed", "5")])))
     return {"straight": straight, "resumed": resumed, "printed": printed.getvalue(), "extended": extended.getvalue(),
             "extended_steps": [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")]}
 

@@ -174,6 +174,8 @@ def test_resume_says_when_it_changes_the_schedule_or_the_batch(world):
     assert "resume: train.steps 4 -> 6: the learning-rate schedule changes from step 5 on (lr " in extended
     assert ("resume: the global batch changes from 1 sequences per step (dp 1 x micro_batch_size 1 x grad_accum 1) "
             "to 2 (dp 1 x micro_batch_size 1 x grad_accum 2); --train.grad_accum 1 keeps it") in extended
+    assert "resume: data.seed 0 -> 5: the sequences come in another order from here on" in extended
+    assert extended.count("resume:") == 3
     assert results["moved_model"]["extended_steps"] == [1, 2, 3, 4, 5, 6]
 
 
