@@ -18,9 +18,10 @@ import os
 import shutil
 import warnings
 from pathlib import Path
+from typing import Optional
 
 from ..cli_common import error_line
-from .config import ConfigError, config_from_dict
+from .config import ConfigError
 
 DESCRIPTION = """\
 Write a training checkpoint as a Hugging Face model directory: consolidated
@@ -47,9 +48,9 @@ def _checkpoint_dir(path: Path) -> Path:
     return complete[-1]
 
 
-def export(checkpoint_path: Path, out: Path) -> Path:
-    """Write the model of ``checkpoint_path`` to ``out`` (which must not exist or be empty); returns the
-    checkpoint directory used.
+def export(checkpoint_path: Path, out: Path, tokenizer: Optional[str] = None) -> Path:
+    """Write the model of ``checkpoint_path`` to ``out`` (which must not exist or be empty), with ``tokenizer``
+    (default: the run's data.tokenizer, if it had one); returns the checkpoint directory used.
 
     Everything is written into a temporary directory beside ``out``, renamed to ``out`` at the end: an export
     that fails midway (a full disk, an interrupt) leaves no half-written ``out`` to block the retry."""
@@ -58,6 +59,7 @@ def export(checkpoint_path: Path, out: Path) -> Path:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from . import checkpoint
+    from .resume import saved_run_config
     from .tokens import load_tokenizer
 
     source = _checkpoint_dir(checkpoint_path)
@@ -69,7 +71,18 @@ def export(checkpoint_path: Path, out: Path) -> Path:
     if not (source / checkpoint.MODEL_CONFIG).is_file():
         raise ConfigError(f"--checkpoint {str(source)!r}: has no {checkpoint.MODEL_CONFIG} (written by an older "
                           f"version of ring-attn train), so the model it holds is unknown")
-    config = config_from_dict(json.loads((source / checkpoint.RUN_CONFIG).read_text()))
+    # Only the tokenizer's path is read from the run's config (checking all of it again would refuse the
+    # checkpoints of runs whose config an older version accepted).
+    try:
+        run_tokenizer = saved_run_config(source).get("data", {}).get("tokenizer")
+    except checkpoint.CheckpointError as exc:
+        raise ConfigError(str(exc)) from None
+    if tokenizer or run_tokenizer:  # before anything is written: a tokenizer moved since the run fails now
+        try:
+            tokenizer_files = load_tokenizer(tokenizer or run_tokenizer)
+        except ConfigError as exc:
+            given = "given by --tokenizer" if tokenizer else "the run's, from its run_config.json"
+            raise ConfigError(f"{exc} ({given}); give the tokenizer's directory with --tokenizer DIR") from None
     hf_config = AutoConfig.from_pretrained(str(source), local_files_only=True)
     # Meta-device shell, then real memory for the weights only (non-persistent buffers such as rotary
     # frequencies are not saved: from_pretrained recomputes them).
@@ -88,8 +101,8 @@ def export(checkpoint_path: Path, out: Path) -> Path:
     scratch.mkdir()
     try:
         model.save_pretrained(scratch)
-        if config.data.tokenizer:
-            load_tokenizer(config.data.tokenizer).save_pretrained(scratch)
+        if tokenizer or run_tokenizer:
+            tokenizer_files.save_pretrained(scratch)
         os.replace(scratch, out)  # an empty `out` is replaced; anything else was refused above
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -103,13 +116,15 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", required=True, metavar="DIR",
                         help="a checkpoint (step_N) or a checkpoints directory (its newest complete one)")
     parser.add_argument("--out", required=True, metavar="DIR", help="the model directory to write (new or empty)")
+    parser.add_argument("--tokenizer", metavar="DIR", default=None,
+                        help="the tokenizer to write with it (default: the run's data.tokenizer, if it had one)")
     parser.set_defaults(handler=main_export)
     return parser
 
 
 def main_export(args: argparse.Namespace) -> int:
     try:
-        source = export(Path(args.checkpoint), Path(args.out))
+        source = export(Path(args.checkpoint), Path(args.out), args.tokenizer)
     except ConfigError as exc:
         error_line(str(exc))
         return 2

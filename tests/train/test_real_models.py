@@ -3,6 +3,7 @@ sharded model (each rank its shards, from rank 0) and trains as one process woul
 extension to twice its positions."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -226,3 +227,30 @@ def test_the_shipped_pretrained_document_mask_example_trains(world):
     losses = results["shipped_example"]["losses"]
     assert len(losses) == 2 and all(0 < loss < 10 for loss in losses), losses
     assert every_rank[1]["shipped_example"]["losses"] == losses
+
+
+def test_export_when_the_run_s_tokenizer_has_moved(world, tmp_path, capsys):
+    """The run's data.tokenizer is gone: the export says so before writing anything; --tokenizer gives its
+    new place."""
+    base, _, _, _, _, _, _ = world
+    from ring_flash_attn.cli import main
+    from ring_flash_attn.train import checkpoint as ckpt
+    from ring_flash_attn.train.files import file_crc32
+
+    source = sorted((base / "export_run" / "checkpoints").glob("step_*"))[-1]
+    copy = tmp_path / "checkpoints" / source.name
+    shutil.copytree(source, copy)
+    run_config = json.loads((copy / ckpt.RUN_CONFIG).read_text())
+    run_config["data"]["tokenizer"] = str(tmp_path / "moved_tokenizer")
+    (copy / ckpt.RUN_CONFIG).write_text(json.dumps(run_config))
+    manifest = json.loads((copy / ckpt.MANIFEST).read_text())
+    manifest["files"][ckpt.RUN_CONFIG] = {"size": (copy / ckpt.RUN_CONFIG).stat().st_size,
+                                          "crc32": file_crc32(copy / ckpt.RUN_CONFIG)}
+    (copy / ckpt.MANIFEST).write_text(json.dumps(manifest))
+    out = tmp_path / "hf_model"
+    assert main(["export", "--checkpoint", str(copy), "--out", str(out)]) == 2
+    assert (f"data.tokenizer '{tmp_path / 'moved_tokenizer'}': no such directory (the run's, from its "
+            f"run_config.json); give the tokenizer's directory with --tokenizer DIR") in capsys.readouterr().err
+    assert not out.exists()
+    assert main(["export", "--checkpoint", str(copy), "--out", str(out), "--tokenizer", str(base / "tokenizer")]) == 0
+    assert (out / "tokenizer.json").is_file()
