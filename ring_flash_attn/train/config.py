@@ -359,6 +359,8 @@ def validate(config: RunConfig) -> None:
             raise ConfigError(f"config key {key}: expected a value in [0, 1) (AdamW's moment decay), got {value}")
     if not 0 <= config.train.min_lr_ratio <= 1:
         raise ConfigError(f"config key train.min_lr_ratio: expected a value in [0, 1], got {config.train.min_lr_ratio}")
+    if not config.log.dir:  # Path("") is the current directory: metrics, lock and checkpoints would land there
+        raise ConfigError("config key log.dir: expected a directory, got an empty string")
     if config.data.source == "files" and not config.data.path:
         raise ConfigError("config key data.path: data.source is 'files', so data.path must name a file, "
                           "directory or glob; got nothing")

@@ -67,13 +67,25 @@ class MetricsLog:
         kept = [r for r in read_metrics(path, notice=True) if r["step"] <= resume_step]
         path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         self._handle = open(path, "a")
+        self.failure: Optional[str] = None  # why a record could not be written (then nothing more is)
 
     def write(self, record: dict) -> None:
-        self._handle.write(json.dumps(record) + "\n")
-        self._handle.flush()
+        """Append ``record``; a write that fails (a full disk) is kept in ``failure`` for the trainer to stop
+        every rank with, not raised on rank 0 alone."""
+        if self.failure is not None:
+            return
+        try:
+            self._handle.write(json.dumps(record) + "\n")
+            self._handle.flush()
+        except OSError as exc:
+            self.failure = f"cannot write {self.path} ({type(exc).__name__}: {exc.strerror or exc})"
 
     def close(self) -> None:
-        self._handle.close()
+        try:
+            self._handle.close()
+        except OSError:  # flushing what a failed write left in the buffer fails again
+            if self.failure is None:
+                raise
 
 
 def _format_bytes(n: int) -> str:

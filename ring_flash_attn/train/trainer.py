@@ -32,7 +32,8 @@ from .config import DEFAULT_CHECK_RTOL, ConfigError, RunConfig, validate_for_wor
 from .data import Batch, BatchPlan, PackedDataset, document_cu_seqlens
 from .faults import FaultInjector
 from .flops import flops_per_token, peak_tflops
-from .metrics import METRICS_FILE, PLOT_FILE, MetricsLog, Progress, StepTimer, peak_memory_bytes, plot_loss
+from .metrics import (METRICS_FILE, PLOT_FILE, MetricsLog, Progress, StepTimer, peak_memory_bytes, plot_loss,
+                      read_metrics)
 from .mesh import Mesh, build_mesh
 from .model import (build_empty_model, build_model, check_model, materialize_for_checkpoint, materialize_from_rank0,
                     model_config, token_loss_sum)
@@ -355,7 +356,8 @@ def _train(run: Run) -> List[dict]:
 
     run.say(_describe(run, model))
     log_dir = Path(config.log.dir)
-    metrics = _shared_errors(lambda: _open_metrics(log_dir / METRICS_FILE, start_step) if run.rank == 0 else None)
+    metrics = _shared_errors(lambda: _open_metrics(log_dir / METRICS_FILE, start_step, config.checkpoint.resume)
+                             if run.rank == 0 else None)
     progress = Progress(config.log.progress if run.rank == 0 else "off", config.train.steps, start_step,
                         config.log.every)
     faults = FaultInjector(run.rank)
@@ -363,7 +365,7 @@ def _train(run: Run) -> List[dict]:
     model_flops = flops_per_token(model, config.data.seq_len)
     peak = peak_tflops(run.device, config.train.precision, config.log.peak_tflops)
     records, last_saved, skipped, in_a_row = [], start_step if found is not None else None, 0, 0
-    final_step, stopped_by = config.train.steps, None
+    final_step, stopped_by, log_failed = config.train.steps, None, False
     started = time.perf_counter()
     try:
         with StopRequest(grace_s=config.parallel.timeout_s) as stop:
@@ -401,8 +403,9 @@ def _train(run: Run) -> List[dict]:
                     checkpoint.save(root, _train_state(run, step + 1), model, optimizer, run.device,
                                     config.checkpoint.keep, config.to_dict())
                     last_saved = step + 1
-                stopped_by = _collective(run, step, stop.agreed_signal, run.device)
-                if stopped_by is not None:
+                stopped_by, log_failed = _collective(run, step, stop.agreed_stop, run.device,
+                                                     metrics is not None and metrics.failure is not None)
+                if stopped_by is not None or log_failed:
                     final_step = step + 1
                     break
     finally:
@@ -412,6 +415,12 @@ def _train(run: Run) -> List[dict]:
     if last_saved != final_step:
         checkpoint.save(root, _train_state(run, final_step), model, optimizer, run.device, config.checkpoint.keep,
                         config.to_dict())
+    if log_failed:  # rank 0's words, on every rank
+        failure = [metrics.failure if metrics is not None else None]
+        dist.broadcast_object_list(failure, src=0)
+        raise ConfigError(f"log.dir: {failure[0]} after step {final_step}; every rank stopped there and saved "
+                          f"checkpoint {checkpoint.checkpoint_name(final_step)} in {root}: free space (or repair the "
+                          f"file) and continue with --resume")
     if stopped_by is not None:
         raise TrainingInterrupted(f"stopped by {signal.Signals(stopped_by).name} after step {final_step} of "
                                   f"{config.train.steps}; checkpoint {checkpoint.checkpoint_name(final_step)} "
@@ -426,8 +435,16 @@ def _train(run: Run) -> List[dict]:
     return records
 
 
-def _open_metrics(path: Path, start_step: int) -> MetricsLog:
+def _open_metrics(path: Path, start_step: int, resuming: bool) -> MetricsLog:
+    """Rank 0's metrics log. A new run (no --resume) in a log.dir that holds another run's log would cut it to
+    nothing (as a resume cuts the steps after its checkpoint): refused. (A run with --resume and no checkpoint
+    yet, a restart before the first save, drops its earlier attempt's records: they are recomputed.)"""
     try:
+        earlier = read_metrics(path) if not resuming else []
+        if earlier:
+            raise ConfigError(f"log.dir: {path} holds the log of another run (steps {earlier[0]['step']}-"
+                              f"{earlier[-1]['step']}) that a new run would overwrite: pass --resume to continue "
+                              f"that run, or choose another log.dir")
         return MetricsLog(path, start_step)
     except OSError as exc:
         raise ConfigError(f"log.dir: cannot write {path}: {type(exc).__name__}: {exc.strerror or exc}") from None

@@ -49,6 +49,7 @@ def test_defaults_and_overrides(tmp_path):
      "train.activation_checkpointing: expected one of ['none', 'full', 'every_n'], got True (YAML reads an "
      "unquoted yes/no/on/off/true/false as a boolean: write one of the choices)"),
     (("train.nonfinite", "ignore"), "train.nonfinite: expected one of ['error', 'skip'], got 'ignore'"),
+    (("log.dir", ""), "log.dir: expected a directory, got an empty string"),
     (("data.max_bytes", "2.5"), "data.max_bytes: expected an integer, got 2.5 (not a whole number)"),
     (("train.steps", "1e400"), "train.steps: expected an integer, got '1e400' (not a whole number)"),
 ])

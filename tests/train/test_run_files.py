@@ -154,3 +154,18 @@ def test_resume_checks_the_files_it_builds_the_model_from_before_building_it(tmp
     with pytest.raises(checkpoint.CheckpointError, match="file config.json does not match its CRC32 in the "
                                                          "manifest"):
         resume.resume_point(config)
+
+
+def test_a_new_run_does_not_overwrite_another_run_s_log(tmp_path):
+    """Another run's metrics.jsonl in log.dir (its checkpoints elsewhere, or none saved): a new run used to cut it
+    to nothing; with --resume the records past the checkpoint (none yet: all) are dropped as before."""
+    from ring_flash_attn.train import trainer
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(_records(1, 2, 3))
+    with pytest.raises(ConfigError, match=r"metrics.jsonl holds the log of another run \(steps 1-3\) that a new run "
+                                          r"would overwrite: pass --resume"):
+        trainer._open_metrics(path, 0, resuming=False)
+    assert [r["step"] for r in read_metrics(path)] == [1, 2, 3]
+    trainer._open_metrics(path, 0, resuming=True).close()
+    assert read_metrics(path) == []

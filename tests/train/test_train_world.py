@@ -192,3 +192,14 @@ def test_skipping_stops_when_the_model_does_not_recover(world):
     for result in results:
         assert result["nonfinite"]["never_recovers"].startswith(
             "steps 2-11: 10 steps in a row had a non-finite loss or gradient norm and were skipped"), result
+
+
+def test_a_metrics_log_that_cannot_be_written_stops_every_rank_with_a_checkpoint(world):
+    base, results = world
+    messages = {r["metrics_full"]["error"] for r in results}
+    assert len(messages) == 1, messages
+    assert messages.pop() == (f"log.dir: cannot write {base / 'metrics_full' / 'metrics.jsonl'} (OSError: No space "
+                              f"left on device) after step 4; every rank stopped there and saved checkpoint "
+                              f"step_00000004 in {base / 'metrics_full' / 'checkpoints'}: free space (or repair the "
+                              f"file) and continue with --resume")
+    assert results[0]["metrics_full"]["left"] == ["step_00000003", "step_00000004"]

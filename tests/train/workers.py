@@ -241,6 +241,36 @@ def damaged_manifest(rank: int, config_path: Path, base: Path) -> dict:
         config_path, run_dir, ("checkpoint.resume", "true"), ("train.steps", "8")))), checkpoint.CheckpointError)}
 
 
+def metrics_disk_full(rank: int, config_path: Path, base: Path) -> dict:
+    """Rank 0 cannot write the metrics of step 4 (a full disk): every rank stops after that step with a
+    checkpoint and the same error (rank 0 used to die alone, the others saw "Connection closed by peer")."""
+    from ring_flash_attn.train.metrics import MetricsLog
+
+    class FullDisk:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def write(self, text):
+            if '"step": 4,' in text:
+                raise OSError(28, "No space left on device")
+            return self.handle.write(text)
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+    real_init = MetricsLog.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self._handle = FullDisk(self._handle)
+
+    with mock.patch.object(MetricsLog, "__init__", init):
+        error = _error_of(lambda: trainer.train(trainer.setup(_config(config_path, base / "metrics_full"))),
+                          ConfigError)
+    return {"error": error, "left": [p.name for _, p in checkpoint.list_checkpoints(base / "metrics_full" /
+                                                                                     "checkpoints")]}
+
+
 def all_scenarios(rank: int, world_size: int, config_path: Path, base: Path) -> dict:
     """Every scenario in one world: starting CPU ranks costs more than the scenarios themselves."""
     return {"save_failures": save_failures(rank, world_size, config_path, base),
@@ -249,4 +279,5 @@ def all_scenarios(rank: int, world_size: int, config_path: Path, base: Path) -> 
             "other_meshes": check_other_meshes(rank, world_size, config_path, base),
             "nonfinite": nonfinite_losses(rank, config_path, base),
             "claims": run_directory_claims(rank, config_path, base),
-            "manifest": damaged_manifest(rank, config_path, base)}
+            "manifest": damaged_manifest(rank, config_path, base),
+            "metrics_full": metrics_disk_full(rank, config_path, base)}
