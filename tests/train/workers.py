@@ -205,9 +205,10 @@ def nonfinite_losses(rank: int, config_path: Path, base: Path) -> dict:
         with contextlib.redirect_stdout(printed):
             records = trainer.train(trainer.setup(_config(config_path, base / "nan_skip_run", (
                 "train.nonfinite", "skip"), ("train.steps", "3"), ("checkpoint.every", "0"))))
-    with mock.patch.object(trainer, "build_sharded_model", lambda r: _poisoned(real_build(r), set(range(2, 20)))):
+    with mock.patch.object(trainer, "build_sharded_model", lambda r: _poisoned(real_build(r), set(range(2, 20)))), \
+            mock.patch.object(trainer, "MAX_NONFINITE_IN_A_ROW", 3):  # 3, not 10: fewer steps to run
         never_recovers = _error_of(lambda: trainer.train(trainer.setup(_config(config_path, base / "nan_skip_all", (
-            "train.nonfinite", "skip"), ("train.steps", "12"), ("checkpoint.every", "0")))), trainer.NonFiniteLoss)
+            "train.nonfinite", "skip"), ("train.steps", "6"), ("checkpoint.every", "0")))), trainer.NonFiniteLoss)
     return {"error_run": error_run, "skip_steps": skip_steps, "never_recovers": never_recovers,
             "skip_run": {"records": records, "printed": printed.getvalue(),
                          "logged": read_metrics(base / "nan_skip_run" / "metrics.jsonl")}}
