@@ -58,7 +58,11 @@ setup(
                 "a drop-in for zhuzilin/ring-flash-attention",
     long_description=open("README.md", encoding="utf-8").read() if os.path.exists("README.md") else "",
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["ring_flash_attn", "ring_flash_attn.*"]),
+    # The example run configs of configs/ ship inside the package as ring_flash_attn/configs/*.yaml, so that
+    # `ring-attn train --config cpu_demo.yaml` finds them wherever the package is installed.
+    packages=find_packages(include=["ring_flash_attn", "ring_flash_attn.*"]) + ["ring_flash_attn.configs"],
+    package_dir={"ring_flash_attn.configs": "configs"},
+    package_data={"ring_flash_attn.configs": ["*.yaml"]},
     python_requires=">=3.10",
     # numpy: torch's object collectives (all_gather_object) and tensor.numpy() need it, and torch does not
     # require it; packaging: the integrations' version gates.

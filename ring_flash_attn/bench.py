@@ -24,10 +24,11 @@ Peak memory is compared with the schedule's minimum: Q, K, V, out (+LSE), two K/
 buffers and the float32 accumulators; for the backward also dout, dQ/dK/dV, the
 float32 dQ accumulator and two float32 dK/dV buffers.
 
-    ring-attn bench --out-dir benchmarks/results            # the accelerator, the issue's sizes
-    ring-attn bench --device cpu --seqlens 256 --world-sizes 2 4 --heads 4 --heads-k 2
+    ring-attn bench --out-dir bench_out          # the accelerator, the issue's sizes
+    ring-attn bench --out-dir bench_out --device cpu --seqlens 256 --world-sizes 2 4 --heads 4 --heads-k 2
 
-(``python benchmarks/ring_step.py`` runs the same from a checkout.)
+(``python benchmarks/ring_step.py`` runs the same from a checkout, writing to its benchmarks/results by
+default.)
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ import torch
 
 from tqdm import tqdm
 
+from .cli_common import HelpFormatter
 from .comm.backend import default_device_type
 from .comm.loopback import LoopbackComm
 from .kernels import available_backends, get_backend
@@ -66,8 +68,8 @@ above 1 (marked *) means the two differed by less than the timing noise, not tha
 ideal. Peak memory is given as a ratio to the schedule's minimum. Results go to --out-dir as JSON and a plot.
 
 Examples:
-  ring-attn bench                                  # the accelerator, 2/4/8 ranks, 4k-16k tokens per rank
-  ring-attn bench --device cpu --seqlens 256 --world-sizes 2 4 --heads 4 --heads-k 2
+  ring-attn bench --out-dir bench_out    # the accelerator, 2/4/8 ranks, 4k-16k tokens per rank
+  ring-attn bench --out-dir bench_out --device cpu --seqlens 256 --world-sizes 2 4 --heads 4 --heads-k 2
 """
 NOISE_NOTE = "* above 1: the schedule and the ideal differed by less than the timing noise"
 
@@ -472,9 +474,10 @@ def _write_json(args, rows) -> dict:
     return env
 
 
-def main(argv=None):
-    from .cli import HelpFormatter
-
+def main(argv=None, default_out_dir=None):
+    """``ring-attn bench``: ``--out-dir`` is required (results go where the user says, never into whatever
+    directory the command runs in); ``default_out_dir`` makes it optional (a checkout's benchmarks/ring_step.py
+    writes to its benchmarks/results)."""
     parser = argparse.ArgumentParser(prog="ring-attn bench", description=DESCRIPTION, formatter_class=HelpFormatter)
     parser.add_argument("--device", default=None, help="cpu, cuda or xpu (default: the accelerator if any, else cpu)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32", "float64"],
@@ -497,8 +500,8 @@ def main(argv=None):
                              "peak memory, more launches; RING_FLASH_ATTN_BACKWARD_HEAD_CHUNKS in the library)")
     parser.add_argument("--graph", action="store_true",
                         help=f"CUDA: also time the default variant captured in CUDA graphs ({GRAPHED})")
-    parser.add_argument("--out-dir", default="benchmarks/results",
-                        help="where ring_step.json and ring_step.png are written")
+    parser.add_argument("--out-dir", default=default_out_dir, required=default_out_dir is None, metavar="DIR",
+                        help="where ring_step.json and ring_step.png are written (created if missing)")
     args = parser.parse_args(argv)
     args.device = args.device or default_device_type()
     if any(p < 2 for p in args.world_sizes):

@@ -63,8 +63,9 @@ class _Exited(Exception):
                                            (ValueError("boom"), 1), (KeyboardInterrupt(), 130)])
 def test_process_exit_code(outcome, code, started, monkeypatch, capsys):
     """``run``: the entry's exit code in every way it can end; a process that took part in a process group
-    leaves through ``os._exit`` (no interpreter finalization, see cli.run), any other through ``sys.exit``."""
-    from ring_flash_attn import cli
+    leaves through ``os._exit`` (no interpreter finalization, see cli_common.run), any other through
+    ``sys.exit``."""
+    from ring_flash_attn import cli_common as cli
     from ring_flash_attn.comm import launch
 
     def entry():
@@ -96,6 +97,93 @@ def test_check_rejects_unsplittable_length():
     result = _torchrun(2, "check", "--device", "cpu", "--seqlen", "30")
     assert result.returncode != 0
     assert "--seqlen: must be a multiple of 2 x world size = 4 (zigzag's chunks), got 30" in result.stdout + result.stderr
+
+
+def test_help_imports_neither_torch_nor_a_subcommand():
+    """`ring-attn --help` builds every sub-command's parser and imports no torch (it took seconds before)."""
+    heavy = ("torch", "transformers", "ring_flash_attn.functional", "ring_flash_attn.bench",
+             "ring_flash_attn.train.trainer")
+    code = ("import sys\nfrom ring_flash_attn.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n"
+            f"    pass\nprint('HEAVY', sorted(m for m in sys.modules if m in {heavy!r}))")
+    result = _run([sys.executable, "-c", code], timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "usage: ring-attn" in result.stdout and "HEAVY []" in result.stdout, result.stdout
+
+
+def test_cli_modules_import_one_way():
+    """cli.py dispatches to the sub-commands; they share cli_common.py and never import cli.py back."""
+    import ast
+
+    package = os.path.join(REPO, "ring_flash_attn")
+    for path in [os.path.join(package, name) for name in ("check.py", "bench.py", "cli_common.py")] + [
+            os.path.join(package, "train", name) for name in os.listdir(os.path.join(package, "train"))
+            if name.endswith(".py")]:
+        tree = ast.parse(open(path, encoding="utf-8").read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                assert node.module not in ("cli", "ring_flash_attn.cli") or node.level not in (1, 2), path
+
+
+def test_bench_needs_an_output_directory(capsys):
+    """`ring-attn bench` writes where the user says, not into ./benchmarks/results of any directory."""
+    from ring_flash_attn.cli import main
+
+    with pytest.raises(SystemExit) as leaving:
+        main(["bench", "--device", "cpu", "--world-sizes", "1"])
+    assert leaving.value.code == 2
+    assert "the following arguments are required: --out-dir" in capsys.readouterr().err
+
+
+def test_env_under_a_launcher_labels_every_line_with_its_rank(monkeypatch, capsys):
+    from ring_flash_attn.cli import main
+
+    for name, value in (("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1")):
+        monkeypatch.setenv(name, value)
+    assert main(["env"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) > 5 and all(line.startswith("[rank 1] ") for line in lines), lines
+
+
+def test_error_line_is_one_write_ending_in_a_newline(monkeypatch):
+    """Ranks sharing a log never fuse their error lines: each is one write (print makes two)."""
+    from ring_flash_attn import cli_common
+
+    class Recorder:
+        def __init__(self):
+            self.writes = []
+
+        def write(self, text):
+            self.writes.append(text)
+
+        def flush(self):
+            pass
+
+    stream = Recorder()
+    monkeypatch.setattr(cli_common.sys, "stderr", stream)
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    cli_common.error_line("checkpoint x: broken\n  details")
+    assert stream.writes == ["[rank 3] error: checkpoint x: broken details\n"]
+
+
+def test_unknown_train_option_gets_a_suggestion(capsys):
+    from ring_flash_attn.cli import main
+
+    with pytest.raises(SystemExit) as leaving:
+        main(["train", "--stpes", "3"])
+    assert leaving.value.code == 2
+    assert "unknown option --stpes (did you mean --steps?)" in capsys.readouterr().err
+
+
+def test_package_names_resolve_lazily():
+    """Every public name and the replaced project's per-variant modules resolve through the lazy __init__."""
+    import ring_flash_attn
+
+    for name in ring_flash_attn.__all__:
+        assert getattr(ring_flash_attn, name) is not None, name
+    assert ring_flash_attn.zigzag_ring_flash_attn.zigzag_ring_flash_attn_func is \
+        ring_flash_attn.zigzag_ring_flash_attn_func
+    assert set(ring_flash_attn.__all__) <= set(dir(ring_flash_attn))
 
 
 def test_bench_writes_json_and_plot(tmp_path):

@@ -14,10 +14,14 @@ from ..tracing import outside_graphs
 from ..validation import group_rank_and_size
 
 
+# torch 2.13's names; the older ones print a FutureWarning on every rank there.
+_all_gather_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 def start_all_gather(output: torch.Tensor, local: torch.Tensor, group: Optional[dist.ProcessGroup] = None):
     """Start gathering every rank's ``local`` into ``output`` (concatenated along dim 0, group-rank order);
     returns the work to pass to :func:`wait_works`. Both tensors must stay alive until then."""
-    return dist.all_gather_into_tensor(output, local, group=group, async_op=True)
+    return _all_gather_tensor(output, local, group=group, async_op=True)
 
 
 def wait_works(works, device: torch.device, what: str) -> None:

@@ -37,6 +37,10 @@ from .batching import Call, keys_moved, share_rows, step_calls
 from .engine import ContextParallelAttention, add_key_gradients, call_gradients, fold_call, kernel_kwargs
 from .planner import PLAN_CACHES
 
+# torch 2.13 renamed the tensor collectives (the old names warn on every first call of a process, on every
+# rank); the torch versions before it have only the old names.
+_reduce_scatter_tensor = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 @dataclass(frozen=True)
 class AllGatherPlan:
@@ -88,7 +92,7 @@ def _head_chunks(heads: int, heads_k: int, stride: int):
 
 
 def _gather_chunk(k, v, kv_heads, plan):
-    # [1, S, Hk, D] -> contiguous [S, stride, D]: all_gather_into_tensor concatenates along dim 0.
+    # [1, S, Hk, D] -> contiguous [S, stride, D]: the all-gather concatenates along dim 0.
     return _Gathered(k[0, :, kv_heads].contiguous(), v[0, :, kv_heads].contiguous(), plan)
 
 
@@ -141,8 +145,8 @@ def allgather_backward(dout, q, k, v, out, lse, plan: AllGatherPlan):
         dk_mine = torch.empty(dk_all.shape[0] // plan.world_size, *dk_all.shape[1:], dtype=acc_dtype,
                               device=k.device)
         dv_mine = torch.empty_like(dk_mine)
-        works = [dist.reduce_scatter_tensor(dk_mine, dk_all, group=plan.group, async_op=True),
-                 dist.reduce_scatter_tensor(dv_mine, dv_all, group=plan.group, async_op=True)]
+        works = [_reduce_scatter_tensor(dk_mine, dk_all, group=plan.group, async_op=True),
+                 _reduce_scatter_tensor(dv_mine, dv_all, group=plan.group, async_op=True)]
         if in_flight is not None:
             _finish_scatter(in_flight, dk, dv)
         # The full-size sources stay referenced until their reduce-scatter is done.

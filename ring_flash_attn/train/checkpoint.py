@@ -19,6 +19,7 @@ corrupt checkpoint fails on every rank with the same message.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -43,6 +44,7 @@ RUN_CONFIG = "run_config.json"  # the run config that wrote it
 MODEL_CONFIG = "config.json"    # the model's transformers config: what `ring-attn export` rebuilds the model from
 PARTIAL_SUFFIX = ".partial"
 _NAME = re.compile(r"^step_(\d{8})$")
+DAMAGED = "; the checkpoint is damaged: move it out of the checkpoint directory to resume from the one before"
 
 
 class CheckpointError(RuntimeError):
@@ -92,26 +94,62 @@ def list_checkpoints(root: Path) -> List[Tuple[int, Path]]:
     return sorted(found)
 
 
-def verify(path: Path, check_crc: bool) -> Optional[str]:
-    """Why ``path`` is not a loadable checkpoint, or None when it is."""
+def _manifest_files(manifest) -> Optional[dict]:
+    """The ``files`` of a manifest of this trainer's shape, or None: {"files": {name: {"size": int, "crc32":
+    int}}}, every name a plain file name (never a path out of the checkpoint)."""
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or TRAIN_STATE not in files:
+        return None
+    for name, entry in files.items():
+        if Path(name).name != name or name in ("", ".", "..") or not isinstance(entry, dict):
+            return None
+        if not all(type(entry.get(key)) is int for key in ("size", "crc32")):
+            return None
+    return files
+
+
+def verify(path: Path, check_crc: bool, names: Optional[Tuple[str, ...]] = None) -> Optional[str]:
+    """Why ``path`` is not a loadable checkpoint, or None when it is (``names``: check only these files)."""
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
-        return f"checkpoint {path}: no {MANIFEST}, so it was never completed"
+        return (f"checkpoint {path}: no {MANIFEST}, so it was never completed (an interrupted copy?); move it out of "
+                f"the checkpoint directory to resume from the one before")
     try:
         manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-    except (ValueError, KeyError) as exc:
-        return f"checkpoint {path}: {MANIFEST} is unreadable ({exc})"
-    for name, expected in files.items():
-        file = path / name
+    except (ValueError, OSError) as exc:
+        return f"checkpoint {path}: {MANIFEST} is unreadable ({exc}){DAMAGED}"
+    files = _manifest_files(manifest)
+    if files is None:
+        return (f"checkpoint {path}: {MANIFEST} is not a manifest of ring-attn train (expected {{\"files\": "
+                f"{{name: {{\"size\": int, \"crc32\": int}}}}}} listing {TRAIN_STATE}){DAMAGED}")
+    for name in files if names is None else names:
+        if name not in files:
+            return f"checkpoint {path}: {MANIFEST} does not list {name}{DAMAGED}"
+        expected, file = files[name], path / name
         if not file.is_file():
-            return f"checkpoint {path}: file {name} is missing"
+            return f"checkpoint {path}: file {name} is missing{DAMAGED}"
         size = file.stat().st_size
         if size != expected["size"]:
-            return f"checkpoint {path}: file {name} has {size} bytes, the manifest says {expected['size']}"
+            return f"checkpoint {path}: file {name} has {size} bytes, the manifest says {expected['size']}{DAMAGED}"
         if check_crc and file_crc32(file) != expected["crc32"]:
-            return f"checkpoint {path}: file {name} does not match its CRC32 in the manifest (corrupt)"
+            return f"checkpoint {path}: file {name} does not match its CRC32 in the manifest (corrupt){DAMAGED}"
     return None
+
+
+def read_train_state(path: Path) -> TrainState:
+    """The TrainState saved in checkpoint ``path``, or CheckpointError naming the file and what is wrong."""
+    file = path / TRAIN_STATE
+    try:
+        fields = json.loads(file.read_text())
+    except (ValueError, OSError) as exc:
+        raise CheckpointError(f"checkpoint {path}: {TRAIN_STATE} is unreadable ({type(exc).__name__}: "
+                              f"{exc}){DAMAGED}") from None
+    kinds = {f.name: str if f.type in (str, "str") else int for f in dataclasses.fields(TrainState)}
+    if (not isinstance(fields, dict) or set(fields) != set(kinds)
+            or any(type(fields[name]) is not kind for name, kind in kinds.items())):
+        raise CheckpointError(f"checkpoint {path}: {TRAIN_STATE} does not hold the fields {sorted(kinds)} with "
+                              f"their types (got {str(fields)[:120]}){DAMAGED}")
+    return TrainState(**fields)
 
 
 def _model_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
@@ -126,11 +164,26 @@ def save(root: Path, state: TrainState, model: nn.Module, optimizer: torch.optim
     Any failure (an unwritable directory, a full disk, DCP's ``CheckpointException``, which is a
     ``BaseException``) on any rank becomes the same CheckpointError on every rank, naming each failing rank's
     cause; the ``.partial`` directory is left for the next save to remove and every complete checkpoint is
-    left as it was.
+    left as it was. A peer that dies or stops answering during the save is a CheckpointError too (gloo would say
+    only "Connection reset by peer").
     """
+    try:
+        return _save(root, state, model, optimizer, device, keep, run_config)
+    except CheckpointError:
+        raise
+    except RuntimeError as exc:  # a collective of the save failed: some rank died or stopped answering
+        raise CheckpointError(f"checkpoint {root / checkpoint_name(state.step)} not saved: rank {dist.get_rank()} "
+                              f"lost a peer during the save ({' '.join(str(exc).split())[:300]}); the checkpoints "
+                              f"already saved are intact: continue from the last with --resume") from exc
+
+
+def _save(root: Path, state: TrainState, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device,
+          keep: int, run_config: dict) -> Path:
     rank = dist.get_rank()
     final = root / checkpoint_name(state.step)
     partial = final.with_name(final.name + PARTIAL_SUFFIX)
+    # Never a non-finite state: it would resume into NaNs, and `keep` would delete a good checkpoint for it.
+    _raise_if_any_rank_failed(_nonfinite_parameter(model), f"checkpoint {final} not saved")
     problem = None
     if rank == 0:
         if final.exists():
@@ -157,6 +210,18 @@ def save(root: Path, state: TrainState, model: nn.Module, optimizer: torch.optim
             problem = f"checkpoint {final} not saved: rank 0: completing {partial}: {_cause(exc)}"
     _raise_on_every_rank(problem)
     return final
+
+
+def _nonfinite_parameter(model: nn.Module) -> Optional[str]:
+    """Why this rank's shards of the parameters cannot be saved (the first holding NaN or inf), or None."""
+    with torch.no_grad():
+        params = [(name, p.to_local() if hasattr(p, "to_local") else p) for name, p in model.named_parameters()]
+        finite = torch.stack([t.isfinite().all() for _, t in params]).tolist() if params else []
+    for (name, _), ok in zip(params, finite):
+        if not ok:
+            return (f"parameter {name} holds NaN or infinite values; the checkpoints already saved are kept as "
+                    f"they are")
+    return None
 
 
 def _complete(root: Path, partial: Path, final: Path, state: TrainState, keep: int, run_config: dict,
@@ -218,9 +283,18 @@ def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, device:
     of other data is refused; one from another mesh is resharded (it continues within rounding, not bit for
     bit: sums run in another order).
     """
-    _raise_on_every_rank(verify(path, check_crc) if dist.get_rank() == 0 else None)
-    state = TrainState(**json.loads((path / TRAIN_STATE).read_text()))
-    # Every rank reads the same file, so every rank reaches the same verdict here.
+    verdict = [None, None]  # rank 0's (problem, train state): every rank raises the same error or none does
+    if dist.get_rank() == 0:
+        verdict[0] = verify(path, check_crc)
+        if verdict[0] is None:
+            try:
+                verdict[1] = read_train_state(path)
+            except CheckpointError as exc:
+                verdict[0] = str(exc)
+    dist.broadcast_object_list(verdict, src=0)
+    if verdict[0] is not None:
+        raise CheckpointError(verdict[0])
+    state = verdict[1]
     if state.data_fingerprint != expected.data_fingerprint:
         raise CheckpointError(f"checkpoint {path}: written for data {state.data_fingerprint}, this run reads "
                               f"{expected.data_fingerprint} (other data or seq_len); resume with the same data")

@@ -1,6 +1,6 @@
 """``ring-attn train``: the command line of the trainer.
 
-``ring-attn train --config configs/cpu_demo.yaml --train.steps 20 --parallel.cp 4 --resume``
+``ring-attn train --config cpu_demo.yaml --train.steps 20 --parallel.cp 4 --resume``
 
 Any config key can be overridden as ``--<section>.<key> <value>`` (or
 ``--<section>.<key>=<value>``); the value is read as YAML. A few common ones
@@ -13,11 +13,11 @@ exits with 128 + the signal number after saving a checkpoint.
 from __future__ import annotations
 
 import argparse
-import sys
+import difflib
 import traceback
 from typing import List, Optional
 
-from ..comm.launch import detect_launch
+from ..cli_common import error_line, rank_prefix, write_lines
 from .config import ConfigError, load_config, parse_overrides
 
 EXIT_CONFIG_ERROR = 2
@@ -31,7 +31,7 @@ data-parallel replicas, and the model is sharded over every rank (FSDP2).
 Launch one process per device with torchrun, mpiexec or srun, e.g. on 4 CPU
 processes (about a minute):
 
-  torchrun --standalone --nproc_per_node 4 -m ring_flash_attn train --config configs/cpu_demo.yaml
+  torchrun --standalone --nproc_per_node 4 -m ring_flash_attn train --config cpu_demo.yaml
 
 Bad input stops every rank with a one-line error and a non-zero exit. SIGTERM
 or Ctrl-C saves a checkpoint and exits with 128 + the signal number; continue
@@ -61,13 +61,26 @@ class TrainArgumentParser(argparse.ArgumentParser):
             else:
                 rest.append(arg)
                 i += 1
+        for arg in rest:
+            if arg.startswith("-"):
+                self.error(self._unknown_option(arg.split("=", 1)[0]))
         namespace.overrides = list(getattr(namespace, "overrides", None) or []) + overrides
         return namespace, rest
+
+    def _unknown_option(self, option: str) -> str:
+        """argparse's "unrecognized arguments", with the closest option or config key (config keys get the
+        same from config.py)."""
+        options = [s for action in self._actions for s in action.option_strings if s.startswith("--")]
+        close = difflib.get_close_matches(option, options, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        return (f"unknown option {option}{hint}; options: {', '.join(sorted(options))}, or a config key as "
+                f"--<section>.<key> <value>")
 
 
 def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="YAML",
-                        help="run config file (examples in configs/); keys it leaves out take their defaults")
+                        help="run config file, or the name of an example config shipped with the package (e.g. "
+                             "cpu_demo.yaml); keys it leaves out take their defaults")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the newest complete checkpoint in checkpoint.dir (start from step 0 "
                              "if there is none)")
@@ -93,20 +106,11 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     return _configure(parser)
 
 
-def _rank_prefix() -> str:
-    """"[rank N] " under a launcher (the same variables comm.launch reads), "" otherwise."""
-    try:
-        launch = detect_launch()
-    except ValueError:  # a malformed launcher environment is reported by the run itself
-        return ""
-    return f"[rank {launch.rank}] " if launch.launcher != "none" else ""
-
-
 def main_train(args: argparse.Namespace) -> int:
     """Run ``ring-attn train`` from parsed ``args``; returns the process exit code."""
     from .checkpoint import CheckpointError
     from .preemption import TrainingInterrupted
-    from .trainer import CheckFailed, StepFailed, run_from_config
+    from .trainer import CheckFailed, NonFiniteLoss, StepFailed, run_from_config
 
     try:
         overrides = parse_overrides(list(args.overrides))
@@ -117,22 +121,22 @@ def main_train(args: argparse.Namespace) -> int:
         config = load_config(args.config, overrides)
         run_from_config(config, check_mode=args.check)
     except ConfigError as exc:
-        print(f"{_rank_prefix()}error: {exc}", file=sys.stderr, flush=True)
+        error_line(str(exc))
         return EXIT_CONFIG_ERROR
     except TrainingInterrupted as exc:
-        print(f"{_rank_prefix()}{exc}", file=sys.stderr, flush=True)
+        write_lines(f"{rank_prefix()}{exc}")
         return exc.exit_code
-    except (CheckpointError, CheckFailed) as exc:
-        print(f"{_rank_prefix()}error: {exc}", file=sys.stderr, flush=True)
+    except (CheckpointError, CheckFailed, NonFiniteLoss) as exc:
+        error_line(str(exc))
         return EXIT_FAILED
     except StepFailed as exc:
         # gloo raises plain RuntimeErrors, so a dead peer and a bug inside the step look alike: keep the traceback.
         traceback.print_exc()
-        print(f"{_rank_prefix()}error: {exc}", file=sys.stderr, flush=True)
+        error_line(str(exc))
         return EXIT_FAILED
     except Exception as exc:  # anything else: still one clear line per rank, with the traceback for a bug report
         traceback.print_exc()
-        print(f"{_rank_prefix()}error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        error_line(f"{type(exc).__name__}: {exc}")
         return EXIT_FAILED
     return 0
 

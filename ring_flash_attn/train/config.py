@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union, get_args, get_origin, get_type_hints
 
 import yaml
-
-from ..ring.layouts import get_layout
 
 
 class ConfigError(ValueError):
@@ -84,6 +83,9 @@ class TrainConfig:
                                           # the backward; 0 = never
     compile: bool = False                 # torch.compile each decoder layer
     compile_backend: str = "inductor"     # torch.compile's backend (aot_eager: no code generation, for tests)
+    nonfinite: str = "error"              # a step whose loss or gradient norm is NaN/inf: "error" stops every rank
+                                          # before the optimizer step; "skip" drops that step (weights and optimizer
+                                          # state unchanged) and counts it in the log
 
 
 @dataclass
@@ -147,6 +149,9 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+# The shortest collective timeout a run can start with: connecting the ranks takes longer than less.
+MIN_TIMEOUT_S = 1.0
+
 # Context parallelism and full attention on one rank sum in different orders; over a few optimizer steps
 # float32 losses agree to a few ulps of the accumulated error, bfloat16 ones to its 8-bit mantissa.
 DEFAULT_CHECK_RTOL = {"fp32": 1e-4, "bf16": 2e-2}
@@ -156,9 +161,25 @@ CHOICES = {
     "data.format": ("text", "jsonl", "parquet", "hf_dataset"),
     "train.precision": ("fp32", "bf16"),
     "train.activation_checkpointing": ("auto", "none", "full", "every_n"),
+    "train.nonfinite": ("error", "skip"),
     "parallel.device": ("auto", "cpu", "cuda", "xpu"),
     "log.progress": ("auto", "bar", "lines", "off"),
 }
+
+
+def _number(value: Any) -> Optional[float]:
+    """``value`` as a float when it is a number or a string float() reads (YAML 1.1 reads "3e-4" and "4e6",
+    which have no dot, as strings), else None; booleans are not numbers here."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
 
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
@@ -181,20 +202,30 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     elif annotation is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
+        number = _number(value)  # 4e6, 4.0e+6, 1e3: integers written in exponent form
+        if number is not None:
+            if math.isfinite(number) and number.is_integer():
+                return int(number)
+            raise ConfigError(f"config key {key}: expected an integer, got {value!r} (not a whole number)")
     elif annotation is float:
-        # YAML 1.1 reads "3e-4" (no dot) as a string; accept any number spelling float() understands.
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
+        number = _number(value)
+        if number is not None:
+            if not math.isfinite(number):
+                raise ConfigError(f"config key {key}: expected a finite number, got {value!r}")
+            return number
     elif annotation is str:
         if isinstance(value, str):
             return value
     type_name = getattr(annotation, "__name__", str(annotation))
     raise ConfigError(f"config key {key}: expected {type_name}, got {value!r} ({type(value).__name__})")
+
+
+def _check_choice(key: str, value: Any) -> None:
+    if value in CHOICES[key] and isinstance(value, str):
+        return
+    hint = (" (YAML reads an unquoted yes/no/on/off/true/false as a boolean: write one of the choices)"
+            if isinstance(value, bool) else "")
+    raise ConfigError(f"config key {key}: expected one of {list(CHOICES[key])}, got {value!r}{hint}")
 
 
 def _unknown_key(key: str, known: List[str]) -> ConfigError:
@@ -218,11 +249,11 @@ def _build(cls, raw: Dict[str, Any], prefix: str):
         key = prefix + name
         if dataclasses.is_dataclass(hints[name]):
             kwargs[name] = _build(hints[name], raw[name] or {}, key + ".")
+        elif key in CHOICES:
+            _check_choice(key, raw[name])
+            kwargs[name] = raw[name]
         else:
-            value = _coerce(raw[name], hints[name], key)
-            if key in CHOICES and value not in CHOICES[key]:
-                raise ConfigError(f"config key {key}: expected one of {list(CHOICES[key])}, got {value!r}")
-            kwargs[name] = value
+            kwargs[name] = _coerce(raw[name], hints[name], key)
     return cls(**kwargs)
 
 
@@ -257,17 +288,47 @@ def parse_overrides(argv: List[str]) -> List[tuple]:
     return pairs
 
 
+def shipped_configs() -> Optional[Path]:
+    """The directory of the example configs that ship with the package: ring_flash_attn/configs where the
+    package is installed (setup.py puts configs/ there), configs/ of a source checkout; None if neither."""
+    package = Path(__file__).resolve().parents[1]
+    installed, checkout = package / "configs", package.parent / "configs"
+    if installed.is_dir():
+        return installed
+    if checkout.is_dir() and (package.parent / "setup.py").is_file():
+        return checkout
+    return None
+
+
+def find_config(name: str) -> Path:
+    """``--config``: a YAML file, or the name of a shipped example config (``cpu_demo.yaml`` or ``cpu_demo``)."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path
+    shipped = shipped_configs()
+    if shipped is not None and path.parent == Path("."):
+        for candidate in (shipped / path.name, shipped / f"{path.name}.yaml"):
+            if candidate.is_file():
+                return candidate
+    names = sorted(p.name for p in shipped.glob("*.yaml")) if shipped is not None else []
+    close = difflib.get_close_matches(path.name, names + [n[:-len(".yaml")] for n in names], n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ConfigError(f"--config: no such file {name!r}{hint}; a file, or one of the configs that ship with "
+                      f"ring_flash_attn: {', '.join(names) or 'none found'}")
+
+
 def load_config(path: Optional[str], overrides: List[tuple] = ()) -> RunConfig:
     """The config from the YAML file at ``path`` (None: defaults) with ``(dotted_key, text)`` overrides applied."""
     raw: Dict[str, Any] = {}
     if path is not None:
-        config_path = Path(path)
-        if not config_path.is_file():
-            raise ConfigError(f"--config: no such file {str(config_path)!r}")
+        config_path = find_config(path)
         try:
             raw = yaml.safe_load(config_path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"--config {config_path}: not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"--config {config_path}: expected a mapping of sections (model:, data:, train:, ...) "
+                              f"at the top, got a {type(raw).__name__}")
     for key, text in overrides:
         apply_override(raw, key, text)
     config = _build(RunConfig, raw, "")
@@ -283,30 +344,45 @@ def validate(config: RunConfig) -> None:
                 "parallel.timeout_s": config.parallel.timeout_s, "check.steps": config.check.steps,
                 "log.every": config.log.every, "checkpoint.keep": config.checkpoint.keep,
                 "model.hidden_size": config.model.hidden_size,
+                "model.intermediate_size": config.model.intermediate_size,
                 "model.num_hidden_layers": config.model.num_hidden_layers,
+                "model.num_attention_heads": config.model.num_attention_heads,
+                "model.num_key_value_heads": config.model.num_key_value_heads,
                 "train.activation_checkpointing_n": config.train.activation_checkpointing_n,
                 "parallel.fsdp_replicate": config.parallel.fsdp_replicate, "parallel.ulysses": config.parallel.ulysses}
+    optional_positive = {"model.rope_theta": config.model.rope_theta, "log.peak_tflops": config.log.peak_tflops}
+    positive.update({key: value for key, value in optional_positive.items() if value is not None})
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"config key {key}: expected a positive value, got {value}")
     if config.train.loss_chunk_mib is not None and not config.train.loss_chunk_mib > 0:
         raise ConfigError(f"config key train.loss_chunk_mib: expected a positive memory budget in MiB, got "
                           f"{config.train.loss_chunk_mib}")
-    if not config.train.tile_mib >= 0:
-        raise ConfigError(f"config key train.tile_mib: expected a memory budget in MiB (0 = untiled), got "
-                          f"{config.train.tile_mib}")
     if config.parallel.device_memory_gib is not None and not config.parallel.device_memory_gib > 0:
         raise ConfigError(f"config key parallel.device_memory_gib: expected a positive size in GiB (or null: the "
                           f"device's own), got {config.parallel.device_memory_gib}")
-    if config.log.profile_steps < 0 or config.log.profile_after < 0:
-        raise ConfigError(f"config keys log.profile_steps, log.profile_after: expected >= 0, got "
-                          f"{config.log.profile_steps}, {config.log.profile_after}")
-    if config.checkpoint.every < 0:
-        raise ConfigError(f"config key checkpoint.every: expected >= 0 (0 = only at exit), got {config.checkpoint.every}")
+    non_negative = {"checkpoint.every": "0 = only at exit", "train.warmup_steps": "0 = no warm-up",
+                    "train.weight_decay": "0 = none", "train.grad_clip": "0 = no clipping",
+                    "check.rtol": "relative loss difference", "train.tile_mib": "0 = untiled",
+                    "log.profile_steps": "0 = no profile", "log.profile_after": "warm-up steps before profiling"}
+    for key, meaning in non_negative.items():
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if value is not None and value < 0:
+            raise ConfigError(f"config key {key}: expected >= 0 ({meaning}), got {value}")
     if config.train.lr <= 0:
         raise ConfigError(f"config key train.lr: expected a positive learning rate, got {config.train.lr}")
+    if config.parallel.timeout_s < MIN_TIMEOUT_S:
+        raise ConfigError(f"config key parallel.timeout_s: expected at least {MIN_TIMEOUT_S:g} s (joining the process "
+                          f"group alone takes longer than less), got {config.parallel.timeout_s:g}")
+    for key in ("train.beta1", "train.beta2"):
+        value = getattr(config.train, key.split(".")[1])
+        if not 0 <= value < 1:
+            raise ConfigError(f"config key {key}: expected a value in [0, 1) (AdamW's moment decay), got {value}")
     if not 0 <= config.train.min_lr_ratio <= 1:
         raise ConfigError(f"config key train.min_lr_ratio: expected a value in [0, 1], got {config.train.min_lr_ratio}")
+    if not config.log.dir:  # Path("") is the current directory: metrics, lock and checkpoints would land there
+        raise ConfigError("config key log.dir: expected a directory, got an empty string")
     if config.data.source == "files" and not config.data.path:
         raise ConfigError("config key data.path: data.source is 'files', so data.path must name a file, "
                           "directory or glob; got nothing")
@@ -317,6 +393,8 @@ def validate(config: RunConfig) -> None:
     if model.num_attention_heads % model.num_key_value_heads:
         raise ConfigError(f"config key model.num_key_value_heads: must divide model.num_attention_heads "
                           f"({model.num_attention_heads}), got {model.num_key_value_heads}")
+    from ..ring.layouts import get_layout  # imports torch: not at import time (the command line's --help)
+
     try:
         get_layout(config.parallel.variant)
     except ValueError as exc:
@@ -355,6 +433,8 @@ def validate_for_world(config: RunConfig, world_size: int) -> int:
             raise ConfigError(f"config key data.seq_len: with data.document_mask each sequence is cut into cp={cp} "
                               f"contiguous pieces, so it must be a multiple of {cp}, got {config.data.seq_len}")
         return world_size // cp
+    from ..ring.layouts import get_layout
+
     try:
         get_layout(config.parallel.variant).check_global(config.data.seq_len, cp)
     except ValueError as exc:

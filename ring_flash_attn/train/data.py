@@ -93,6 +93,10 @@ def _jsonl_documents(paths: List[Path], text_key: str, max_bytes: int) -> Iterat
                     record = json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise ConfigError(f"data.path: {path}:{line_number} is not valid JSON: {exc.msg}") from None
+                except UnicodeDecodeError as exc:  # JSON text is UTF-8 (json.loads of bytes decodes it)
+                    raise ConfigError(f"data.path: {path}:{line_number} is not UTF-8 text (byte "
+                                      f"{exc.object[exc.start]:#04x} at column {exc.start + 1}): JSON lines must be "
+                                      f"UTF-8; re-encode the file") from None
                 if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
                     raise ConfigError(f"data.text_key: {path}:{line_number} has no string field {text_key!r}")
                 data = record[text_key].encode("utf-8")[: max_bytes - total]

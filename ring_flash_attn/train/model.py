@@ -8,6 +8,7 @@ broadcasts each parameter as the ranks fill their shards.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Optional
 
@@ -53,16 +54,27 @@ def _rope_type(hf_config) -> str:
     return params.get("rope_type", params.get("type", "default"))
 
 
-def model_config(run_config: RunConfig):
+def model_config(run_config: RunConfig, saved: Optional[Path] = None):
     """The transformers config of the run's model: the pretrained directory's, or one built from the run config;
     either with the run's rotary settings, ``max_position_embeddings`` covering ``data.seq_len`` and an
-    embedding that holds every token id of the data (bytes, or ``data.tokenizer``'s vocabulary)."""
+    embedding that holds every token id of the data (bytes, or ``data.tokenizer``'s vocabulary). Resuming from
+    checkpoint ``saved``: the config the checkpoint keeps, which is that of the model it holds."""
     config, seq_len = run_config.model, run_config.data.seq_len
     data_vocab = tokens.vocab_size(run_config.data) or VOCAB_SIZE
     try:
         from transformers import AutoConfig
     except ImportError:
         raise ConfigError("training needs transformers: pip install 'ring-attention-xpu[hf]'") from None
+    if saved is not None:
+        try:
+            hf_config = AutoConfig.from_pretrained(str(saved), local_files_only=True)
+        except (ValueError, KeyError, OSError) as exc:
+            raise ConfigError(f"checkpoint {saved}: its model config (config.json) cannot be read: "
+                              f"{' '.join(str(exc).split())}") from None
+        if data_vocab > hf_config.vocab_size:
+            raise ConfigError(f"data: {data_vocab} token ids, more than the {hf_config.vocab_size} rows of the "
+                              f"embedding of the model in checkpoint {saved}; resume with the run's own data")
+        return hf_config
     if config.pretrained:
         hf_config = pretrained.load_config(Path(config.pretrained))
         positions = hf_config.max_position_embeddings
@@ -110,11 +122,11 @@ def build_model(run_config: RunConfig, attn_implementation: str) -> nn.Module:
     return AutoModelForCausalLM.from_config(hf_config, attn_implementation=attn_implementation)
 
 
-def build_empty_model(run_config: RunConfig, attn_implementation: str) -> nn.Module:
-    """The same model on the ``meta`` device: structure and shapes, no memory."""
+def build_empty_model(run_config: RunConfig, attn_implementation: str, saved: Optional[Path] = None) -> nn.Module:
+    """The same model on the ``meta`` device: structure and shapes, no memory (``saved``: see model_config)."""
     from transformers import AutoModelForCausalLM
 
-    hf_config = model_config(run_config)
+    hf_config = model_config(run_config, saved)
     try:
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(hf_config, attn_implementation=attn_implementation)
@@ -123,11 +135,13 @@ def build_empty_model(run_config: RunConfig, attn_implementation: str) -> nn.Mod
                           f"and model.extra): {type(exc).__name__}: {exc}") from None
 
 
-def check_model(run_config: RunConfig, attn_implementation: str) -> nn.Module:
+def check_model(run_config: RunConfig, attn_implementation: str, saved: Optional[Path] = None) -> nn.Module:
     """What can be checked before any communication: the model builds, its embedding holds the data's tokens,
-    and a pretrained directory's weights match its config (see pretrained.py). Returns the model, empty."""
-    empty = build_empty_model(run_config, attn_implementation)
-    if run_config.model.pretrained:
+    and a pretrained directory's weights match its config (see pretrained.py); resuming from checkpoint
+    ``saved``, the checkpoint's model config builds (its weights are checked when it is loaded). Returns the
+    model, empty."""
+    empty = build_empty_model(run_config, attn_implementation, saved)
+    if run_config.model.pretrained and saved is None:
         pretrained.check_weights(Path(run_config.model.pretrained), empty)
     return empty
 
@@ -155,6 +169,41 @@ def materialize_from_rank0(model: nn.Module, full_model: Optional[nn.Module], de
             if dist.get_rank() == 0:
                 buffer.copy_(source[_plain_name(name)])
             dist.broadcast(buffer, src=0)
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Modules built inside get their parameters on the ``meta`` device (no memory, no initialisation) and
+    their buffers as usual: what a model's computed buffers (rotary frequencies) need and nothing more."""
+    register = nn.Module.register_parameter
+
+    def register_on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register_on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def materialize_for_checkpoint(model: nn.Module, run_config: RunConfig, attn_implementation: str, saved: Path,
+                               device: torch.device) -> None:
+    """Allocate this rank's shards of the (sharded, meta) ``model`` on ``device`` for checkpoint ``saved`` to
+    fill: parameters and persistent buffers are left for the checkpoint; the buffers a state dict leaves out
+    (rotary frequencies) are computed here, on every rank, from the checkpoint's model config. Nothing is
+    communicated and no weights are read."""
+    from transformers import AutoModelForCausalLM
+
+    model.to_empty(device=device)
+    with _parameters_on_meta():
+        buffers = dict(AutoModelForCausalLM.from_config(model_config(run_config, saved),
+                                                        attn_implementation=attn_implementation).named_buffers())
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            buffer.copy_(buffers[_plain_name(name)])
 
 
 def token_loss_sum(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,

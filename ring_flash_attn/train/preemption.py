@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -69,11 +69,14 @@ class StopRequest:
             self._deadline.daemon = True
             self._deadline.start()
 
-    def agreed_signal(self, device: torch.device) -> Optional[int]:
-        """The signal any rank received, or None; every rank calls this at the same point of every step."""
-        flag = torch.tensor([float(self.signum or 0)], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        agreed = int(flag.item()) or None
-        if agreed is not None:
+    def agreed_stop(self, device: torch.device, failed: bool = False) -> Tuple[Optional[int], bool]:
+        """(the signal any rank received or None, whether any rank reported ``failed``); every rank calls this at
+        the same point of every step: one all-reduce of both, so a rank that cannot go on (rank 0 cannot write
+        the metrics log) stops every rank at the same step instead of leaving them waiting for it."""
+        flags = torch.tensor([float(self.signum or 0), float(failed)], device=device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        signum, any_failed = flags.tolist()
+        agreed = int(signum) or None
+        if agreed is not None or any_failed:
             self._cancel_deadline()  # every rank is alive at the boundary: the checkpoint may take its time
-        return agreed
+        return agreed, bool(any_failed)

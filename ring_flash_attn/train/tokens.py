@@ -11,7 +11,8 @@ restarted or repeated run finds its tokens ready. Under ``data.cache_dir``:
 * ``<key>.json``: token count, CRC32 of the tokens file, largest id, EOS id;
   written last, so a cache without it was never completed.
 
-Rank 0 builds a missing cache (into temporary files renamed into place) while
+Rank 0 builds a missing cache (into temporary files renamed into place, under a
+lock file ``<key>.lock`` that makes a second run wait for the first's build) while
 the other ranks wait for its verdict on a process group of their own whose
 timeout is long enough for a large corpus; a cache whose file no longer
 matches its CRC32 is an error on every rank (delete it to rebuild), never
@@ -21,6 +22,7 @@ silently rebuilt or overwritten.
 from __future__ import annotations
 
 import array
+import fcntl
 import functools
 import hashlib
 import json
@@ -42,6 +44,10 @@ DEFAULT_CACHE_DIR = Path("~/.cache/ring_flash_attn/tokens")
 # How long the other ranks wait for rank 0 to tokenize a corpus.
 BUILD_TIMEOUT = timedelta(hours=24)
 DOCUMENTS_PER_BATCH = 256
+# Files one of which a saved transformers tokenizer holds (fast, SentencePiece, BPE vocabularies).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+# What a cache's metadata holds, each an integer (besides the tokenizer's path and the format version).
+META_INTS = ("tokens", "crc32", "max_token", "eos")
 # The array typecode of a native int32 (what torch.from_file reads back as torch.int32); no numpy needed.
 INT32 = next(code for code in "il" if array.array(code).itemsize == 4)
 
@@ -53,11 +59,15 @@ def load_tokenizer(directory: str):
 
     if not Path(directory).is_dir():
         raise ConfigError(f"data.tokenizer {directory!r}: no such directory")
+    if not any((Path(directory) / name).is_file() for name in TOKENIZER_FILES):
+        raise ConfigError(f"data.tokenizer {directory!r}: not a tokenizer directory (it holds none of "
+                          f"{', '.join(TOKENIZER_FILES)}); give the directory a tokenizer was saved to with "
+                          f"save_pretrained, often the model's own")
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # transformers' message, whole, on one line
         raise ConfigError(f"data.tokenizer {directory!r}: cannot load a tokenizer from it: "
-                          f"{str(exc).splitlines()[0]}") from None
+                          f"{' '.join(str(exc).split())}") from None
     if tokenizer.eos_token_id is None:
         raise ConfigError(f"data.tokenizer {directory!r}: has no end-of-sequence token (eos_token), which "
                           f"separates the packed documents")
@@ -126,9 +136,12 @@ def verify(tokens_path: Path, meta_path: Path) -> Optional[str]:
     advice = "; delete both files to rebuild it"
     try:
         meta = json.loads(meta_path.read_text())
-        count, crc = meta["tokens"], meta["crc32"]
-    except (ValueError, KeyError, OSError) as exc:
+    except (ValueError, OSError) as exc:
         return f"token cache {meta_path} is unreadable ({exc}){advice}"
+    if not isinstance(meta, dict) or any(type(meta.get(key)) is not int for key in META_INTS):
+        return (f"token cache {meta_path} is not the metadata of a token cache (expected a JSON object with the "
+                f"integers {', '.join(META_INTS)}){advice}")
+    count, crc = meta["tokens"], meta["crc32"]
     if not tokens_path.is_file():
         return f"token cache {tokens_path} is missing (its {meta_path.name} exists){advice}"
     size = tokens_path.stat().st_size
@@ -139,6 +152,22 @@ def verify(tokens_path: Path, meta_path: Path) -> Optional[str]:
     return None
 
 
+def build_if_missing(config: DataConfig, tokens_path: Path, meta_path: Path) -> None:
+    """Build the cache unless it is complete. Under an exclusive lock on ``<key>.lock``: a run that finds
+    another building the same cache waits for it (and then finds it complete), and the builder may remove
+    the temporary files of a build that was killed midway (they can be as large as the cache)."""
+    tokens_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(tokens_path.with_suffix(".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes (or the process dies)
+        if meta_path.is_file():
+            return
+        for stale in (*tokens_path.parent.glob(f"{tokens_path.name}.tmp*"),
+                      *meta_path.parent.glob(f"{meta_path.name}.tmp*")):
+            stale.unlink(missing_ok=True)
+        print(f"tokenizing the corpus into {tokens_path} (once; later runs reuse it)", flush=True)
+        _build(config, tokens_path, meta_path)
+
+
 def prepare(config: DataConfig, rank: int) -> None:
     """Rank 0 builds the cache if it is missing and checks it either way; every rank gets the same verdict.
 
@@ -147,9 +176,7 @@ def prepare(config: DataConfig, rank: int) -> None:
     problem = None
     if rank == 0:
         try:
-            if not meta_path.is_file():
-                print(f"tokenizing the corpus into {tokens_path} (once; later runs reuse it)", flush=True)
-                _build(config, tokens_path, meta_path)
+            build_if_missing(config, tokens_path, meta_path)
             problem = verify(tokens_path, meta_path)
         except ConfigError as exc:
             problem = str(exc)
@@ -163,6 +190,20 @@ def prepare(config: DataConfig, rank: int) -> None:
     dist.destroy_process_group(waiting)
     if verdict[0] is not None:
         raise ConfigError(verdict[0])
+
+
+def check_vocabulary(config: DataConfig, meta: dict, vocab_size: int) -> None:
+    """The cache's token ids (its largest id and EOS, recorded when it was built) index the model's ``vocab_size``
+    embedding rows; ConfigError naming the cache otherwise (before a step fails with an index error)."""
+    tokens_path, _ = cache_paths(config)
+    largest = max(meta["max_token"], meta["eos"])
+    if largest >= vocab_size:
+        built_with = meta.get("tokenizer")
+        other = f" (it was built with tokenizer {built_with!r})" if built_with != str(config.tokenizer) else ""
+        raise ConfigError(f"data.tokenizer: the token cache {tokens_path} holds token ids up to {largest}, beyond "
+                          f"the {vocab_size} rows of the model's embedding{other}: a cache of another tokenizer or a "
+                          f"model of a smaller vocabulary; delete the cache files to rebuild them with "
+                          f"data.tokenizer {config.tokenizer!r}, or use the model's own tokenizer")
 
 
 def load(config: DataConfig) -> Tuple[torch.Tensor, dict, str]:

@@ -1,10 +1,11 @@
 """The training loop: FSDP-sharded over data x context ranks, checkpointed, resumable, and its ``--check`` twin.
 
 Order of work in a run, chosen so that nothing can hang on bad input: read
-and check the config, the model (a pretrained directory's headers) and the data
-on every rank (no communication), then join the process group, build the mesh,
-let rank 0 tokenize a corpus that has no token cache yet (its verdict reaches
-every rank), build and shard the model, restore a checkpoint, train.
+and check the config, the model (a pretrained directory's headers, or the config
+of the checkpoint a resumed run continues) and the data on every rank (no
+communication), then join the process group, build the mesh, let rank 0 tokenize
+a corpus that has no token cache yet and then lock the run's directories (each
+verdict reaches every rank), build and shard the model, restore a checkpoint, train.
 """
 
 from __future__ import annotations
@@ -18,26 +19,26 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from ..comm import choose_backend, default_device_type, detect_launch, init_distributed
-from . import checkpoint, memory_plan, tokens
+from . import checkpoint, memory_plan, resume, rundir, tokens
 from ..integrations.hf import (register_ring_attention, shard_batch, substitute_hf_flash_attn,
                                update_ring_flash_attn_params)
 from .config import DEFAULT_CHECK_RTOL, ConfigError, RunConfig, validate_for_world
 from .data import Batch, BatchPlan, PackedDataset, document_cu_seqlens
 from .faults import FaultInjector
 from .flops import flops_per_token, peak_tflops
-from .metrics import (METRICS_FILE, PLOT_FILE, RANK_SUMMARY, MetricsLog, Progress, StepTimer, peak_memory_bytes,
-                      plot_loss)
-from .mesh import Mesh, build_mesh
-from .model import (build_empty_model, build_model, check_model, materialize_from_rank0, model_config,
-                    token_loss_sum)
 from .loss import apply_chunked_loss
+from .metrics import (METRICS_FILE, PLOT_FILE, RANK_SUMMARY, MetricsLog, Progress, StepTimer, peak_memory_bytes,
+                      plot_loss, read_metrics)
+from .mesh import Mesh, build_mesh
+from .model import (build_empty_model, build_model, check_model, materialize_for_checkpoint, materialize_from_rank0,
+                    model_config, token_loss_sum)
 from .parallel import parallelize
 from .tiling import apply_tiling
 from .preemption import StopRequest, TrainingInterrupted
@@ -56,6 +57,25 @@ class CheckFailed(RuntimeError):
     """--check found context-parallel losses that differ from full attention beyond the tolerance."""
 
 
+class NonFiniteLoss(RuntimeError):
+    """A step's loss or gradient norm is NaN or infinite (train.nonfinite: error): raised on every rank before
+    the optimizer step, so the weights, the optimizer state and every checkpoint stay as they were."""
+
+
+# train.nonfinite skip: this many skipped steps in a row stop the run (a model whose every gradient is NaN never
+# recovers; skipping on would train nothing and report success).
+MAX_NONFINITE_IN_A_ROW = 10
+# Why an optimizer step was not taken (StepResult.skipped).
+SKIPPED_NONFINITE = "non-finite loss or gradient norm"
+SKIPPED_NO_TARGETS = "no target tokens"
+
+
+class StepResult(NamedTuple):
+    loss: float                    # the global mean loss (NaN for a step without targets)
+    grad_norm: float
+    skipped: Optional[str] = None  # why the optimizer step was not taken (weights and optimizer state unchanged)
+
+
 @dataclass
 class Run:
     config: RunConfig
@@ -67,6 +87,12 @@ class Run:
     plan: BatchPlan
     attn_implementation: str
     memory: memory_plan.Plan            # this rank's memory at the run's length; ``config`` holds its choices
+    lock: Optional[rundir.RunDirectoryLock] = None  # rank 0's locks on log.dir (and checkpoint.dir), for the run
+    resume_from: Optional[Path] = None  # the checkpoint whose model config builds the model (resume.py)
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
 
     @property
     def tokens_per_step(self) -> int:
@@ -81,7 +107,10 @@ def setup(config: RunConfig) -> Run:
     """Check everything that can be checked alone, then join the process group and build the mesh."""
     launch = detect_launch()
     dp_size = validate_for_world(config, launch.world_size)
-    empty_model = check_model(config, FULL_ATTENTION)
+    resume_from = resume.resume_point(config)
+    if resume_from is not None:
+        resume.check_same_model(config, resume_from)
+    empty_model = check_model(config, FULL_ATTENTION, resume_from)
     device_type = default_device_type() if config.parallel.device == "auto" else config.parallel.device
     memory_plan.check_device_choices(config, device_type)
     _, device = init_distributed(device_type, config.parallel.dist_backend, config.parallel.timeout_s)
@@ -95,6 +124,7 @@ def setup(config: RunConfig) -> Run:
     if dataset is None:  # tokenized once, by rank 0, into the shared token cache (tokens.py)
         tokens.prepare(config.data, launch.rank)
         stream, meta, fingerprint = tokens.load(config.data)
+        tokens.check_vocabulary(config.data, meta, model_config(config, resume_from).vocab_size)
         dataset = PackedDataset(stream, config.data.seq_len, config.data.seed, fingerprint, eos=meta["eos"])
     _check_same_data(dataset)
     if config.parallel.ulysses > 1:  # the ulysses x ring mesh over the cp ranks, with the run's collective timeout
@@ -103,10 +133,15 @@ def setup(config: RunConfig) -> Run:
     if config.data.document_mask:
         # Documents of any length, crossing the ranks' pieces: the all-gather (llama3) exchange over contiguous
         # pieces serves them; the zigzag/stripe layouts would need every document's length divisible by 2 x cp.
-        kv_heads = model_config(config).num_key_value_heads
+        kv_heads = model_config(config, resume_from).num_key_value_heads
         substitute_hf_flash_attn(mesh.cp_group, heads_k_stride=kv_heads)
     plan = BatchPlan(dp_size, config.train.micro_batch_size, config.train.grad_accum)
-    return Run(config, launch.rank, launch.world_size, device, mesh, dataset, plan, attn_implementation, memory)
+    # Last, so that nothing after it can fail and leave it held: rank 0 locks log.dir and checkpoint.dir (another
+    # run on either fails here, naming the holder); its verdict reaches every rank.
+    lock = _shared_errors(lambda: rundir.claim(Path(config.log.dir), config.checkpoint_dir())
+                          if launch.rank == 0 else None)
+    return Run(config, launch.rank, launch.world_size, device, mesh, dataset, plan, attn_implementation, memory,
+               lock, resume_from)
 
 
 def attention_implementation(config: RunConfig, mesh: Mesh) -> str:
@@ -198,14 +233,18 @@ def _reference_autocast(config: RunConfig, device: torch.device, sharded: bool):
 
 def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_batches: List[Batch],
                    targets_per_step: int, lr: float, config: RunConfig, device: torch.device,
-                   distributed: bool, cp_group=None) -> Tuple[float, float]:
-    """One optimizer step over ``micro_batches`` (this rank's tokens); returns (global mean loss, grad norm).
+                   distributed: bool, cp_group=None) -> StepResult:
+    """One optimizer step over ``micro_batches`` (this rank's tokens): (global mean loss, grad norm, skipped).
 
     ``targets_per_step`` counts the targets of the whole step on every rank, so each rank's loss is its share of
     the global mean and FSDP's SUM reduce-scatter of gradients (``distributed``: the model is sharded) yields
-    the global mean's gradient (see fsdp.py).
+    the global mean's gradient (see fsdp.py). The step is not taken (``skipped`` says why; weights and
+    optimizer state unchanged) when it has no targets, which every rank knows from the data, or when the loss
+    or the gradient norm is not finite, which every rank sees alike (both are reduced over every rank).
     """
     optimizer.zero_grad(set_to_none=True)
+    if targets_per_step == 0:  # document masking over nothing but end-of-document tokens: nothing to learn
+        return StepResult(float("nan"), 0.0, SKIPPED_NO_TARGETS)
     loss_sum = torch.zeros((), device=device, dtype=torch.float32)
     for batch in micro_batches:
         if batch.cu_seqlens is not None:  # document masking: the all-gather exchange needs the row's documents
@@ -221,10 +260,15 @@ def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, micro_bat
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     if hasattr(grad_norm, "full_tensor"):  # a DTensor when the parameters are sharded
         grad_norm = grad_norm.full_tensor()
+    # The step's one transfer to the host, both numbers at once, before the optimizer could apply a NaN.
+    loss_total, norm = torch.stack([loss_sum, grad_norm.to(loss_sum)]).tolist()
+    loss = loss_total / targets_per_step
+    if not (math.isfinite(loss) and math.isfinite(norm)):
+        return StepResult(loss, norm, SKIPPED_NONFINITE)
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.step()
-    return loss_sum.item() / targets_per_step, grad_norm.item()
+    return StepResult(loss, norm)
 
 
 def local_micro_batches(run: Run, step: int) -> List[Batch]:
@@ -268,10 +312,15 @@ def full_model(config: RunConfig, attn_implementation: str) -> nn.Module:
 
 
 def build_sharded_model(run: Run) -> nn.Module:
-    """The run's model, parallelised (parallel.py) and sharded over every rank, with rank 0's initial weights."""
+    """The run's model, parallelised (parallel.py) and sharded over every rank, with rank 0's initial weights
+    (resuming: with room for the checkpoint's, which train() loads)."""
     config = run.config
-    model = build_empty_model(config, run.attn_implementation)
+    model = build_empty_model(config, run.attn_implementation, run.resume_from)
     parallelize(model, config, run.mesh, run.device)
+    if run.resume_from is not None:
+        materialize_for_checkpoint(model, config, run.attn_implementation, run.resume_from, run.device)
+        model.train()
+        return model
     full, problem = None, None
     if run.rank == 0:
         try:
@@ -298,15 +347,30 @@ def _collective(run: Run, step: int, fn, *args):
                          f"{run.config.parallel.timeout_s:g} s)") from exc
 
 
-def _step(run: Run, model, optimizer, step: int) -> Tuple[float, float]:
-    """Optimizer step ``step`` (0-based)."""
+def _step(run: Run, model, optimizer, step: int) -> StepResult:
+    """Optimizer step ``step`` (0-based); NonFiniteLoss on every rank if its loss is not finite and
+    train.nonfinite is "error"."""
     targets = step_targets(run.dataset, run.plan, step, run.config.data.document_mask)
-    return _collective(run, step, optimizer_step, model, optimizer, local_micro_batches(run, step), targets,
-                       learning_rate(run.config, step), run.config, run.device, True, run.mesh.cp_group)
+    result = _collective(run, step, optimizer_step, model, optimizer, local_micro_batches(run, step), targets,
+                         learning_rate(run.config, step), run.config, run.device, True, run.mesh.cp_group)
+    if result.skipped == SKIPPED_NONFINITE and run.config.train.nonfinite == "error":
+        raise NonFiniteLoss(
+            f"step {step + 1}: the loss is {result.loss:g} and the gradient norm {result.grad_norm:g} (not finite): "
+            f"stopped before the optimizer step, so the weights and checkpoints are as after step {step}; lower "
+            f"train.lr, look at the data of this step, or set train.nonfinite: skip to drop such steps")
+    return result
 
 
 def train(run: Run) -> List[dict]:
-    """Train for ``train.steps`` steps (continuing from a checkpoint if asked); returns rank 0's step records."""
+    """Train for ``train.steps`` steps (continuing from a checkpoint if asked); returns rank 0's step records.
+    The run's directory locks are released at the end, however it ends."""
+    try:
+        return _train(run)
+    finally:
+        run.release()
+
+
+def _train(run: Run) -> List[dict]:
     config = run.config
     root = config.checkpoint_dir()
     model = build_sharded_model(run)
@@ -331,19 +395,23 @@ def train(run: Run) -> List[dict]:
         run.say(f"nothing to train: the run is complete ({found.name} in {root} is at step {start_step}, "
                 f"train.steps = {config.train.steps}); raise --train.steps to train further")
         return []
+    if found is not None:
+        for note in resume.changes(found, state, config, run.plan.samples_per_step, run.mesh.dp_size, learning_rate):
+            run.say(note)
 
     run.say(_describe(run, model))
     run.say("\n".join(run.memory.describe()))
     log_dir = Path(config.log.dir)
-    metrics = MetricsLog(log_dir / METRICS_FILE, start_step) if run.rank == 0 else None
+    metrics = _shared_errors(lambda: _open_metrics(log_dir / METRICS_FILE, start_step, config.checkpoint.resume)
+                             if run.rank == 0 else None)
     progress = Progress(config.log.progress if run.rank == 0 else "off", config.train.steps, start_step,
                         config.log.every)
     faults = FaultInjector(run.rank, config.data.seq_len)
     timer = StepTimer(run.device)
     model_flops = flops_per_token(model, config.data.seq_len)
     peak = peak_tflops(run.device, config.train.precision, config.log.peak_tflops)
-    records, last_saved = [], start_step if found is not None else None
-    final_step, stopped_by = config.train.steps, None
+    records, last_saved, skipped, in_a_row = [], start_step if found is not None else None, 0, 0
+    final_step, stopped_by, log_failed = config.train.steps, None, False
     started = time.perf_counter()
     profiler = StepProfiler(config.log.profile_steps, config.log.profile_after, run.device, run.rank, log_dir)
     try:
@@ -351,15 +419,28 @@ def train(run: Run) -> List[dict]:
             for step in range(start_step, config.train.steps):
                 faults.at_step(step + 1)
                 timer.start()
-                loss, grad_norm = _step(run, model, optimizer, step)
+                result = _step(run, model, optimizer, step)
                 seconds = timer.stop()
+                skipped += result.skipped is not None
+                in_a_row = in_a_row + 1 if result.skipped == SKIPPED_NONFINITE else 0
+                if in_a_row == MAX_NONFINITE_IN_A_ROW:
+                    raise NonFiniteLoss(f"steps {step + 2 - in_a_row}-{step + 1}: {in_a_row} steps in a row had a "
+                                        f"non-finite loss or gradient norm and were skipped (train.nonfinite: skip): "
+                                        f"the model does not recover; resume from an earlier checkpoint with a lower "
+                                        f"train.lr")
+                if result.skipped is not None:
+                    run.say(f"step {step + 1}: skipped ({result.skipped}; loss {result.loss:g}): weights and "
+                            f"optimizer state unchanged; {skipped} step(s) skipped so far")
                 tflops_per_device = model_flops * run.tokens_per_step / seconds / run.world_size / 1e12
-                record = {"step": step + 1, "loss": loss, "grad_norm": grad_norm, "lr": learning_rate(config, step),
+                record = {"step": step + 1, "loss": _finite_or_none(result.loss),
+                          "grad_norm": _finite_or_none(result.grad_norm), "lr": learning_rate(config, step),
                           "tokens": run.tokens_per_step, "tokens_per_s": run.tokens_per_step / seconds,
                           "tokens_per_s_per_device": run.tokens_per_step / seconds / run.world_size,
                           "tflops_per_device": tflops_per_device,
                           "mfu": tflops_per_device / peak if peak else None,
                           "step_time_s": seconds, "peak_memory_bytes": peak_memory_bytes(run.device)}
+                if result.skipped is not None:
+                    record.update(skipped=result.skipped, skipped_steps=skipped)
                 records.append(record)
                 if metrics is not None:
                     metrics.write(record)
@@ -370,8 +451,9 @@ def train(run: Run) -> List[dict]:
                                     config.checkpoint.keep, config.to_dict())
                     last_saved = step + 1
                 profiler.step_done()
-                stopped_by = _collective(run, step, stop.agreed_signal, run.device)
-                if stopped_by is not None:
+                stopped_by, log_failed = _collective(run, step, stop.agreed_stop, run.device,
+                                                     metrics is not None and metrics.failure is not None)
+                if stopped_by is not None or log_failed:
                     final_step = step + 1
                     break
     finally:
@@ -384,17 +466,44 @@ def train(run: Run) -> List[dict]:
     if last_saved != final_step and config.checkpoint.save:
         checkpoint.save(root, _train_state(run, final_step), model, optimizer, run.device, config.checkpoint.keep,
                         config.to_dict())
+    if log_failed:  # rank 0's words, on every rank
+        failure = [metrics.failure if metrics is not None else None]
+        dist.broadcast_object_list(failure, src=0)
+        raise ConfigError(f"log.dir: {failure[0]} after step {final_step}; every rank stopped there and saved "
+                          f"checkpoint {checkpoint.checkpoint_name(final_step)} in {root}: free space (or repair the "
+                          f"file) and continue with --resume")
     if stopped_by is not None:
         raise TrainingInterrupted(f"stopped by {signal.Signals(stopped_by).name} after step {final_step} of "
                                   f"{config.train.steps}; checkpoint {checkpoint.checkpoint_name(final_step)} "
                                   f"saved in {root}: continue with --resume", stopped_by)
-    run.say(f"done: steps {start_step + 1}-{config.train.steps} in {time.perf_counter() - started:.1f} s; "
-            f"log {log_dir / METRICS_FILE}; checkpoints in {root}")
+    run.say(f"done: steps {start_step + 1}-{config.train.steps} in {time.perf_counter() - started:.1f} s"
+            + (f" ({skipped} skipped: see 'skipped' in the log)" if skipped else "")
+            + f"; log {log_dir / METRICS_FILE}; checkpoints in {root}")
     if run.rank == 0 and config.log.plot and records:
         png = plot_loss(log_dir / METRICS_FILE, log_dir / PLOT_FILE)
         if png is not None:
             print(f"loss plot: {png}", flush=True)
     return records
+
+
+def _open_metrics(path: Path, start_step: int, resuming: bool) -> MetricsLog:
+    """Rank 0's metrics log. A new run (no --resume) in a log.dir that holds another run's log would cut it to
+    nothing (as a resume cuts the steps after its checkpoint): refused. (A run with --resume and no checkpoint
+    yet, a restart before the first save, drops its earlier attempt's records: they are recomputed.)"""
+    try:
+        earlier = read_metrics(path) if not resuming else []
+        if earlier:
+            raise ConfigError(f"log.dir: {path} holds the log of another run (steps {earlier[0]['step']}-"
+                              f"{earlier[-1]['step']}) that a new run would overwrite: pass --resume to continue "
+                              f"that run, or choose another log.dir")
+        return MetricsLog(path, start_step)
+    except OSError as exc:
+        raise ConfigError(f"log.dir: cannot write {path}: {type(exc).__name__}: {exc.strerror or exc}") from None
+
+
+def _finite_or_none(value: float) -> Optional[float]:
+    """JSON has no NaN or infinity (json.dumps would write a token other readers reject): null instead."""
+    return value if math.isfinite(value) else None
 
 
 def _train_state(run: Run, steps_done: int) -> checkpoint.TrainState:
@@ -425,9 +534,9 @@ def reference_steps(config: RunConfig, dataset: PackedDataset, plan: BatchPlan, 
     document_mask = config.data.document_mask
     for step in range(steps):
         batches = [dataset.batch(plan.global_indices(step, micro), document_mask) for micro in range(plan.grad_accum)]
-        loss, _ = optimizer_step(model, optimizer, batches, step_targets(dataset, plan, step, document_mask),
-                                 learning_rate(config, step), config, device, distributed=False)
-        yield loss, model
+        result = optimizer_step(model, optimizer, batches, step_targets(dataset, plan, step, document_mask),
+                                learning_rate(config, step), config, device, distributed=False)
+        yield result.loss, model
 
 
 def check(run: Run) -> List[Tuple[float, float]]:
@@ -436,12 +545,21 @@ def check(run: Run) -> List[Tuple[float, float]]:
 
     Returns the (context-parallel, full-attention) loss pairs (on every rank).
     """
+    try:
+        return _check(run)
+    finally:
+        run.release()
+
+
+def _check(run: Run) -> List[Tuple[float, float]]:
     config = run.config
+    if run.resume_from is not None:
+        raise ConfigError("--check compares training from the initial weights: drop --resume (checkpoint.resume)")
     steps = config.check.steps
     rtol = config.check.rtol if config.check.rtol is not None else DEFAULT_CHECK_RTOL[config.train.precision]
     model = build_sharded_model(run)
     optimizer = make_optimizer(model, config)
-    parallel_losses = [_step(run, model, optimizer, step)[0] for step in range(steps)]
+    parallel_losses = [_step(run, model, optimizer, step).loss for step in range(steps)]
 
     verdict: list = [None, None]
     if run.rank == 0:
@@ -449,10 +567,10 @@ def check(run: Run) -> List[Tuple[float, float]]:
               f"parallel.timeout_s = {config.parallel.timeout_s:g} s)", flush=True)
         full_losses = [loss for loss, _ in reference_steps(config, run.dataset, run.plan, steps, run.device)]
         pairs = list(zip(parallel_losses, full_losses))
-        worst = max(abs(p - f) / abs(f) for p, f in pairs)
+        worst = max(_relative_difference(p, f) for p, f in pairs)
         for step, (p, f) in enumerate(pairs, 1):
-            print(f"  step {step}: context-parallel {p:.6f}  full attention {f:.6f}  rel diff {abs(p - f) / abs(f):.2e}",
-                  flush=True)
+            print(f"  step {step}: context-parallel {p:.6f}  full attention {f:.6f}  rel diff "
+                  f"{_relative_difference(p, f):.2e}", flush=True)
         passed = worst <= rtol
         print(f"--check {'passed' if passed else 'FAILED'}: worst relative loss difference {worst:.2e} "
               f"(tolerance {rtol:g}, {config.train.precision})", flush=True)
@@ -462,6 +580,13 @@ def check(run: Run) -> List[Tuple[float, float]]:
     if verdict[1] is not None:
         raise CheckFailed(verdict[1])
     return verdict[0]
+
+
+def _relative_difference(parallel: float, full: float) -> float:
+    """|parallel - full| / |full|; 0 for a step both skipped for want of targets (both NaN)."""
+    if math.isnan(parallel) and math.isnan(full):
+        return 0.0
+    return abs(parallel - full) / abs(full)
 
 
 def shutdown() -> None:

@@ -65,9 +65,12 @@ def test_user_text_and_jsonl_files(tmp_path):
 @pytest.mark.parametrize("content, message", [
     ('{"text": "ok"}\nnot json\n', r"docs.jsonl:2 is not valid JSON"),
     ('{"body": "no text key"}\n', r"docs.jsonl:1 has no string field 'text'"),
+    (b'{"text": "ok"}\n{"text": "caf\xe9"}\n', r"docs.jsonl:2 is not UTF-8 text \(byte 0xe9 at column 14\): JSON lines "
+                                              r"must be UTF-8"),
 ])
 def test_bad_jsonl_names_file_and_line(tmp_path, content, message):
-    (tmp_path / "docs.jsonl").write_text(content)
+    path = tmp_path / "docs.jsonl"
+    path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
     with pytest.raises(ConfigError, match=message):
         list(documents(DataConfig(source="files", path=str(tmp_path / "docs.jsonl"), format="jsonl")))
 

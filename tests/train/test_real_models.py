@@ -3,6 +3,8 @@ sharded model (each rank its shards, from rank 0) and trains as one process woul
 extension to twice its positions."""
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,6 +30,7 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 2.0, "low_freq_factor": 1.0, "hi
 def world(tmp_path_factory):
     base = tmp_path_factory.mktemp("real_models")
     tiny = save_tiny_llama(base / "tiny_llama")
+    save_tiny_llama(base / "tiny_llama_256", max_position_embeddings=256)  # for configs/cpu_pretrained_documents
     config = write_config(base, data={"seq_len": 128, "max_bytes": 200_000})
     pretrained = [("model.pretrained", str(tiny)), ("model.rope_scaling", json.dumps(LLAMA3_ROPE))]
     tokenizer = save_tiny_tokenizer(base / "tokenizer")
@@ -139,3 +142,117 @@ def test_export_loads_with_from_pretrained_and_gives_the_trained_logits(world, t
     assert rel_err(logits, torch.from_numpy(results["export"]["logits"])) <= FORWARD[torch.float32]
     # Nothing is overwritten.
     assert main(["export", "--checkpoint", str(base / "export_run" / "checkpoints"), "--out", str(out)]) == 2
+
+
+def test_document_mask_path_prints_no_future_warnings(world):
+    """torch 2.13 deprecated the all-gather exchange's tensor collectives under their old names (a FutureWarning
+    from every rank at the first step)."""
+    _, _, _, _, _, every_rank, _ = world
+    assert [r["document_warnings"] for r in every_rank] == [[], []]
+
+
+def test_a_step_without_targets_is_skipped_before_it_changes_anything(world):
+    _, _, _, _, results, every_rank, _ = world
+    for result in every_rank:
+        assert result["no_targets"]["skipped"].skipped == trainer.SKIPPED_NO_TARGETS
+        assert result["no_targets"]["after"].skipped is None
+        assert result["no_targets"]["after"].loss == pytest.approx(result["no_targets"]["after"].loss)  # finite
+    assert results["no_targets"]["unchanged"] is True
+
+
+def test_resume_needs_only_the_checkpoint(world):
+    """The pretrained directory moved away after the run started: --resume builds the model from the
+    checkpoint's config, loads no pretrained weights, and continues as the uninterrupted run did."""
+    _, _, _, _, results, _, _ = world
+    moved = results["moved_model"]
+    assert [step for step, _ in moved["straight"]] == [1, 2, 3, 4]
+    assert moved["resumed"] == moved["straight"]  # steps 3-4 recomputed from the step-2 checkpoint, bit for bit
+    assert "step_00000002 (step 2)" in moved["printed"]
+    assert "Loading weights" not in moved["printed"] and "resume:" not in moved["printed"]
+
+
+def test_resume_says_when_it_changes_the_schedule_or_the_batch(world):
+    _, _, _, _, results, _, _ = world
+    extended = results["moved_model"]["extended"]
+    assert "resume: train.steps 4 -> 6: the learning-rate schedule changes from step 5 on (lr " in extended
+    assert ("resume: the global batch changes from 1 sequences per step (dp 1 x micro_batch_size 1 x grad_accum 1) "
+            "to 2 (dp 1 x micro_batch_size 1 x grad_accum 2); --train.grad_accum 1 keeps it") in extended
+    assert "resume: data.seed 0 -> 5: the sequences come in another order from here on" in extended
+    assert extended.count("resume:") == 3
+    assert results["moved_model"]["extended_steps"] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_token_cache_of_another_tokenizer_fails_every_rank_at_start(world):
+    _, _, _, _, _, every_rank, _ = world
+    messages = {r["tokenized"]["other_tokenizer"] for r in every_rank}
+    assert len(messages) == 1, messages
+    message = messages.pop()
+    assert "holds token ids up to 400, beyond the 320 rows of the model's embedding (it was built with tokenizer " \
+           "'/another/tokenizer')" in message, message
+
+
+def test_a_failed_export_leaves_nothing_and_the_retry_works(world, tmp_path, monkeypatch, capsys):
+    """An export that fails midway (here: the disk fills while the weights are written) leaves no half-written
+    --out behind; the same command then succeeds."""
+    base, _, _, _, _, _, _ = world
+    from transformers import PreTrainedModel
+
+    from ring_flash_attn.cli import main
+
+    real_save = PreTrainedModel.save_pretrained
+
+    def disk_full(self, directory, *args, **kwargs):
+        (Path(directory) / "model.safetensors").write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    out = tmp_path / "hf_model"
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", disk_full)
+    assert main(["export", "--checkpoint", str(base / "export_run" / "checkpoints"), "--out", str(out)]) == 1
+    assert "No space left on device" in capsys.readouterr().err
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", real_save)
+    assert main(["export", "--checkpoint", str(base / "export_run" / "checkpoints"), "--out", str(out)]) == 0
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+
+
+def test_export_of_a_run_directory_suggests_its_checkpoints(world, capsys):
+    base, _, _, _, _, _, _ = world
+    from ring_flash_attn.cli import main
+
+    assert main(["export", "--checkpoint", str(base / "export_run"), "--out", str(base / "never")]) == 2
+    assert f"(it looks like a run directory: did you mean --checkpoint {base / 'export_run' / 'checkpoints'}?)" \
+        in capsys.readouterr().err
+
+
+def test_the_shipped_pretrained_document_mask_example_trains(world):
+    _, _, _, _, results, every_rank, _ = world
+    losses = results["shipped_example"]["losses"]
+    assert len(losses) == 2 and all(0 < loss < 10 for loss in losses), losses
+    assert every_rank[1]["shipped_example"]["losses"] == losses
+
+
+def test_export_when_the_run_s_tokenizer_has_moved(world, tmp_path, capsys):
+    """The run's data.tokenizer is gone: the export says so before writing anything; --tokenizer gives its
+    new place."""
+    base, _, _, _, _, _, _ = world
+    from ring_flash_attn.cli import main
+    from ring_flash_attn.train import checkpoint as ckpt
+    from ring_flash_attn.train.files import file_crc32
+
+    source = sorted((base / "export_run" / "checkpoints").glob("step_*"))[-1]
+    copy = tmp_path / "checkpoints" / source.name
+    shutil.copytree(source, copy)
+    run_config = json.loads((copy / ckpt.RUN_CONFIG).read_text())
+    run_config["data"]["tokenizer"] = str(tmp_path / "moved_tokenizer")
+    (copy / ckpt.RUN_CONFIG).write_text(json.dumps(run_config))
+    manifest = json.loads((copy / ckpt.MANIFEST).read_text())
+    manifest["files"][ckpt.RUN_CONFIG] = {"size": (copy / ckpt.RUN_CONFIG).stat().st_size,
+                                          "crc32": file_crc32(copy / ckpt.RUN_CONFIG)}
+    (copy / ckpt.MANIFEST).write_text(json.dumps(manifest))
+    out = tmp_path / "hf_model"
+    assert main(["export", "--checkpoint", str(copy), "--out", str(out)]) == 2
+    assert (f"data.tokenizer '{tmp_path / 'moved_tokenizer'}': no such directory (the run's, from its "
+            f"run_config.json); give the tokenizer's directory with --tokenizer DIR") in capsys.readouterr().err
+    assert not out.exists()
+    assert main(["export", "--checkpoint", str(copy), "--out", str(out), "--tokenizer", str(base / "tokenizer")]) == 0
+    assert (out / "tokenizer.json").is_file()

@@ -69,6 +69,10 @@ def test_cache_key_follows_corpus_tokenizer_and_budget(tokenizer_dir, corpus, tm
     (lambda t, m: t.write_bytes(bytes([t.read_bytes()[0] ^ 1]) + t.read_bytes()[1:]),
      "does not match its CRC32 .* \\(corrupt\\)"),
     (lambda t, m: m.write_text("{"), "is unreadable"),
+    (lambda t, m: m.write_text("[1, 2]"), "is not the metadata of a token cache"),
+    (lambda t, m: m.write_text(json.dumps({k: v for k, v in json.loads(m.read_text()).items() if k != "eos"})),
+     r"is not the metadata of a token cache \(expected a JSON object with the integers tokens, crc32, max_token, "
+     r"eos\)"),
 ])
 def test_corrupt_cache_is_reported_not_rebuilt(tokenizer_dir, corpus, tmp_path, damage, message):
     tokens_path, meta_path = _build(_data(tokenizer_dir, corpus, tmp_path))
@@ -116,3 +120,17 @@ def test_parquet_and_saved_dataset_sources(tmp_path):
     with pytest.raises(ConfigError, match="data.text_key: .* has no column 'body'"):
         list(documents(DataConfig(source="files", path=str(tmp_path / "saved"), format="hf_dataset",
                                   text_key="body")))
+
+
+def test_a_build_killed_midway_leaves_nothing_behind_the_next(tokenizer_dir, corpus, tmp_path):
+    """A rank 0 killed while tokenizing leaves its temporary file (as large as the cache); the next build, which
+    holds the cache's lock, removes it."""
+    config = _data(tokenizer_dir, corpus, tmp_path)
+    tokens_path, meta_path = tokens.cache_paths(config)
+    tokens_path.parent.mkdir(parents=True)
+    stale = tokens_path.with_name(f"{tokens_path.name}.tmp99999")
+    stale.write_bytes(b"\0" * 1000)
+    tokens.build_if_missing(config, tokens_path, meta_path)
+    assert sorted(p.name for p in tokens_path.parent.iterdir()) == sorted(
+        [tokens_path.name, meta_path.name, tokens_path.with_suffix(".lock").name])
+    assert tokens.verify(tokens_path, meta_path) is None

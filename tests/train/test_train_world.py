@@ -1,9 +1,11 @@
 """Training on 2 in-process CPU ranks (gloo): exact resume, refusing to overwrite, corrupt checkpoints, --check."""
 
 import json
+import os
 
 import pytest
 
+from ring_flash_attn.train import rundir, trainer
 from tests.distributed.harness import run_world
 
 from . import workers
@@ -15,7 +17,11 @@ def world(tmp_path_factory):
     """Run every scenario of tests/train/workers.py once in one 2-rank world; (base dir, per-rank results)."""
     base = tmp_path_factory.mktemp("train_world")
     config = write_config(base, check={"steps": 3})
-    return base, run_world(2, workers.all_scenarios, config, base, timeout_s=170)
+    held = rundir.lock_log_dir(base / "locked")  # another run (this process) holds that log.dir meanwhile
+    try:
+        return base, run_world(2, workers.all_scenarios, config, base, timeout_s=170)
+    finally:
+        held.release()
 
 
 def test_resume_equals_uninterrupted(world):
@@ -100,3 +106,101 @@ def test_check_mode_on_data_parallel_with_accumulation_and_on_bf16(world):
         assert abs(parallel - full) <= 1e-4 * abs(full)
     for parallel, full in results[0]["other_meshes"]["bf16"]:
         assert abs(parallel - full) <= 2e-2 * abs(full)
+
+
+def test_nonfinite_loss_stops_every_rank_before_the_optimizer_step_and_keeps_checkpoints(world):
+    """train.nonfinite error (the default): a NaN loss at step 5 stops every rank with one message; the good
+    step-3 checkpoint stays (checkpoint.keep 1 used to delete it for a NaN step_6), and nothing is logged
+    after step 4."""
+    _, results = world
+    messages = {r["nonfinite"]["error_run"]["error"] for r in results}
+    assert len(messages) == 1, messages
+    message = messages.pop()
+    assert message.startswith("step 5: the loss is nan and the gradient norm nan (not finite): stopped before the "
+                              "optimizer step, so the weights and checkpoints are as after step 4"), message
+    assert "set train.nonfinite: skip" in message
+    assert results[0]["nonfinite"]["error_run"]["left"] == ["step_00000003"]
+    assert results[0]["nonfinite"]["error_run"]["logged"] == [1, 2, 3, 4]
+
+
+def test_skipped_nonfinite_step_changes_no_weight_and_no_optimizer_state(world):
+    _, results = world
+    for result in results:
+        steps = result["nonfinite"]["skip_steps"]
+        assert steps["first"].skipped is None and steps["after"].skipped is None
+        assert steps["poisoned"].skipped == trainer.SKIPPED_NONFINITE
+        assert steps["after"].loss == steps["after"].loss  # finite again: the skipped step left no NaN behind
+    assert results[0]["nonfinite"]["skip_steps"]["unchanged"] is True
+
+
+def test_a_model_holding_nan_is_never_saved(world):
+    base, results = world
+    messages = {r["nonfinite"]["skip_steps"]["refused"] for r in results}
+    assert len(messages) == 1, messages
+    message = messages.pop()
+    assert message.startswith(f"checkpoint {base / 'nan_skip' / 'checkpoints' / 'step_00000004'} not saved: rank 1: "
+                              f"parameter ") and "holds NaN or infinite values" in message, message
+    assert results[0]["nonfinite"]["skip_steps"]["left"] == ["step_00000003"]  # keep 1 deleted nothing
+
+
+def test_skipped_step_is_logged_and_counted(world):
+    _, results = world
+    run = results[0]["nonfinite"]["skip_run"]
+    assert [r["step"] for r in run["records"]] == [1, 2, 3]
+    assert [r.get("skipped") for r in run["logged"]] == [None, trainer.SKIPPED_NONFINITE, None]
+    assert run["logged"][1]["loss"] is None and run["logged"][1]["skipped_steps"] == 1
+    assert "step 2: skipped (non-finite loss or gradient norm; loss nan)" in run["printed"]
+    assert "steps 1-3 in" in run["printed"] and "(1 skipped: see 'skipped' in the log)" in run["printed"]
+
+
+def test_a_log_dir_in_use_fails_every_rank_naming_the_holder(world):
+    base, results = world
+    for result in results:
+        message = result["claims"]["locked"]
+        assert f"log.dir '{base / 'locked'}' is in use by another run (host " in message, message
+        assert f", pid {os.getpid()}, started " in message and "give this run another log.dir" in message
+    assert results[0]["claims"]["locked_dir_after"] == [".lock"]  # the second run wrote nothing there
+
+
+def test_a_log_dir_that_cannot_be_created_fails_every_rank(world):
+    base, results = world
+    for result in results:
+        assert f"log.dir '{base / 'a_file' / 'run'}': cannot create it (" in result["claims"]["unwritable"]
+
+
+def test_a_manifest_of_the_wrong_shape_is_one_error_on_every_rank(world):
+    base, results = world
+    messages = {r["manifest"]["error"] for r in results}
+    assert len(messages) == 1, messages
+    assert f"checkpoint {base / 'bad_manifest' / 'checkpoints' / 'step_00000006'}: manifest.json is not a manifest " \
+           f"of ring-attn train" in messages.pop()
+
+
+def test_a_peer_lost_during_a_save_is_a_checkpoint_error_naming_the_save(world):
+    """A rank that dies mid-save left the others with gloo's bare "Connection reset by peer"."""
+    base, results = world
+    for rank, result in enumerate(results):
+        message = result["nonfinite"]["skip_steps"]["peer_lost"]
+        assert message.startswith(f"checkpoint {base / 'nan_skip' / 'checkpoints' / 'step_00000005'} not saved: rank "
+                                  f"{rank} lost a peer during the save ("), message
+        assert message.endswith("the checkpoints already saved are intact: continue from the last with --resume")
+
+
+def test_skipping_stops_when_the_model_does_not_recover(world):
+    """train.nonfinite skip over NaN after NaN would train nothing and report success: MAX_NONFINITE_IN_A_ROW (10;
+    3 in this test) in a row stop the run."""
+    _, results = world
+    for result in results:
+        assert result["nonfinite"]["never_recovers"].startswith(
+            "steps 2-4: 3 steps in a row had a non-finite loss or gradient norm and were skipped"), result
+
+
+def test_a_metrics_log_that_cannot_be_written_stops_every_rank_with_a_checkpoint(world):
+    base, results = world
+    messages = {r["metrics_full"]["error"] for r in results}
+    assert len(messages) == 1, messages
+    assert messages.pop() == (f"log.dir: cannot write {base / 'metrics_full' / 'metrics.jsonl'} (OSError: No space "
+                              f"left on device) after step 4; every rank stopped there and saved checkpoint "
+                              f"step_00000004 in {base / 'metrics_full' / 'checkpoints'}: free space (or repair the "
+                              f"file) and continue with --resume")
+    assert results[0]["metrics_full"]["left"] == ["step_00000003", "step_00000004"]
