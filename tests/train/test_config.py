@@ -46,7 +46,7 @@ def test_defaults_and_overrides(tmp_path):
     (("train.grad_clip", "-1.0"), "train.grad_clip: expected >= 0 (0 = no clipping), got -1.0"),
     (("model.rope_theta", "0"), "model.rope_theta: expected a positive value, got 0.0"),
     (("train.activation_checkpointing", "yes"),
-     "train.activation_checkpointing: expected one of ['none', 'full', 'every_n'], got True (YAML reads an "
+     "train.activation_checkpointing: expected one of ['auto', 'none', 'full', 'every_n'], got True (YAML reads an "
      "unquoted yes/no/on/off/true/false as a boolean: write one of the choices)"),
     (("train.nonfinite", "ignore"), "train.nonfinite: expected one of ['error', 'skip'], got 'ignore'"),
     (("log.dir", ""), "log.dir: expected a directory, got an empty string"),
