@@ -51,25 +51,31 @@ def _tiled_forward(forward: Callable, bytes_per_token: Callable[[int], int], bud
     tokens = hidden.shape[:-1].numel()
     if tokens <= tile:
         return forward(hidden)
-    flat = hidden.reshape(tokens, hidden.shape[-1])
-    # split (not slicing): its backward concatenates the tiles' gradients once instead of adding each into a
-    # zero tensor of the whole sequence.
+    # Tiles of [1, tile, features]: a module written for [batch, seq, features] (a mixture of experts) reads
+    # them as one short sequence. split (not slicing): its backward concatenates the tiles' gradients once
+    # instead of adding each into a zero tensor of the whole sequence.
+    flat = hidden.reshape(1, tokens, hidden.shape[-1])
     run = functools.partial(checkpoint, forward, use_reentrant=False) if torch.is_grad_enabled() else forward
-    outputs = [run(piece) for piece in flat.split(tile)]
+    outputs = [run(piece) for piece in flat.split(tile, dim=1)]
     if not isinstance(outputs[0], torch.Tensor):
         raise TypeError(f"tiling: the module returned {type(outputs[0]).__name__}, not a tensor of the tokens' "
                         f"outputs; set train.tile_mib 0 to run it untiled")
-    return torch.cat(outputs).reshape(*hidden.shape[:-1], outputs[0].shape[-1])
+    return torch.cat(outputs, dim=1).reshape(*hidden.shape[:-1], outputs[0].shape[-1])
 
 
 def _tile(module: nn.Module, bytes_per_token: Callable[[int], int], budget: int) -> None:
     module.forward = functools.partial(_tiled_forward, module.forward, bytes_per_token, budget)
 
 
-def _intermediate_size(mlp: nn.Module) -> int:
+def _intermediate_size(mlp: nn.Module, config) -> int:
+    """The MLP's intermediate features per token; for a mixture of experts, those of the experts a token uses."""
     size = getattr(mlp, "intermediate_size", None)
     if size is None:
-        size = max(m.out_features for m in mlp.modules() if isinstance(m, nn.Linear))
+        widths = [m.out_features for m in mlp.modules() if isinstance(m, nn.Linear)]
+        size = max(widths, default=0)
+    experts = getattr(config, "num_experts_per_tok", None)
+    if experts:
+        size = max(size, experts * (getattr(config, "moe_intermediate_size", None) or config.intermediate_size))
     return int(size)
 
 
@@ -95,7 +101,7 @@ def apply_tiling(model: nn.Module, budget_mib: float) -> nn.Module:
         if mlp is None:
             raise TypeError(f"{type(layer).__name__}: expected its MLP at .mlp, as transformers' decoder layers "
                             f"keep it; set train.tile_mib 0 to run it untiled")
-        _tile(mlp, functools.partial(mlp_bytes_per_token, _intermediate_size(mlp)), budget)
+        _tile(mlp, functools.partial(mlp_bytes_per_token, _intermediate_size(mlp, model.config)), budget)
         norms += [child for child in layer.children() if is_norm(child)]
     final = getattr(model.get_decoder(), "norm", None)
     if final is not None and is_norm(final):
