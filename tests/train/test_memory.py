@@ -222,15 +222,16 @@ def test_offload_switches_are_config_errors_on_the_cpu(tmp_path):
             load_config(None, [(key, value)])
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
-def test_tiled_mixture_of_experts_equals_the_untiled_layer(family):
+@pytest.mark.parametrize("family, experts", [("mixtral", {"num_local_experts": 4}),
+                                             ("qwen2_moe", {"num_experts": 4, "moe_intermediate_size": 16})])
+def test_tiled_mixture_of_experts_equals_the_untiled_layer(family, experts):
     """A mixture of experts routes each token alone, so it tiles too (its experts' kernels run in float32 only:
     float32 rounding of differently batched products is the tolerance)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(family, vocab_size=VOCAB, hidden_size=32, intermediate_size=48, head_dim=8,
                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, use_cache=False,
-                                  pad_token_id=0, bos_token_id=1, eos_token_id=2)
+                                  pad_token_id=0, bos_token_id=1, eos_token_id=2, **experts)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager")
     inputs = torch.randint(3, VOCAB, (2, 23))
     logits = model(input_ids=inputs).logits
