@@ -101,6 +101,11 @@ def wait_bounded(works, what: str) -> None:
         try:
             work.wait(timeout=timeout)
         except RuntimeError as error:
+            if _peer_gone(error):
+                raise RankWaitTimeout(
+                    f"{what}: a rank of the group closed its connection before taking part (it exited or crashed, "
+                    "skipped this call and left, or its own wait ran out first); the group is unusable now"
+                ) from error
             if "timed out" not in str(error).lower():
                 raise
             raise RankWaitTimeout(
@@ -108,6 +113,12 @@ def wait_bounded(works, what: str) -> None:
                 "A rank skipped this call, failed outside the ring, or (with "
                 f"{MODE_ENV}=once) changed its arguments while the others did not; the group is unusable now"
             ) from error
+
+
+def _peer_gone(error: RuntimeError) -> bool:
+    """gloo's words for a peer whose process closed its end of the connection."""
+    text = str(error).lower()
+    return "connection closed by peer" in text or "connection reset by peer" in text
 
 
 # Per thread: how deep we are in public calls, and whether the current outermost call reached `agree`.

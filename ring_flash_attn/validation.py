@@ -29,6 +29,11 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         if t.device.type == "meta":
             raise ValueError(f"{name}: expected a tensor holding its values, got one on the meta device, which "
                              "holds none")
+        if _under_functorch(t):
+            raise NotImplementedError(
+                f"{name}: ring attention cannot run under torch.func transforms (vmap, grad, jacrev, ...): each call "
+                "exchanges blocks between ranks and brings its own backward; call it outside the transform and "
+                "take gradients with torch.autograd (loss.backward())")
     if k.shape != v.shape:
         raise ValueError(f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
     if (q.shape[0], q.shape[1], q.shape[3]) != (k.shape[0], k.shape[1], k.shape[3]):
@@ -43,6 +48,12 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise TypeError(f"k, v: expected q's dtype {q.dtype}, got k {k.dtype} and v {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"k, v: expected q's device {q.device}, got k on {k.device} and v on {v.device}")
+
+
+def _under_functorch(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a torch.func transform's wrapper (vmap's batched tensor, grad's tracking tensor)."""
+    functorch = getattr(torch._C, "_functorch", None)
+    return bool(functorch is not None and functorch.is_functorch_wrapped_tensor(t))
 
 
 def check_packed_qkv(q, k, v) -> None:

@@ -347,6 +347,7 @@ def _bad_calls(rank, world_size) -> dict:
             cu.to("meta"), True, rank, world_size),
         "cu_seqlens on meta, ulysses": lambda: rfa.ulysses_attention(*tokens, cu_seqlens=cu.to("meta")),
         "q, k, v on meta": lambda: rfa.ring_attention(q.to("meta"), k.to("meta"), k.to("meta")),
+        "under torch.func.vmap": lambda: torch.func.vmap(lambda x: rfa.ring_attention(x, k, k))(q.unsqueeze(0)),
         "causal a string": lambda: rfa.ring_flash_attn_func(q, k, k, causal="False"),
         "causal None, llama3": lambda: rfa.llama3_flash_attn_varlen_func(*tokens, *llama3[:4], 1, llama3[4],
                                                                          causal=None),

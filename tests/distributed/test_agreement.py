@@ -124,7 +124,9 @@ def test_once_rank_that_changes_alone_in_an_all_gather_call_fails_every_rank_wit
 
     reports = run_world(2, once_mode, TIMEOUT_S, "allgather", timeout_s=90)
     (kind0, message0), (kind1, message1) = (report["raised"] for report in reports)
-    assert kind0 == "RankWaitTimeout" and message0.startswith("all-gather of K/V: not every rank"), message0
+    # Rank 0 waits out its bound, or hears first that rank 1's own wait ended and closed its connection.
+    assert kind0 == "RankWaitTimeout" and message0.startswith(("all-gather of K/V: not every rank",
+                                                               "all-gather of K/V: a rank of the group closed")), message0
     assert kind1 == "ValueError" and message1.startswith("softcap: expected a finite value >= 0"), message1
     assert all(TIMEOUT_S <= r["elapsed"] < 2 * TIMEOUT_S + 5 for r in reports), [r["elapsed"] for r in reports]
     assert all(r["first"] <= GRADIENT[torch.float64] and r["second"] <= GRADIENT[torch.float64] for r in reports)
@@ -190,3 +192,18 @@ def test_one_rank_group_makes_no_check_collective():
     assert report["world_size"] == 1
     assert all(error <= GRADIENT[torch.float64] for error in report["errors"].values()), report
     assert report["raised"] == "injected"
+
+
+def test_a_peer_that_closed_its_connection_is_named_as_such():
+    """gloo's "Connection closed by peer" inside a bounded wait (a rank that exited or gave up first) becomes the
+    same kind of error as a wait that ran out, saying what happened, instead of gloo's words alone."""
+    from ring_flash_attn.agreement import RankWaitTimeout, wait_bounded
+
+    class ClosedByPeer:
+        def wait(self, timeout=None):
+            raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer "
+                               "[127.0.0.1]:29501")
+
+    with pytest.raises(RankWaitTimeout, match=r"^ring exchange with ranks 1 \(send\): a rank of the group closed its "
+                                              r"connection before taking part \(it exited or crashed"):
+        wait_bounded([ClosedByPeer()], "ring exchange with ranks 1 (send)")

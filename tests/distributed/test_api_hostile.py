@@ -86,6 +86,7 @@ BAD_CALLS = {
     "cu_seqlens on meta, llama3 prepare": ("ValueError", META),
     "cu_seqlens on meta, ulysses": ("ValueError", META),
     "q, k, v on meta": ("ValueError", r"^q: expected a tensor holding its values, got one on the meta device"),
+    "under torch.func.vmap": ("NotImplementedError", r"^q: ring attention cannot run under torch.func transforms"),
     "causal a string": ("TypeError", r"^causal: expected a bool, got 'False' \(str\)$"),
     "causal None, llama3": ("TypeError", r"^causal: expected a bool, got None \(NoneType\)$"),
     "causal a string, ulysses": ("TypeError", r"^causal: expected a bool, got 'True' \(str\)$"),
