@@ -131,7 +131,8 @@ def predict(config, ranks: int, device_memory_gib: Optional[float], host_memory_
     settings = memory_plan.Settings.of(config, ranks, kind != "cpu", device_bytes, host_bytes if kind != "cpu" else None)
     plan = memory_plan.plan_step(shape, settings, device_bytes)
     longest = memory_plan.longest_fitting(shape, settings, device_bytes, multiple=2 * config.parallel.cp)
-    return [f"model: {shape.params / 1e9:.2f} B parameters ({shape.layers} layers, hidden {shape.hidden}, vocabulary "
+    size = f"{shape.params / 1e9:.2f} B" if shape.params >= 1e9 else f"{shape.params / 1e6:.2f} M"
+    return [f"model: {size} parameters ({shape.layers} layers, hidden {shape.hidden}, vocabulary "
             f"{shape.vocab}); {ranks} rank(s), cp = {config.parallel.cp}; {where}", *plan.describe(),
             f"predicted longest data.seq_len: {longest:,} tokens"]
 
